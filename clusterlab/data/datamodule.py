@@ -1,0 +1,168 @@
+"""The one data module: a source's splits in memory, served as (index, image, label) batches.
+
+Images stay uint8 until they reach the training device, where the method makes its views
+(clusterlab.data.views). The index of every sample is in the batch: it keys every per-sample
+table a method keeps (neighbours, pseudo labels, weights).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from clusterlab.data.sources import SOURCES, ImageFolder, ImageSet, Source
+from clusterlab.seeding import run_seed
+
+Split = Literal["train", "test", "train+test"]
+
+
+class IndexedImages(Dataset):
+    """In-memory images served a batch at a time: one indexing operation per batch, no per-image
+    Python work, so a DataLoader without workers keeps up with the GPU."""
+
+    def __init__(self, images: ImageSet, target: torch.Tensor | None = None) -> None:
+        self.images, self.labels, self.target = images.images, images.labels, target
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        batch = {"index": index, "image": self.images[index], "label": self.labels[index]}
+        if self.target is not None:
+            batch["target"] = self.target[index]
+        return batch
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+def _as_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return batch  # __getitems__ already built the batch
+
+
+class ShardSampler(DistributedSampler):
+    """Rank r gets samples r, r + W, r + 2W, ...: every sample exactly once, none repeated.
+
+    (torch's DistributedSampler pads the shards to equal length, which would count a few samples
+    twice in the evaluation metrics.)
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+class ClusterDataModule(pl.LightningDataModule):
+    """Serves one data set for clustering.
+
+    Args:
+        dataset: which source: digits (embedded, no set-up), fashion_mnist, cifar10, cifar20
+            (CIFAR-100 on its 20 super-classes), stl10, image_folder.
+        root: where the data set lies on disk (each source has a default or says how to get it).
+        train_split: the split trained on: "train+test" for CC, DCCM and SCL; "train" for NNM.
+        eval_split: the split evaluated on (default: train_split); "test" for NNM.
+        unlabeled: also train on the unlabeled split (STL-10's 100k images); batches then carry a
+            boolean "target" that marks the samples of train_split, the ones to be clustered.
+        batch_size: per-process training batch; the global batch is batch_size x processes.
+        eval_batch_size: per-process batch for validation, test and predict.
+        num_workers: DataLoader workers (0 is right for in-memory data sets).
+        num_clusters: clusters to find; default: the number of classes of the data set.
+        image_size, channels, on_error: image_folder only: decoded size, 1 or 3 channels, and
+            whether an unreadable image stops the run ("raise") or is reported and skipped ("skip").
+    """
+
+    def __init__(
+        self,
+        dataset: Literal["digits", "fashion_mnist", "cifar10", "cifar20", "stl10", "image_folder"] = "digits",
+        root: str | None = None,
+        train_split: Split = "train+test",
+        eval_split: Split | None = None,
+        unlabeled: bool = False,
+        batch_size: int = 256,
+        eval_batch_size: int = 512,
+        num_workers: int = 0,
+        num_clusters: int | None = None,
+        image_size: int = 64,
+        channels: Literal[1, 3] = 3,
+        on_error: Literal["raise", "skip"] = "raise",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["num_clusters"])  # the model logs the resolved value
+        self._num_clusters = num_clusters
+        if dataset == "image_folder":
+            self.source: Source = ImageFolder(root, image_size, channels, on_error)
+        else:
+            self.source = SOURCES[dataset](root)
+        self.eval_split = eval_split or train_split
+        self._splits: dict[str, ImageSet] = {}
+        self.train_set: ImageSet | None = None
+        self.train_target: torch.Tensor | None = None
+        self.eval_set: ImageSet | None = None
+
+    @property
+    def num_clusters(self) -> int:
+        if self._num_clusters:
+            return self._num_clusters
+        if not self.source.num_classes:
+            raise ValueError(f"{self.source.name} at {self.source.root} has no class folders: set --data.num_clusters")
+        return self.source.num_classes
+
+    def split(self, name: str) -> ImageSet:
+        if name not in self._splits:
+            self._splits[name] = self.source.load(name)
+        return self._splits[name]
+
+    def setup(self, stage: str | None = None) -> None:
+        self.eval_set = self.split(self.eval_split)
+        if stage == "fit" and self.train_set is None:
+            self.train_set = self.split(self.hparams.train_split)
+            if self.hparams.unlabeled:
+                extra = self.source.load("unlabeled")
+                self.train_target = torch.cat(
+                    [torch.ones(len(self.train_set), dtype=torch.bool), torch.zeros(len(extra), dtype=torch.bool)]
+                )
+                self.train_set = ImageSet.concat([self.train_set, extra])
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _loader(self, dataset: Dataset, batch_size: int, sampler, drop_last: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                          num_workers=self.hparams.num_workers, collate_fn=_as_batch,
+                          pin_memory=torch.cuda.is_available(),
+                          persistent_workers=self.hparams.num_workers > 0)  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self._world()
+        dataset = IndexedImages(self.train_set, self.train_target)
+        if len(dataset) < self.hparams.batch_size * world:
+            raise ValueError(
+                f"{self.source.name} {self.hparams.train_split}: {len(dataset)} images do not fill one global batch of "
+                f"{self.hparams.batch_size} x {world} processes; lower --data.batch_size"
+            )
+        # Seeded by the run seed and the epoch (Lightning calls set_epoch): the same order on
+        # every rank, each taking its shard, and the same order again after a resume.
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=run_seed())
+        return self._loader(dataset, self.hparams.batch_size, sampler, drop_last=True)
+
+    def _eval_loader(self) -> DataLoader:
+        world, rank = self._world()
+        dataset = IndexedImages(self.eval_set)
+        return self._loader(dataset, self.hparams.eval_batch_size, ShardSampler(dataset, world, rank), drop_last=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader()

@@ -1,0 +1,349 @@
+"""Data sources: each loads one data set from its real on-disk format into memory, once.
+
+A source returns an `ImageSet`: uint8 images N x C x H x W and int64 labels (-1 where unknown).
+Splits follow the evaluation protocols of the papers: "train", "test", "train+test", and
+"unlabeled" where a data set has one (STL-10). Nothing is downloaded: a missing data set raises
+`DataNotFoundError` naming the path looked in and how to get the data.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import warnings
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+SPLITS = ("train", "test", "train+test", "unlabeled")
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A data set's files are not where the source looked."""
+
+
+class CorruptDataError(ValueError):
+    """A data file or image exists but cannot be decoded."""
+
+
+@dataclass
+class ImageSet:
+    images: Tensor  # uint8, N x C x H x W
+    labels: Tensor  # int64, N; -1 where unknown
+    classes: list[str]
+    paths: list[str] | None = field(default=None, repr=False)  # per image, for folder sources
+
+    def __post_init__(self) -> None:
+        assert self.images.dtype == torch.uint8 and self.images.ndim == 4, self.images.shape
+        assert self.labels.shape == (len(self.images),), (self.labels.shape, self.images.shape)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @staticmethod
+    def concat(parts: list[ImageSet]) -> ImageSet:
+        paths = None
+        if all(p.paths is not None for p in parts):
+            paths = [path for p in parts for path in p.paths]
+        return ImageSet(
+            torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), parts[0].classes, paths
+        )
+
+
+class Source(ABC):
+    """One data set on disk. Subclasses load single splits; "train+test" concatenates them."""
+
+    name: str = ""
+    classes: list[str] = []
+    splits: tuple[str, ...] = ("train", "test")
+    default_root: str | None = None
+    how_to_get: str = ""
+
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        root = root if root is not None else self.default_root
+        self.root = Path(os.path.expanduser(str(root))) if root is not None else None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def load(self, split: str) -> ImageSet:
+        if split == "train+test" and "train+test" not in self.splits:
+            return ImageSet.concat([self.load("train"), self.load("test")])
+        if split not in self.splits:
+            raise ValueError(
+                f"{self.name} has no split {split!r}; it has {', '.join(self.splits)}"
+                + ("" if "train" not in self.splits else ", train+test")
+            )
+        return self._load(split)
+
+    @abstractmethod
+    def _load(self, split: str) -> ImageSet:
+        """Read one split from its on-disk format."""
+
+    def _require(self, *paths: Path) -> None:
+        missing = [p for p in paths if not p.exists()]
+        if missing:
+            raise DataNotFoundError(
+                f"{self.name}: no data set at {self.root} (looked for {', '.join(str(p) for p in missing)}). "
+                f"{self.how_to_get} Then pass its folder as --data.root."
+            )
+
+
+class Digits(Source):
+    """scikit-learn's 8x8 handwritten digits (1,797 images, bundled with scikit-learn: no set-up).
+
+    It is a single collection (the UCI optdigits test set), so it offers one split: train+test.
+    """
+
+    name = "digits"
+    classes = [str(d) for d in range(10)]
+    splits = ("train+test",)
+
+    def _load(self, split: str) -> ImageSet:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+        return ImageSet(torch.from_numpy(images), torch.from_numpy(digits.target).long(), self.classes)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST's format), gzipped or not, as a uint8 array of its declared shape."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as err:
+        raise CorruptDataError(f"cannot read IDX file {path}: {err}") from err
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise CorruptDataError(f"{path} is not an unsigned-byte IDX file (header {data[:4].hex()})")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise CorruptDataError(f"{path}: header declares shape {shape} but holds {body.size} bytes")
+    return body.reshape(shape)
+
+
+class FashionMNIST(Source):
+    """Fashion-MNIST (Xiao et al. 2017): 60k train + 10k test 28x28 grey images, IDX files."""
+
+    name = "fashion_mnist"
+    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]  # fmt: skip
+    default_root = "/usr/share/datasets/fashion-mnist"
+    how_to_get = (
+        "On Debian/Ubuntu: apt-get install dataset-fashion-mnist (files in /usr/share/datasets/fashion-mnist); "
+        "or download the four *-ubyte.gz files from https://github.com/zalandoresearch/fashion-mnist."
+    )
+    _prefix = {"train": "train", "test": "t10k"}
+
+    def _file(self, stem: str) -> Path:
+        plain = self.root / stem
+        return plain if plain.exists() else self.root / f"{stem}.gz"
+
+    def _load(self, split: str) -> ImageSet:
+        images = self._file(f"{self._prefix[split]}-images-idx3-ubyte")
+        labels = self._file(f"{self._prefix[split]}-labels-idx1-ubyte")
+        self._require(images, labels)
+        x, y = read_idx(images), read_idx(labels)
+        if x.ndim != 3 or y.shape != (x.shape[0],):
+            raise CorruptDataError(f"{images} and {labels} disagree: shapes {x.shape} and {y.shape}")
+        return ImageSet(torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64)), self.classes)
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as err:
+        raise CorruptDataError(f"cannot read CIFAR batch {path}: {err}") from err
+
+
+class CIFAR10(Source):
+    """CIFAR-10 (python version): 50k train + 10k test 32x32 colour images, 10 classes."""
+
+    name = "cifar10"
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    how_to_get = (
+        "Download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it "
+        "(it unpacks to cifar-10-batches-py/)."
+    )
+    folder = "cifar-10-batches-py"
+    files = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+    label_key = b"labels"
+
+    def _dir(self) -> Path:
+        return self.root if (self.root / self.files["test"][0]).exists() else self.root / self.folder
+
+    def _load(self, split: str) -> ImageSet:
+        if self.root is None:
+            raise DataNotFoundError(f"{self.name}: no --data.root given. {self.how_to_get}")
+        paths = [self._dir() / f for f in self.files[split]]
+        self._require(*paths)
+        images, labels = [], []
+        for path in paths:
+            batch = _unpickle(path)
+            if b"data" not in batch or self.label_key not in batch:
+                raise CorruptDataError(f"{path} is not a {self.name} batch (keys {sorted(batch)})")
+            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch[self.label_key], dtype=np.int64))
+        return ImageSet(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)),
+                        self.classes)  # fmt: skip
+
+
+class CIFAR20(CIFAR10):
+    """CIFAR-100 evaluated on its 20 super-classes ("CIFAR-20"), the clustering papers' protocol."""
+
+    name = "cifar20"
+    classes = ["aquatic mammals", "fish", "flowers", "food containers", "fruit and vegetables",
+               "household electrical devices", "household furniture", "insects", "large carnivores",
+               "large man-made outdoor things", "large natural outdoor scenes",
+               "large omnivores and herbivores", "medium-sized mammals", "non-insect invertebrates",
+               "people", "reptiles", "small mammals", "trees", "vehicles 1", "vehicles 2"]  # fmt: skip
+    how_to_get = (
+        "Download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz and extract it "
+        "(it unpacks to cifar-100-python/)."
+    )
+    folder = "cifar-100-python"
+    files = {"train": ["train"], "test": ["test"]}
+    label_key = b"coarse_labels"
+
+
+class STL10(Source):
+    """STL-10 binaries: 5k train + 8k test labelled 96x96 images, and 100k unlabeled ones."""
+
+    name = "stl10"
+    classes = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+    splits = ("train", "test", "unlabeled")
+    how_to_get = "Download http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz and extract it."
+
+    def _load(self, split: str) -> ImageSet:
+        if self.root is None:
+            raise DataNotFoundError(f"{self.name}: no --data.root given. {self.how_to_get}")
+        folder = self.root if (self.root / "test_X.bin").exists() else self.root / "stl10_binary"
+        images_path = folder / f"{split}_X.bin"
+        labels_path = None if split == "unlabeled" else folder / f"{split}_y.bin"
+        self._require(images_path, *([labels_path] if labels_path else []))
+        raw = np.fromfile(images_path, dtype=np.uint8)
+        if raw.size % (3 * 96 * 96):
+            raise CorruptDataError(f"{images_path}: {raw.size} bytes is not a whole number of 3x96x96 images")
+        images = raw.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)  # stored column-major
+        if labels_path is None:
+            labels = np.full(len(images), -1, dtype=np.int64)
+        else:
+            labels = np.fromfile(labels_path, dtype=np.uint8).astype(np.int64) - 1  # 1-based on disk
+            if labels.shape != (len(images),) or labels.min() < 0 or labels.max() >= 10:
+                raise CorruptDataError(f"{labels_path}: expected {len(images)} labels in 1..10")
+        return ImageSet(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels), self.classes)
+
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def decode_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """Decode one image, resize its shorter side to `size` and centre-crop a square: C x size x size."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            w, h = img.size
+            scale = size / min(w, h)
+            img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+            w, h = img.size
+            left, top = (w - size) // 2, (h - size) // 2
+            array = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise CorruptDataError(f"cannot read image {path}: {err}") from err
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+class ImageFolder(Source):
+    """Any folder tree of images (ImageNet-10, ImageNet-Dogs, Tiny-ImageNet, your own photos).
+
+    Images directly under a split folder have no label (-1); images below a sub-folder take the
+    sub-folder's name as their class. A root with `train/` and `test/` (or `val/`) folders offers
+    those splits; otherwise the whole root is the train split. Images are resized (shorter side)
+    and centre-cropped to `image_size`, decoded in `num_workers` threads.
+    `on_error="skip"` reports unreadable images by path and leaves them out; "raise" stops.
+    """
+
+    name = "image_folder"
+    how_to_get = "Point --data.root at a folder of images (class sub-folders optional)."
+
+    def __init__(self, root=None, image_size: int = 64, channels: int = 3, on_error: str = "raise",
+                 num_workers: int = 8) -> None:  # fmt: skip
+        super().__init__(root)
+        if self.root is None:
+            raise DataNotFoundError(f"{self.name}: no --data.root given. {self.how_to_get}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        self.image_size, self.channels, self.on_error, self.num_workers = image_size, channels, on_error, num_workers
+        self.skipped: list[tuple[str, str]] = []
+
+    def _split_dirs(self) -> dict[str, Path]:
+        self._require(self.root)
+        dirs = {"train": self.root / "train" if (self.root / "train").is_dir() else self.root}
+        for name in ("test", "val"):
+            if (self.root / name).is_dir():
+                dirs["test"] = self.root / name
+                break
+        return dirs
+
+    @property
+    def splits(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(self._split_dirs())
+
+    @property
+    def classes(self) -> list[str]:  # type: ignore[override]
+        names = set()
+        for folder in self._split_dirs().values():
+            names.update(p.name for p in folder.iterdir() if p.is_dir() and p.name not in ("train", "test", "val"))
+        return sorted(names)
+
+    def files(self, split: str) -> list[Path]:
+        folder = self._split_dirs()[split]
+        found = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+        if folder == self.root:  # a root without split folders: don't descend into train/test/val
+            found = [p for p in found if p.relative_to(folder).parts[0] not in ("train", "test", "val")]
+        if not found:
+            raise DataNotFoundError(f"{self.name}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {folder}")
+        return sorted(found)
+
+    def _load(self, split: str) -> ImageSet:
+        folder, classes = self._split_dirs()[split], self.classes
+        paths = self.files(split)
+        index = {name: i for i, name in enumerate(classes)}
+
+        def decode(path: Path):
+            try:
+                return decode_image(path, self.image_size, self.channels)
+            except CorruptDataError as err:
+                if self.on_error == "raise":
+                    raise
+                warnings.warn(f"skipping unreadable image {path}: {err.__cause__}", stacklevel=2)
+                self.skipped.append((str(path), str(err.__cause__)))
+                return None
+
+        with ThreadPoolExecutor(max(1, self.num_workers)) as pool:
+            arrays = list(pool.map(decode, paths))
+        kept = [(p, a) for p, a in zip(paths, arrays) if a is not None]
+        if not kept:
+            raise CorruptDataError(f"{self.name}: none of the {len(paths)} images under {folder} could be read")
+        labels = [index[p.relative_to(folder).parts[0]] if len(p.relative_to(folder).parts) > 1 else -1
+                  for p, _ in kept]  # fmt: skip
+        return ImageSet(torch.from_numpy(np.stack([a for _, a in kept])), torch.tensor(labels, dtype=torch.long),
+                        classes, [str(p) for p, _ in kept])  # fmt: skip
+
+
+SOURCES: dict[str, type[Source]] = {
+    s.name: s for s in (Digits, FashionMNIST, CIFAR10, CIFAR20, STL10, ImageFolder)
+}

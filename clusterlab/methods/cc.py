@@ -1,0 +1,107 @@
+"""Contrastive Clustering (Li et al., AAAI 2021; shared/papers/cc-paper.md), Algorithm 1."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from clusterlab.data.views import Views
+from clusterlab.distributed import broadcast, gather
+from clusterlab.losses.cc import cluster_entropy, cluster_loss, instance_loss
+from clusterlab.methods.base import ClusteringMethod, LRSchedulerCallable, OptimizerCallable
+from clusterlab.neighbors import kmeans
+from clusterlab.nn.heads import ClusterHeads, mlp
+from clusterlab.seeding import run_seed
+
+
+class CC(ClusteringMethod):
+    """Instance- and cluster-level contrastive learning in the row and column space of the
+    feature matrix; clusters are the argmax of the cluster head, so prediction is online.
+
+    Args:
+        num_clusters: M, the number of clusters.
+        backbone: f, the pair construction backbone.
+        views: the augmentation family T that both views T^a, T^b are drawn from.
+        instance_dim: dimension of the row space of g_I (128 in the paper).
+        instance_temperature: tau_I (0.5).
+        cluster_temperature: tau_C (1.0).
+        instance_loss, cluster_loss, cluster_entropy: switch each term of Eq. 7 on or off (paper
+            Table 5: "CCH only" is instance_loss=false; "ICH only" is cluster_loss=false and
+            cluster_entropy=false, and clusters then come from k-means in the instance space).
+        optimizer: Adam, lr 3e-4, no weight decay in the paper.
+        lr_scheduler: none in the paper.
+    """
+
+    def __init__(
+        self,
+        num_clusters: int,
+        backbone: nn.Module,
+        views: Views,
+        instance_dim: int = 128,
+        instance_temperature: float = 0.5,
+        cluster_temperature: float = 1.0,
+        instance_loss: bool = True,
+        cluster_loss: bool = True,
+        cluster_entropy: bool = True,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__(num_clusters, backbone, num_heads=1, optimizer=optimizer, lr_scheduler=lr_scheduler)
+        self.save_hyperparameters()
+        if not (instance_loss or cluster_loss or cluster_entropy):
+            raise ValueError("CC needs at least one of instance_loss, cluster_loss, cluster_entropy")
+        self.views = views
+        dim = backbone.out_dim
+        self.instance_projector = mlp(dim, dim, instance_dim)  # g_I
+        self.cluster_projector = ClusterHeads(dim, num_clusters, hidden_dim=dim)  # g_C (softmax applied below)
+        # "ICH only" (Table 5) has no trained cluster head: clusters are k-means centres in the
+        # instance space, refitted at every evaluation and kept for online prediction.
+        self.kmeans_clusters = not (cluster_loss or cluster_entropy)
+        self.register_buffer("centroids", torch.zeros(num_clusters, instance_dim))
+        self._eval_instances: list[tuple[Tensor, Tensor]] = []
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        hp = self.hparams
+        x = batch["image"]
+        x_a, x_b = self.views(x), self.views(x)  # T^a(x), T^b(x), T^a, T^b ~ T
+        h_a, h_b = self.backbone(x_a), self.backbone(x_b)  # h = f(T(x))
+        # Both losses are over the global batch: rows for the instances, columns for the clusters.
+        z_a, z_b = gather(self.instance_projector(h_a)), gather(self.instance_projector(h_b))  # z = g_I(h)
+        y_a, y_b = (self.cluster_projector(h)[0].softmax(-1) for h in (h_a, h_b))  # y = g_C(h)
+        if "target" in batch:  # STL-10: unlabeled images train the instance head only
+            y_a, y_b = y_a[batch["target"]], y_b[batch["target"]]
+        y_a, y_b = gather(y_a), gather(y_b)
+
+        terms = {}
+        if hp.instance_loss:
+            terms["instance"] = instance_loss(z_a, z_b, hp.instance_temperature)  # L_ins, Eqs. 1-3
+        if hp.cluster_loss:
+            terms["cluster"] = cluster_loss(y_a, y_b, hp.cluster_temperature)  # Eqs. 4-5, first term of Eq. 6
+        if hp.cluster_entropy:
+            terms["entropy"] = -cluster_entropy(y_a, y_b)  # - H(Y), second term of Eq. 6
+        return self.objective(terms)  # L = L_ins + L_clu, Eq. 7
+
+    def cluster_logits(self, x: Tensor) -> Tensor:
+        """c = argmax g_C(f(x)) (Algorithm 1, test); "ICH only": the nearest k-means centre of g_I(f(x))."""
+        h = self.backbone(x)
+        if self.kmeans_clusters:
+            return -torch.cdist(self.instance_projector(h), self.centroids)[None]
+        return self.cluster_projector(h)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        if not self.kmeans_clusters:
+            return super().validation_step(batch, batch_idx)
+        with torch.no_grad():
+            z = self.instance_projector(self.backbone(self.plain(batch["image"])))
+        self._eval_instances.append((z, batch["label"]))
+
+    def _report(self, stage: str) -> None:
+        if self.kmeans_clusters and self._eval_instances:
+            z = torch.cat([z for z, _ in self._eval_instances])
+            labels = torch.cat([y for _, y in self._eval_instances])
+            self._eval_instances.clear()
+            z_all = gather(z)  # k-means on rank 0 over the whole evaluation set, centres broadcast
+            centroids = kmeans(z_all, self.num_clusters, seed=run_seed())[1] if self.global_rank == 0 else None
+            self.centroids.copy_(broadcast(centroids.to(self.device) if centroids is not None else self.centroids))
+            self.eval_metrics[0].update(torch.cdist(z, self.centroids).argmin(1), labels)
+        super()._report(stage)

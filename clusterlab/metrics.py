@@ -1,0 +1,95 @@
+"""Clustering metrics: Hungarian-matched accuracy (ACC), NMI and ARI, as torchmetrics Metrics.
+
+Being torchmetrics Metrics, they gather their state over ranks on `compute()`, so the figures are
+the same whether the evaluation set was split over one process or many. Samples whose label is
+unknown (-1) are left out: labels are only ever used to *report* these numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.clustering import AdjustedRandScore, NormalizedMutualInfoScore
+from torchmetrics.utilities import dim_zero_cat
+
+
+def contingency(preds: Tensor, target: Tensor) -> Tensor:
+    """Counts table: rows = predicted clusters, columns = classes."""
+    preds, target = preds.long().cpu(), target.long().cpu()
+    num_clusters, num_classes = int(preds.max()) + 1, int(target.max()) + 1
+    counts = torch.bincount(preds * num_classes + target, minlength=num_clusters * num_classes)
+    return counts.reshape(num_clusters, num_classes)
+
+
+def hungarian_match(preds: Tensor, target: Tensor) -> dict[int, int]:
+    """The one-to-one map cluster -> class with the most samples on the diagonal.
+
+    With more clusters than classes (or fewer), the surplus clusters (classes) stay unmatched:
+    their samples count as errors in ACC.
+    """
+    table = contingency(preds, target).numpy()
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    return {int(r): int(c) for r, c in zip(rows, cols)}
+
+
+class HungarianAccuracy(Metric):
+    """ACC: the fraction of samples whose cluster is matched to their class by the Hungarian method."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("preds", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        self.preds.append(preds.long())
+        self.target.append(target.long())
+
+    def compute(self) -> Tensor:
+        preds, target = dim_zero_cat(self.preds), dim_zero_cat(self.target)
+        if preds.numel() == 0:
+            return torch.tensor(float("nan"))
+        table = contingency(preds, target).numpy()
+        rows, cols = linear_sum_assignment(table, maximize=True)
+        return torch.tensor(table[rows, cols].sum() / preds.numel(), dtype=torch.float64)
+
+
+class ClusteringMetrics(MetricCollection):
+    """ACC, NMI (arithmetic normalisation, as scikit-learn's default) and ARI of one labelling."""
+
+    def __init__(self, prefix: str | None = None) -> None:
+        super().__init__(
+            {
+                "acc": HungarianAccuracy(),
+                "nmi": NormalizedMutualInfoScore(average_method="arithmetic"),
+                "ari": AdjustedRandScore(),
+            },
+            prefix=prefix,
+            compute_groups=False,
+        )
+        self.labelled = 0  # samples with a known label seen since the last reset (this process)
+
+    def update(self, preds: Tensor, target: Tensor) -> None:  # type: ignore[override]
+        known = target >= 0
+        if known.any():
+            super().update(preds[known].long(), target[known].long())
+            self.labelled += int(known.sum())
+
+    def reset(self) -> None:
+        super().reset()
+        self.labelled = 0
+
+
+def evaluate(preds: Tensor | np.ndarray, target: Tensor | np.ndarray) -> dict[str, float]:
+    """ACC / NMI / ARI of one labelling, computed in this process (no DDP sync)."""
+    metrics = ClusteringMetrics()
+    metrics.update(torch.as_tensor(np.asarray(preds)), torch.as_tensor(np.asarray(target)))
+    if not metrics.labelled:
+        return {}
+    return {name: float(value) for name, value in metrics.compute().items()}

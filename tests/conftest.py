@@ -1,0 +1,16 @@
+import os
+import warnings
+
+import pytest
+
+# Tests never reach W&B's servers; the one W&B test turns offline mode on explicitly.
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.pop("WANDB_API_KEY", None)
+warnings.filterwarnings("ignore", message=".*Sparse invariant checks.*")
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run inside an empty directory (runs/ lands there)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

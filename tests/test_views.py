@@ -1,0 +1,43 @@
+"""Views are made on the batch's device, one random draw per image."""
+
+import torch
+
+from clusterlab.data.views import SimCLRViews, SmallImageViews, Views
+
+
+def test_each_image_gets_its_own_draw():
+    image = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    batch = image.repeat(16, 1, 1, 1)
+    views = SimCLRViews(size=32)(batch)
+    distinct = {tuple(v.flatten()[:64].tolist()) for v in views}
+    assert len(distinct) > 8  # torchvision v2 would give 16 identical views here
+
+
+def test_two_calls_give_two_different_views():
+    batch = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
+    family = SmallImageViews()
+    assert not torch.allclose(family(batch), family(batch))
+
+
+def test_plain_is_the_image_resized_and_normalised():
+    batch = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    family = SimCLRViews(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    plain = family.plain(batch)
+    assert plain.shape == (4, 3, 32, 32) and plain.dtype == torch.float32
+    assert torch.equal(plain, family.plain(batch))
+    assert family(batch).shape == (4, 3, 32, 32)
+    unresized = Views().plain(batch)
+    assert torch.allclose(unresized, batch.float() / 255)
+
+
+def test_small_image_views_keep_native_size_and_range():
+    batch = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8)
+    out = SmallImageViews(noise_std=0.0)(batch)
+    assert out.shape == batch.shape
+    assert out.min() >= -1e-6 and out.max() <= 1 + 1e-6
+
+
+def test_fashion_style_crop_outputs_the_configured_size():
+    batch = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    family = SmallImageViews(rotation=0, translate=0, scale=(1.0, 1.0), crop_scale=(0.5, 1.0), flip=True, size=28)
+    assert family(batch).shape == (4, 1, 28, 28)
