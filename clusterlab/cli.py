@@ -95,10 +95,10 @@ class ClusterLabCLI(LightningCLI):
             parser_class=ClusterLabParser,
             trainer_defaults={
                 "logger": [
-                    {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+                    {"class_path": "clusterlab.loggers.CSVLogger"},
                     {"class_path": "clusterlab.loggers.WandbLogger"},
                 ],
-                "log_every_n_steps": 10,
+                "log_every_n_steps": 5,
             },
             args=args,
             run=run,
@@ -112,13 +112,17 @@ class ClusterLabCLI(LightningCLI):
         parser.add_argument("--kmeans_baseline", type=bool, default=True,
                             help="After fit, also report k-means on the pixels of the evaluation set.")  # fmt: skip
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        # Keep the newest epoch checkpoint; last.ckpt links to it.
+        parser.set_defaults({"checkpoint.save_last": "link", "checkpoint.save_top_k": 1})
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
 
     # -- run directory ----------------------------------------------------------------------
 
+    def _subconfig(self):
+        return self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        config = self._subconfig()
         name = config.name or _config_name(config) or "run"
         runs = Path(config.runs_dir) / name
         ckpt_path = config.get("ckpt_path")
@@ -131,7 +135,7 @@ class ClusterLabCLI(LightningCLI):
             if continuing:  # a resumed run keeps writing into its own directory
                 run_dir = str(Path(ckpt_path).parent.parent)
             else:
-                stage = "" if self.subcommand == "fit" else f"-{self.subcommand}"
+                stage = "" if self.subcommand in ("fit", None) else f"-{self.subcommand}"
                 run_dir = str(_new_run_dir(runs, f"{time.strftime('%Y%m%d-%H%M%S')}{stage}-seed{config.seed_everything}"))
             os.environ[RUN_DIR_ENV] = run_dir
         self.run_dir = Path(run_dir)
@@ -140,13 +144,11 @@ class ClusterLabCLI(LightningCLI):
         config.checkpoint.dirpath = str(self.run_dir / "checkpoints")
         loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
         for logger in loggers:
-            if hasattr(logger, "init_args"):
-                class_path = logger.class_path
-                logger.init_args.save_dir = run_dir
-                if class_path.endswith("CSVLogger"):
-                    logger.init_args.name, logger.init_args.version = "", ""
-                if class_path.endswith("WandbLogger") and not logger.init_args.get("name"):
-                    logger.init_args.name = f"{name}/{self.run_dir.name}"
+            args = getattr(logger, "init_args", None)
+            if args is not None and "save_dir" in args and not args.save_dir:
+                args.save_dir = run_dir
+            if args is not None and "name" in args and not args.name:
+                args.name = f"{name}/{self.run_dir.name}"
 
     # -- fit report -------------------------------------------------------------------------
 
@@ -163,7 +165,7 @@ class ClusterLabCLI(LightningCLI):
 
     @rank_zero_only
     def _write_report(self, wall_time: float) -> None:
-        config = self.config[self.subcommand]
+        config = self._subconfig()
         model, data = self.model, self.datamodule
         report = {
             "method": type(model).__name__,

@@ -1,12 +1,41 @@
-"""Weights & Biases through Lightning's WandbLogger, offline unless the user is logged in."""
+"""Loggers that write into the run directory: CSV (always) and W&B (offline unless logged in).
+
+`save_dir` defaults to None, which the CLI replaces with the run directory.
+"""
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 from urllib.parse import urlparse
 
+from pytorch_lightning.loggers import CSVLogger as _CSVLogger
 from pytorch_lightning.loggers import WandbLogger as _WandbLogger
+
+
+class CSVLogger(_CSVLogger):
+    """Lightning's CSV logger, writing metrics.csv and hparams.yaml into the run directory itself.
+
+    A resumed run keeps the rows its earlier part wrote (Lightning's logger would delete them).
+    """
+
+    def __init__(self, save_dir: str | None = None, flush_logs_every_n_steps: int = 100) -> None:
+        super().__init__(save_dir or ".", name="", version="", flush_logs_every_n_steps=flush_logs_every_n_steps)
+        self._earlier_rows: list[dict] = []
+        earlier = os.path.join(self.log_dir, "metrics.csv")
+        if os.path.isfile(earlier):
+            with open(earlier, newline="") as f:
+                self._earlier_rows = [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+    @property
+    def experiment(self):
+        writer = super().experiment
+        if self._earlier_rows and isinstance(getattr(writer, "metrics", None), list):
+            # The writer has just replaced the file: hand it the earlier rows first.
+            writer.metrics[:0] = self._earlier_rows
+            self._earlier_rows = []
+        return writer
 
 
 def wandb_logged_in() -> bool:

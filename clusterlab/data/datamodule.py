@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from clusterlab.data.sources import SOURCES, ImageFolder, ImageSet, Source
-from clusterlab.seeding import run_seed
+from clusterlab.seeding import derive_seed, run_seed
 
 Split = Literal["train", "test", "train+test"]
 
@@ -23,18 +23,15 @@ class IndexedImages(Dataset):
     """In-memory images served a batch at a time: one indexing operation per batch, no per-image
     Python work, so a DataLoader without workers keeps up with the GPU."""
 
-    def __init__(self, images: ImageSet, target: torch.Tensor | None = None) -> None:
-        self.images, self.labels, self.target = images.images, images.labels, target
+    def __init__(self, images: ImageSet) -> None:
+        self.images, self.labels = images.images, images.labels
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         index = torch.as_tensor(indices, dtype=torch.long)
-        batch = {"index": index, "image": self.images[index], "label": self.labels[index]}
-        if self.target is not None:
-            batch["target"] = self.target[index]
-        return batch
+        return {"index": index, "image": self.images[index], "label": self.labels[index]}
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
@@ -68,8 +65,9 @@ class ClusterDataModule(pl.LightningDataModule):
         root: where the data set lies on disk (each source has a default or says how to get it).
         train_split: the split trained on: "train+test" for CC, DCCM and SCL; "train" for NNM.
         eval_split: the split evaluated on (default: train_split); "test" for NNM.
-        unlabeled: also train on the unlabeled split (STL-10's 100k images); batches then carry a
-            boolean "target" that marks the samples of train_split, the ones to be clustered.
+        unlabeled: also train on the unlabeled split (STL-10's 100k images): every training batch
+            then carries as many unlabeled images ("unlabeled_image"), drawn at random from that
+            split, for the method to use where its paper says (CC: the instance head only).
         batch_size: per-process training batch; the global batch is batch_size x processes.
         eval_batch_size: per-process batch for validation, test and predict.
         num_workers: DataLoader workers (0 is right for in-memory data sets).
@@ -103,7 +101,7 @@ class ClusterDataModule(pl.LightningDataModule):
         self.eval_split = eval_split or train_split
         self._splits: dict[str, ImageSet] = {}
         self.train_set: ImageSet | None = None
-        self.train_target: torch.Tensor | None = None
+        self.unlabeled_set: ImageSet | None = None
         self.eval_set: ImageSet | None = None
 
     @property
@@ -124,11 +122,7 @@ class ClusterDataModule(pl.LightningDataModule):
         if stage == "fit" and self.train_set is None:
             self.train_set = self.split(self.hparams.train_split)
             if self.hparams.unlabeled:
-                extra = self.source.load("unlabeled")
-                self.train_target = torch.cat(
-                    [torch.ones(len(self.train_set), dtype=torch.bool), torch.zeros(len(extra), dtype=torch.bool)]
-                )
-                self.train_set = ImageSet.concat([self.train_set, extra])
+                self.unlabeled_set = self.source.load("unlabeled")
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -142,7 +136,7 @@ class ClusterDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self._world()
-        dataset = IndexedImages(self.train_set, self.train_target)
+        dataset = IndexedImages(self.train_set)
         if len(dataset) < self.hparams.batch_size * world:
             raise ValueError(
                 f"{self.source.name} {self.hparams.train_split}: {len(dataset)} images do not fill one global batch of "
@@ -152,6 +146,14 @@ class ClusterDataModule(pl.LightningDataModule):
         # every rank, each taking its shard, and the same order again after a resume.
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=run_seed())
         return self._loader(dataset, self.hparams.batch_size, sampler, drop_last=True)
+
+    def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, torch.Tensor]:
+        if self.unlabeled_set is not None and self.trainer is not None and self.trainer.training:
+            # Drawn from (run seed, epoch, batch): a resumed run draws the same images again.
+            generator = torch.Generator().manual_seed(derive_seed(self.trainer.current_epoch, int(batch["index"][0])))
+            pick = torch.randint(len(self.unlabeled_set), (len(batch["index"]),), generator=generator)
+            batch["unlabeled_image"] = self.unlabeled_set.images[pick]
+        return batch
 
     def _eval_loader(self) -> DataLoader:
         world, rank = self._world()

@@ -92,7 +92,7 @@ class Source(ABC):
         if missing:
             raise DataNotFoundError(
                 f"{self.name}: no data set at {self.root} (looked for {', '.join(str(p) for p in missing)}). "
-                f"{self.how_to_get} Then pass its folder as --data.root."
+                f"{self.how_to_get}"
             )
 
 
@@ -141,7 +141,8 @@ class FashionMNIST(Source):
     default_root = "/usr/share/datasets/fashion-mnist"
     how_to_get = (
         "On Debian/Ubuntu: apt-get install dataset-fashion-mnist (files in /usr/share/datasets/fashion-mnist); "
-        "or download the four *-ubyte.gz files from https://github.com/zalandoresearch/fashion-mnist."
+        "or download the four *-ubyte.gz files from https://github.com/zalandoresearch/fashion-mnist "
+        "into a folder and pass it as --data.root."
     )
     _prefix = {"train": "train", "test": "t10k"}
 
@@ -174,7 +175,7 @@ class CIFAR10(Source):
     classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     how_to_get = (
         "Download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it "
-        "(it unpacks to cifar-10-batches-py/)."
+        "(it unpacks to cifar-10-batches-py/), then pass the folder holding it as --data.root."
     )
     folder = "cifar-10-batches-py"
     files = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
@@ -210,7 +211,7 @@ class CIFAR20(CIFAR10):
                "people", "reptiles", "small mammals", "trees", "vehicles 1", "vehicles 2"]  # fmt: skip
     how_to_get = (
         "Download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz and extract it "
-        "(it unpacks to cifar-100-python/)."
+        "(it unpacks to cifar-100-python/), then pass the folder holding it as --data.root."
     )
     folder = "cifar-100-python"
     files = {"train": ["train"], "test": ["test"]}
@@ -223,7 +224,10 @@ class STL10(Source):
     name = "stl10"
     classes = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
     splits = ("train", "test", "unlabeled")
-    how_to_get = "Download http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz and extract it."
+    how_to_get = (
+        "Download http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz and extract it "
+        "(it unpacks to stl10_binary/), then pass the folder holding it as --data.root."
+    )
 
     def _load(self, split: str) -> ImageSet:
         if self.root is None:

@@ -51,8 +51,10 @@ class Views(nn.Module):
                              antialias=images.shape[-1] > self.size)  # fmt: skip
 
     def forward(self, images: Tensor) -> Tensor:
-        """A random view of every image (a fresh draw per image and per call)."""
-        return self.normalize(self._resize(self.augment(self._to_float(images))))
+        """A random view of every image (a fresh draw per image and per call), in float32 even
+        under AMP: the network's autocast starts after the views."""
+        with torch.autocast(images.device.type, enabled=False):
+            return self.normalize(self._resize(self.augment(self._to_float(images))))
 
     @torch.no_grad()
     def plain(self, images: Tensor) -> Tensor:

@@ -102,7 +102,7 @@ class ClusteringMethod(pl.LightningModule, ABC):
         non-finite one, and records each head's loss for label-free head selection."""
         loss = torch.stack(list(terms.values())).sum()
         if not torch.isfinite(loss):
-            bad = {name: float(value) for name, value in terms.items() if not torch.isfinite(value)}
+            bad = {name: value.item() for name, value in terms.items() if not torch.isfinite(value)}
             raise FloatingPointError(
                 f"{type(self).__name__}: non-finite loss at epoch {self.current_epoch}, step {self.global_step}: "
                 + ", ".join(f"{name} = {value}" for name, value in bad.items())

@@ -63,14 +63,14 @@ class CC(ClusteringMethod):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         hp = self.hparams
         x = batch["image"]
+        n = len(x)
+        if "unlabeled_image" in batch:  # STL-10: unlabeled images train the instance head only
+            x = torch.cat([x, batch["unlabeled_image"]])
         x_a, x_b = self.views(x), self.views(x)  # T^a(x), T^b(x), T^a, T^b ~ T
         h_a, h_b = self.backbone(x_a), self.backbone(x_b)  # h = f(T(x))
         # Both losses are over the global batch: rows for the instances, columns for the clusters.
         z_a, z_b = gather(self.instance_projector(h_a)), gather(self.instance_projector(h_b))  # z = g_I(h)
-        y_a, y_b = (self.cluster_projector(h)[0].softmax(-1) for h in (h_a, h_b))  # y = g_C(h)
-        if "target" in batch:  # STL-10: unlabeled images train the instance head only
-            y_a, y_b = y_a[batch["target"]], y_b[batch["target"]]
-        y_a, y_b = gather(y_a), gather(y_b)
+        y_a, y_b = (gather(self.cluster_projector(h[:n])[0].softmax(-1)) for h in (h_a, h_b))  # y = g_C(h)
 
         terms = {}
         if hp.instance_loss:

@@ -1,0 +1,54 @@
+"""Code that runs inside spawned processes (importable by name, as spawn requires)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+
+from clusterlab.distributed import gather
+from clusterlab.losses.cc import cluster_entropy, cluster_loss, instance_loss
+
+
+def cc_loss(z_a, z_b, y_a, y_b):
+    """CC's Eq. 7 on the global batch, from this process's rows."""
+    z_a, z_b, y_a, y_b = gather(z_a), gather(z_b), gather(y_a), gather(y_b)
+    return instance_loss(z_a, z_b, 0.5) + cluster_loss(y_a, y_b, 1.0) - cluster_entropy(y_a, y_b)
+
+
+def loss_worker(rank: int, world: int, store: str, inputs: list[torch.Tensor], out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    rows = len(inputs[0]) // world
+    local = [x[rank * rows : (rank + 1) * rows].clone().requires_grad_(True) for x in inputs]
+    loss = cc_loss(*local)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grads": [x.grad for x in local]}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+class RecordFirstStep(pl.Callback):
+    """Saves the loss and the (DDP-averaged) parameter gradients of the first training step."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            torch.save({"loss": outputs["loss"].detach(), "grads": self.grads, "batch": batch["index"]},
+                       Path(self.out) / f"rank{trainer.global_rank}.pt")  # fmt: skip
+
+
+class RecordEvaluation(pl.Callback):
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        Path(self.out, f"eval_rank{trainer.global_rank}.json").write_text(json.dumps(pl_module.eval_results))

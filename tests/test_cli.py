@@ -1,0 +1,151 @@
+"""The `clusterlab` command: configs, run directories, reports and the messages at the edges."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from clusterlab.cli import ClusterLabCLI, main
+from clusterlab.methods import CC
+from clusterlab.methods.base import CheckpointMismatchError
+from tests.helpers import REPO, TINY_CC
+
+EXPERIMENTS = sorted(Path(REPO, "experiments").glob("*.yaml"))
+
+
+def tiny_data_root(config: Path, tmp: Path) -> list[str]:
+    """--data.root for a config: a tiny copy of its data set, in the real format."""
+    from tests import formats
+
+    dataset = config.stem.split("_", 1)[1]
+    root = tmp / "data"
+    writers = {"cifar10": formats.write_cifar10, "cifar20": formats.write_cifar100, "stl10": formats.write_stl10,
+               "fashion_mnist": formats.write_fashion_mnist, "imagenet10": formats.write_png_folder}  # fmt: skip
+    if dataset not in writers:
+        return []
+    writers[dataset](root)
+    return ["--data.root", str(root)]
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_parses_and_builds_through_the_cli(config, in_tmp):
+    cli = ClusterLabCLI(args=["--config", str(config), *tiny_data_root(config, in_tmp)], run=False)
+    assert isinstance(cli.model, torch.nn.Module) and cli.model.num_clusters == cli.datamodule.num_clusters
+    assert cli.run_dir.parent == Path("runs", config.stem)
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_trains_a_step_on_its_real_data_format(config, in_tmp):
+    """fast_dev_run through the real loaders, views, backbone and loss of each paper setting."""
+    main(["fit", "--config", str(config), *tiny_data_root(config, in_tmp), "--trainer.fast_dev_run", "1",
+          "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--data.batch_size", "4",
+          "--trainer.logger", "false", "--kmeans_baseline", "false"])  # fmt: skip
+    report = json.loads(next((in_tmp / "runs" / config.stem).glob("*/metrics.json")).read_text())
+    assert report["steps"] == 1 and report["acc"] is not None
+
+
+def test_print_config_shows_the_resolved_config(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(Path(REPO, "experiments/cc_cifar10.yaml")), "--print_config"])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    assert "class_path: clusterlab.methods.CC" in printed and "lr: 0.0003" in printed and "depth: 34" in printed
+
+
+@pytest.mark.parametrize("override,expected", [
+    (["--model.init_args.instance_temprature", "0.3"],
+     "unknown config key 'model.init_args.instance_temprature': clusterlab.methods.CC has no option "
+     "'instance_temprature'. Did you mean 'instance_temperature'?"),
+    (["--data.datset", "cifar10"], "unknown config key 'data.datset'. Did you mean 'data.dataset'?"),
+])  # fmt: skip
+def test_an_unknown_config_key_is_named_in_one_message(override, expected, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(Path(REPO, "experiments/cc_digits.yaml")), *override])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 2 and "usage:" not in err
+
+
+def test_an_unknown_key_in_a_yaml_file_is_named_with_its_full_path(in_tmp, capsys):
+    (in_tmp / "bad.yaml").write_text("model:\n  init_args:\n    backbone:\n      init_args:\n        widht: 3\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(Path(REPO, "experiments/cc_digits.yaml")), "--config", "bad.yaml"])
+    err = capsys.readouterr().err
+    assert "unknown config key 'model.init_args.backbone.init_args.widht'" in err and "Did you mean 'widths'?" in err
+
+
+def fit_tiny(tmp, *args):
+    (tmp / "tiny.yaml").write_text(TINY_CC)
+    main(["fit", "--config", "tiny.yaml", "--trainer.max_epochs", "2", *args])
+    return next((tmp / "runs" / "tiny").iterdir())
+
+
+def test_fit_writes_config_metrics_and_checkpoint_and_prints_the_report(in_tmp, capsys):
+    run_dir = fit_tiny(in_tmp, "--kmeans_baseline", "true")
+    report = json.loads((run_dir / "metrics.json").read_text())
+    assert report["method"] == "CC" and report["dataset"] == "digits" and report["seed"] == 3
+    assert report["epochs"] == 2 and report["num_samples"] == 1797 and report["wall_time_s"] > 0
+    assert 0 < report["acc"] <= 1 and set(report["heads"][0]) == {"acc", "nmi", "ari"}
+    assert report["kmeans"]["acc"] == pytest.approx(0.79, abs=0.02)
+    assert (run_dir / "config.yaml").exists() and (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert (run_dir / "metrics.csv").exists()
+    out = capsys.readouterr().out
+    assert "k-means (pixels)" in out and f"Run directory: {Path('runs', 'tiny', run_dir.name)}" in out
+
+
+def test_wandb_runs_offline_without_login_or_network(in_tmp, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(in_tmp))
+    monkeypatch.setenv("NETRC", str(in_tmp / "no-netrc"))
+    (in_tmp / "tiny.yaml").write_text(TINY_CC.replace(
+        "  logger:\n  - class_path: clusterlab.loggers.CSVLogger\n",
+        "  logger:\n  - class_path: clusterlab.loggers.CSVLogger\n  - class_path: clusterlab.loggers.WandbLogger\n"))
+    main(["fit", "--config", "tiny.yaml", "--trainer.max_epochs", "1"])
+    run_dir = next((in_tmp / "runs" / "tiny").iterdir())
+    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run"
+
+
+def test_a_nan_loss_stops_the_run_naming_the_term_and_step(in_tmp):
+    with pytest.raises(FloatingPointError, match=r"CC: non-finite loss at epoch 0, step 0: instance = nan"):
+        fit_tiny(in_tmp, "--model.init_args.instance_temperature", "0.0")
+
+
+def test_resuming_without_an_earlier_run_says_so(in_tmp, capsys):
+    (in_tmp / "tiny.yaml").write_text(TINY_CC)
+    with pytest.raises(SystemExit, match="no run of this name to continue"):
+        main(["fit", "--config", "tiny.yaml", "--ckpt_path", "last"])
+
+
+def test_test_subcommand_rebuilds_the_model_from_the_checkpoint(in_tmp):
+    run_dir = fit_tiny(in_tmp)
+    fitted = json.loads((run_dir / "metrics.json").read_text())
+    cli = ClusterLabCLI(args=["test", "--config", "tiny.yaml", "--ckpt_path", str(run_dir / "checkpoints/last.ckpt")])
+    assert cli.model.eval_results["acc"] == pytest.approx(fitted["acc"], abs=1e-9)
+
+
+def test_a_checkpoint_of_another_method_is_refused_with_one_message(in_tmp):
+    run_dir = fit_tiny(in_tmp)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint["clusterlab"]["method"] = "NNM"
+    foreign = in_tmp / "nnm.ckpt"
+    torch.save(checkpoint, foreign)
+    with pytest.raises(CheckpointMismatchError, match=f"checkpoint {foreign} holds a NNM model; this run configures CC"):
+        main(["test", "--config", "tiny.yaml", "--ckpt_path", str(foreign)])
+    del checkpoint["clusterlab"]
+    torch.save(checkpoint, foreign)
+    with pytest.raises(CheckpointMismatchError, match="was not written by clusterlab"):
+        main(["test", "--config", "tiny.yaml", "--ckpt_path", str(foreign)])
+
+
+def test_online_prediction_of_a_single_image():
+    from clusterlab.data.sources import Digits
+    from clusterlab.data.views import SmallImageViews
+    from clusterlab.nn import SmallCNN
+
+    model = CC(10, SmallCNN(1, (8, 16), (False, True)), SmallImageViews()).eval()
+    image = Digits().load("train+test").images[:1]
+    probs = model.predict_proba(image)
+    assert probs.shape == (1, 1, 10) and torch.allclose(probs.sum(-1), torch.ones(1, 1))
+    out = model.predict_step({"index": torch.tensor([0]), "image": image}, 0)
+    assert out["cluster"].shape == (1,) and 0 <= float(out["confidence"]) <= 1
