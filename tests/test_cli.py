@@ -16,12 +16,14 @@ EXPERIMENTS = sorted(Path(REPO, "experiments").glob("*.yaml"))
 
 def tiny_data_root(config: Path, tmp: Path) -> list[str]:
     """--data.root for a config: a tiny copy of its data set, in the real format."""
+    import yaml
+
     from tests import formats
 
-    dataset = config.stem.split("_", 1)[1]
+    dataset = yaml.safe_load(config.read_text())["data"].get("dataset", "digits")
     root = tmp / "data"
     writers = {"cifar10": formats.write_cifar10, "cifar20": formats.write_cifar100, "stl10": formats.write_stl10,
-               "fashion_mnist": formats.write_fashion_mnist, "imagenet10": formats.write_png_folder}  # fmt: skip
+               "fashion_mnist": formats.write_fashion_mnist, "image_folder": formats.write_png_folder}  # fmt: skip
     if dataset not in writers:
         return []
     writers[dataset](root)
