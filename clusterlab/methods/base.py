@@ -65,7 +65,7 @@ class ClusteringMethod(pl.LightningModule, ABC):
         self.eval_metrics = nn.ModuleList(ClusteringMetrics() for _ in range(num_heads))
         # Mean unsupervised loss of each head over the last training epoch: selects the head.
         self.register_buffer("head_loss", torch.full((num_heads,), float("nan")))
-        self._head_loss_sum = torch.zeros(num_heads, dtype=torch.float64)
+        self._head_loss_sum = torch.zeros(num_heads)
         self._head_loss_steps = 0
         self._batch_size: int | None = None
         self.eval_results: dict = {}
@@ -112,17 +112,17 @@ class ClusteringMethod(pl.LightningModule, ABC):
         self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()},
                       on_step=False, on_epoch=True, batch_size=self._batch_size)  # fmt: skip
         per_head = head_losses if head_losses is not None else loss.expand(self.num_heads)
-        self._head_loss_sum += per_head.detach().double().cpu()
+        self._head_loss_sum += per_head.detach().float()  # stays on the device: no sync per step
         self._head_loss_steps += 1
         return loss
 
     def on_train_epoch_start(self) -> None:
-        self._head_loss_sum.zero_()
+        self._head_loss_sum = torch.zeros(self.num_heads, device=self.device)
         self._head_loss_steps = 0
 
     def on_train_epoch_end(self) -> None:
         steps = all_reduce_sum(torch.tensor(float(self._head_loss_steps), device=self.device))
-        total = all_reduce_sum(self._head_loss_sum.to(self.device))
+        total = all_reduce_sum(self._head_loss_sum)
         if steps > 0:
             self.head_loss.copy_(total / steps)
 
