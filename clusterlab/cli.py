@@ -84,7 +84,7 @@ def _init_parameters(class_path: str) -> list[str]:
 
 class ClusterLabCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True) -> None:
-        self._fit_started = 0.0
+        self._started = 0.0
         super().__init__(
             ClusteringMethod,
             ClusterDataModule,
@@ -152,22 +152,32 @@ class ClusterLabCLI(LightningCLI):
 
     # -- fit report -------------------------------------------------------------------------
 
-    def before_fit(self) -> None:
-        self._fit_started = time.time()
+    def _start_clock(self) -> None:
+        self._started = time.time()
+
+    before_fit = before_validate = before_test = _start_clock
 
     def after_fit(self) -> None:
-        wall_time = time.time() - self._fit_started
+        wall_time = time.time() - self._started
         if self.trainer.interrupted:
             return
         # Evaluate the final weights, whatever the validation schedule was.
         self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
-        self._write_report(wall_time)
+        self._write_report("fit", wall_time)
+
+    def after_validate(self) -> None:
+        self._write_report("validate", time.time() - self._started)
+
+    def after_test(self) -> None:
+        self._write_report("test", time.time() - self._started)
 
     @rank_zero_only
-    def _write_report(self, wall_time: float) -> None:
+    def _write_report(self, stage: str, wall_time: float) -> None:
         config = self._subconfig()
         model, data = self.model, self.datamodule
+        epochs = self.trainer.current_epoch if stage == "fit" else model.checkpoint_epochs
         report = {
+            "stage": stage,
             "method": type(model).__name__,
             "dataset": data.hparams.dataset,
             "train_split": data.hparams.train_split,
@@ -175,13 +185,13 @@ class ClusterLabCLI(LightningCLI):
             "num_samples": len(data.eval_set),
             "num_clusters": model.num_clusters,
             "seed": config.seed_everything,
-            "epochs": self.trainer.current_epoch,
-            "steps": self.trainer.global_step,
+            "epochs": epochs,
+            "steps": self.trainer.global_step if stage == "fit" else None,
             "wall_time_s": round(wall_time, 1),
             "devices": self.trainer.world_size,
             **{k: model.eval_results.get(k) for k in ("acc", "nmi", "ari", "selected_head", "heads")},
             "config": "config.yaml",
-            "checkpoint": "checkpoints/last.ckpt",
+            "checkpoint": "checkpoints/last.ckpt" if stage == "fit" else config.get("ckpt_path"),
             "command": "clusterlab " + shlex.join(sys.argv[1:]),
         }
         if config.kmeans_baseline and data.eval_set.labels.ge(0).any():
@@ -206,7 +216,8 @@ def print_report(report: dict, run_dir: Path) -> None:
     from rich.table import Table
 
     console = Console()
-    console.print(f"[bold]{report['method']}[/bold] on {report['dataset']} ({report['eval_split']}, "
+    stage = "" if report["stage"] == "fit" else f" [{report['stage']}]"
+    console.print(f"[bold]{report['method']}{stage}[/bold] on {report['dataset']} ({report['eval_split']}, "
                   f"{report['num_samples']} images): seed {report['seed']}, {report['epochs']} epochs, "
                   f"{report['wall_time_s']:.0f} s", highlight=False)  # fmt: skip
     table = Table()

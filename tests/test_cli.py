@@ -119,11 +119,26 @@ def test_resuming_without_an_earlier_run_says_so(in_tmp, capsys):
         main(["fit", "--config", "tiny.yaml", "--ckpt_path", "last"])
 
 
-def test_test_subcommand_rebuilds_the_model_from_the_checkpoint(in_tmp):
+def test_test_and_predict_rebuild_the_model_from_the_checkpoint(in_tmp):
     run_dir = fit_tiny(in_tmp)
     fitted = json.loads((run_dir / "metrics.json").read_text())
-    cli = ClusterLabCLI(args=["test", "--config", "tiny.yaml", "--ckpt_path", str(run_dir / "checkpoints/last.ckpt")])
+    checkpoint = str(run_dir / "checkpoints/last.ckpt")
+    cli = ClusterLabCLI(args=["test", "--config", "tiny.yaml", "--ckpt_path", checkpoint])
     assert cli.model.eval_results["acc"] == pytest.approx(fitted["acc"], abs=1e-9)
+    tested = json.loads((cli.run_dir / "metrics.json").read_text())
+    assert tested["stage"] == "test" and tested["epochs"] == 2 and tested["checkpoint"] == checkpoint
+    assert tested["acc"] == pytest.approx(fitted["acc"], abs=1e-9)
+    cli = ClusterLabCLI(args=["predict", "--config", "tiny.yaml", "--ckpt_path", checkpoint])
+    assert cli.run_dir.name.endswith("-predict-seed3")
+
+
+def test_ich_only_ablation_clusters_by_kmeans_in_the_instance_space(in_tmp):
+    """cc-paper Table 5, "ICH only": no cluster head is trained; k-means centres give the clusters."""
+    run_dir = fit_tiny(in_tmp, "--model.init_args.cluster_loss", "false", "--model.init_args.cluster_entropy", "false")
+    report = json.loads((run_dir / "metrics.json").read_text())
+    assert report["acc"] > 0.3  # well above chance (0.1) after 2 tiny epochs
+    centroids = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)["state_dict"]["centroids"]
+    assert centroids.shape == (10, 128) and centroids.abs().sum() > 0
 
 
 def test_a_checkpoint_of_another_method_is_refused_with_one_message(in_tmp):

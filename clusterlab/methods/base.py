@@ -69,6 +69,7 @@ class ClusteringMethod(pl.LightningModule, ABC):
         self._head_loss_steps = 0
         self._batch_size: int | None = None
         self.eval_results: dict = {}
+        self.checkpoint_epochs: int | None = None  # epochs trained by a loaded checkpoint
 
     def save_hyperparameters(self, *args, ignore=None, frame=None, logger: bool = True) -> None:
         """Keep the constructor's arguments in the checkpoint, so `test` and `predict` can rebuild the
@@ -199,6 +200,7 @@ class ClusteringMethod(pl.LightningModule, ABC):
                 f"checkpoint{where} holds a {meta['method']} model; this run configures {type(self).__name__}. "
                 f"Use the config the checkpoint was trained with (its run directory has config.yaml)."
             )
+        self.checkpoint_epochs = checkpoint.get("epoch", -1) + 1
         if meta["num_clusters"] != self.num_clusters:
             raise CheckpointMismatchError(
                 f"checkpoint{where} has {meta['num_clusters']} clusters; this run configures {self.num_clusters}"
