@@ -31,6 +31,8 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from clusterlab import __version__
+from clusterlab.callbacks.assignments import Assignments
+from clusterlab.callbacks.figures import ClusterFigures
 from clusterlab.data.datamodule import ClusterDataModule
 from clusterlab.methods.base import ClusteringMethod
 
@@ -115,6 +117,8 @@ class ClusterLabCLI(LightningCLI):
         # Keep the newest epoch checkpoint; last.ckpt links to it.
         parser.set_defaults({"checkpoint.save_last": "link", "checkpoint.save_top_k": 1})
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
+        parser.add_lightning_class_args(ClusterFigures, "figures")
+        parser.add_lightning_class_args(Assignments, "assignments")
 
     # -- run directory ----------------------------------------------------------------------
 
@@ -140,6 +144,8 @@ class ClusterLabCLI(LightningCLI):
             os.environ[RUN_DIR_ENV] = run_dir
         self.run_dir = Path(run_dir)
 
+        if self.subcommand == "predict" and config.data.dataset == "image_folder" and ckpt_path:
+            _folder_input_from_checkpoint(config.data, ckpt_path)
         config.trainer.default_root_dir = run_dir
         config.checkpoint.dirpath = str(self.run_dir / "checkpoints")
         loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
@@ -235,6 +241,19 @@ def print_report(report: dict, run_dir: Path) -> None:
         row("k-means (pixels)", report["kmeans"])
     console.print(table)
     console.print(f"Run directory: {run_dir}  (metrics.json, config.yaml, checkpoints/)")
+
+
+def _folder_input_from_checkpoint(data, ckpt_path: str) -> None:
+    """Decode a folder to the size and channels the checkpoint's model was trained on, and take its
+    number of clusters (an unlabeled folder has no classes to count), unless given."""
+    if not Path(ckpt_path).is_file():
+        return
+    meta = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("clusterlab") or {}
+    data.num_clusters = data.num_clusters or meta.get("num_clusters")
+    shape = meta.get("input_shape")
+    if shape:
+        data.channels = data.channels or shape[0]
+        data.image_size = data.image_size or shape[-1]
 
 
 def _config_name(config) -> str | None:

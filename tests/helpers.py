@@ -35,6 +35,8 @@ data:
   dataset: digits
   batch_size: 64
 kmeans_baseline: false
+figures:
+  embedding_points: 300
 """
 
 

@@ -92,6 +92,7 @@ def test_fit_writes_config_metrics_and_checkpoint_and_prints_the_report(in_tmp, 
     assert report["kmeans"]["acc"] == pytest.approx(0.79, abs=0.02)
     assert (run_dir / "config.yaml").exists() and (run_dir / "checkpoints" / "last.ckpt").exists()
     assert (run_dir / "metrics.csv").exists()
+    assert sorted(p.name for p in (run_dir / "figures").iterdir()) == ["confident.png", "confusion.png", "embedding.png"]
     out = capsys.readouterr().out
     assert "k-means (pixels)" in out and f"Run directory: {Path('runs', 'tiny', run_dir.name)}" in out
 
@@ -166,3 +167,39 @@ def test_online_prediction_of_a_single_image():
     assert probs.shape == (1, 1, 10) and torch.allclose(probs.sum(-1), torch.ones(1, 1))
     out = model.predict_step({"index": torch.tensor([0]), "image": image}, 0)
     assert out["cluster"].shape == (1,) and 0 <= float(out["confidence"]) <= 1
+
+
+def write_digit_pngs(folder: Path, count: int) -> torch.Tensor:
+    from PIL import Image
+
+    from clusterlab.data.sources import Digits
+
+    images = Digits().load("train+test").images[:count]
+    folder.mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image[0].numpy(), mode="L").save(folder / f"img_{i:03d}.png")
+    (folder / "img_500_broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    return images
+
+
+@pytest.mark.parametrize("stream", ["false", "true"])
+def test_predict_on_a_folder_writes_assignments_and_contact_sheets(in_tmp, stream, capsys):
+    import csv
+
+    run_dir = fit_tiny(in_tmp)
+    images = write_digit_pngs(in_tmp / "photos", 40)
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    cli = ClusterLabCLI(args=["predict", "--config", "tiny.yaml", "--ckpt_path", str(checkpoint),
+                              "--data.dataset", "image_folder", "--data.root", "photos", "--data.stream", stream,
+                              "--data.eval_batch_size", "16"])  # fmt: skip
+    with open(cli.run_dir / "assignments.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["path"] for row in rows] == [str(Path("photos", f"img_{i:03d}.png")) for i in range(40)]
+    expected = cli.model.eval().predict_proba(images)[0].max(-1)
+    assert [int(r["cluster"]) for r in rows] == expected.indices.tolist()
+    assert [float(r["confidence"]) for r in rows] == pytest.approx(expected.values.tolist(), abs=1e-4)
+    sheets = sorted((cli.run_dir / "clusters").glob("cluster_*.png"))
+    assert len(sheets) == len({r["cluster"] for r in rows}) and sheets[0].stat().st_size > 1000
+    skipped = (cli.run_dir / "skipped.csv").read_text()
+    assert "img_500_broken.png" in skipped
+    assert "Skipped 1 unreadable image" in capsys.readouterr().out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -35,6 +36,32 @@ class IndexedImages(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+class LazyImageFolder(Dataset):
+    """A folder decoded a batch at a time (in DataLoader workers when num_workers > 0), so that
+    predictions stream out while the folder is read. Unreadable images are reported by path and
+    left out of their batch."""
+
+    def __init__(self, source: ImageFolder, split: str) -> None:
+        self.source = source
+        self.paths, self.labels = source.listing(split)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def images(self, indices) -> torch.Tensor:
+        arrays = [self.source.decode(self.paths[i]) for i in indices]
+        return torch.from_numpy(np.stack([a for a in arrays if a is not None]))
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        arrays = [(i, self.source.decode(self.paths[i])) for i in indices]
+        kept = [(i, a) for i, a in arrays if a is not None]
+        index = torch.tensor([i for i, _ in kept], dtype=torch.long)
+        size, channels = self.source.image_size, self.source.channels
+        images = torch.from_numpy(np.stack([a for _, a in kept])) if kept else torch.empty(0, channels, size, size,
+                                                                                           dtype=torch.uint8)
+        return {"index": index, "image": images, "label": self.labels[index]}
 
 
 def _as_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -72,8 +99,12 @@ class ClusterDataModule(pl.LightningDataModule):
         eval_batch_size: per-process batch for validation, test and predict.
         num_workers: DataLoader workers (0 is right for in-memory data sets).
         num_clusters: clusters to find; default: the number of classes of the data set.
-        image_size, channels, on_error: image_folder only: decoded size, 1 or 3 channels, and
-            whether an unreadable image stops the run ("raise") or is reported and skipped ("skip").
+        image_size, channels: image_folder only: decoded side and channels (1 or 3). When not given
+            they are the checkpoint's training input (predict) or 64 px in colour.
+        on_error: image_folder only: an unreadable image stops the run ("raise", the default of
+            fit / validate / test) or is reported by path and skipped ("skip", the default of predict).
+        stream: image_folder, predict only: decode the folder batch by batch instead of loading it
+            whole first, so that predictions stream out (with --data.num_workers decoding ahead).
     """
 
     def __init__(
@@ -87,15 +118,16 @@ class ClusterDataModule(pl.LightningDataModule):
         eval_batch_size: int = 512,
         num_workers: int = 0,
         num_clusters: int | None = None,
-        image_size: int = 64,
-        channels: Literal[1, 3] = 3,
-        on_error: Literal["raise", "skip"] = "raise",
+        image_size: int | None = None,
+        channels: Literal[1, 3] | None = None,
+        on_error: Literal["raise", "skip"] | None = None,
+        stream: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["num_clusters"])  # the model logs the resolved value
         self._num_clusters = num_clusters
         if dataset == "image_folder":
-            self.source: Source = ImageFolder(root, image_size, channels, on_error)
+            self.source: Source = ImageFolder(root, image_size or 64, channels or 3, on_error or "raise")
         else:
             self.source = SOURCES[dataset](root)
         self.eval_split = eval_split or train_split
@@ -103,6 +135,7 @@ class ClusterDataModule(pl.LightningDataModule):
         self.train_set: ImageSet | None = None
         self.unlabeled_set: ImageSet | None = None
         self.eval_set: ImageSet | None = None
+        self.predict_set: LazyImageFolder | None = None
 
     @property
     def num_clusters(self) -> int:
@@ -118,6 +151,13 @@ class ClusterDataModule(pl.LightningDataModule):
         return self._splits[name]
 
     def setup(self, stage: str | None = None) -> None:
+        if isinstance(self.source, ImageFolder) and self.hparams.on_error is None:
+            self.source.on_error = "skip" if stage == "predict" else "raise"
+        if stage == "predict" and self.hparams.stream:
+            if not isinstance(self.source, ImageFolder):
+                raise ValueError("--data.stream true needs --data.dataset image_folder")
+            self.predict_set = LazyImageFolder(self.source, self.eval_split)
+            return
         self.eval_set = self.split(self.eval_split)
         if stage == "fit" and self.train_set is None:
             self.train_set = self.split(self.hparams.train_split)
@@ -167,4 +207,23 @@ class ClusterDataModule(pl.LightningDataModule):
         return self._eval_loader()
 
     def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader()
+        if self.predict_set is None:
+            return self._eval_loader()
+        world, rank = self._world()
+        return self._loader(self.predict_set, self.hparams.eval_batch_size,
+                            ShardSampler(self.predict_set, world, rank), drop_last=False)  # fmt: skip
+
+    # -- what reports and figures need of the evaluation set --------------------------------
+
+    @property
+    def eval_paths(self) -> list[str] | None:
+        """File of every evaluation sample, for folder data sets (None otherwise)."""
+        if self.predict_set is not None:
+            return [str(p) for p in self.predict_set.paths]
+        return self.eval_set.paths if self.eval_set is not None else None
+
+    def eval_images(self, indices: torch.Tensor) -> torch.Tensor:
+        """uint8 images of the given evaluation samples (decoded on demand when streaming)."""
+        if self.predict_set is not None:
+            return self.predict_set.images(indices.tolist())
+        return self.eval_set.images[indices]

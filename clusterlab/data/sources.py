@@ -74,8 +74,8 @@ class Source(ABC):
         return len(self.classes)
 
     def load(self, split: str) -> ImageSet:
-        if split == "train+test" and "train+test" not in self.splits:
-            return ImageSet.concat([self.load("train"), self.load("test")])
+        if split == "train+test" and "train+test" not in self.splits:  # every labelled split there is
+            return ImageSet.concat([self.load(part) for part in ("train", "test") if part in self.splits])
         if split not in self.splits:
             raise ValueError(
                 f"{self.name} has no split {split!r}; it has {', '.join(self.splits)}"
@@ -322,30 +322,36 @@ class ImageFolder(Source):
             raise DataNotFoundError(f"{self.name}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {folder}")
         return sorted(found)
 
-    def _load(self, split: str) -> ImageSet:
-        folder, classes = self._split_dirs()[split], self.classes
+    def listing(self, split: str) -> tuple[list[Path], torch.Tensor]:
+        """The split's image files in sorted order, and their labels (-1 outside class folders)."""
+        if split == "train+test":
+            parts = [self.listing(part) for part in ("train", "test") if part in self.splits]
+            return [p for paths, _ in parts for p in paths], torch.cat([labels for _, labels in parts])
+        folder, index = self._split_dirs()[split], {name: i for i, name in enumerate(self.classes)}
         paths = self.files(split)
-        index = {name: i for i, name in enumerate(classes)}
+        labels = [index[p.relative_to(folder).parts[0]] if len(p.relative_to(folder).parts) > 1 else -1 for p in paths]
+        return paths, torch.tensor(labels, dtype=torch.long)
 
-        def decode(path: Path):
-            try:
-                return decode_image(path, self.image_size, self.channels)
-            except CorruptDataError as err:
-                if self.on_error == "raise":
-                    raise
-                warnings.warn(f"skipping unreadable image {path}: {err.__cause__}", stacklevel=2)
-                self.skipped.append((str(path), str(err.__cause__)))
-                return None
+    def decode(self, path: Path) -> np.ndarray | None:
+        """One image as C x size x size uint8; None (reported by path) when unreadable and on_error="skip"."""
+        try:
+            return decode_image(path, self.image_size, self.channels)
+        except CorruptDataError as err:
+            if self.on_error == "raise":
+                raise
+            warnings.warn(f"skipping unreadable image {path}: {err.__cause__}", stacklevel=2)
+            self.skipped.append((str(path), str(err.__cause__)))
+            return None
 
+    def _load(self, split: str) -> ImageSet:
+        paths, labels = self.listing(split)
         with ThreadPoolExecutor(max(1, self.num_workers)) as pool:
-            arrays = list(pool.map(decode, paths))
-        kept = [(p, a) for p, a in zip(paths, arrays) if a is not None]
+            arrays = list(pool.map(self.decode, paths))
+        kept = [i for i, a in enumerate(arrays) if a is not None]
         if not kept:
-            raise CorruptDataError(f"{self.name}: none of the {len(paths)} images under {folder} could be read")
-        labels = [index[p.relative_to(folder).parts[0]] if len(p.relative_to(folder).parts) > 1 else -1
-                  for p, _ in kept]  # fmt: skip
-        return ImageSet(torch.from_numpy(np.stack([a for _, a in kept])), torch.tensor(labels, dtype=torch.long),
-                        classes, [str(p) for p, _ in kept])  # fmt: skip
+            raise CorruptDataError(f"{self.name}: none of the {len(paths)} images of split {split} could be read")
+        return ImageSet(torch.from_numpy(np.stack([arrays[i] for i in kept])), labels[kept], self.classes,
+                        [str(paths[i]) for i in kept])  # fmt: skip
 
 
 SOURCES: dict[str, type[Source]] = {

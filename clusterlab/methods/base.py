@@ -70,6 +70,7 @@ class ClusteringMethod(pl.LightningModule, ABC):
         self._batch_size: int | None = None
         self.eval_results: dict = {}
         self.checkpoint_epochs: int | None = None  # epochs trained by a loaded checkpoint
+        self.input_shape: list[int] | None = None  # C, H, W of the training images (for predict on a folder)
 
     def save_hyperparameters(self, *args, ignore=None, frame=None, logger: bool = True) -> None:
         """Keep the constructor's arguments in the checkpoint, so `test` and `predict` can rebuild the
@@ -91,6 +92,11 @@ class ClusteringMethod(pl.LightningModule, ABC):
     def plain(self, images: Tensor) -> Tensor:
         """The evaluation input: the method's views without augmentation."""
         return self.views.plain(images)
+
+    @torch.no_grad()
+    def embed(self, images: Tensor) -> Tensor:
+        """Features of uint8 images for embedding plots: the backbone's, unless a method knows better."""
+        return self.backbone(self.plain(images))
 
     # -- training ---------------------------------------------------------------------------
 
@@ -182,10 +188,16 @@ class ClusteringMethod(pl.LightningModule, ABC):
 
     # -- checkpoints ------------------------------------------------------------------------
 
+    def on_fit_start(self) -> None:
+        train_set = getattr(self.trainer.datamodule, "train_set", None) if self.trainer.datamodule else None
+        if train_set is not None:
+            self.input_shape = list(train_set.images.shape[1:])
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["clusterlab"] = {
             "method": type(self).__name__,
             "num_clusters": self.num_clusters,
+            "input_shape": self.input_shape,
             "version": __version__,
         }
 
@@ -201,6 +213,7 @@ class ClusteringMethod(pl.LightningModule, ABC):
                 f"Use the config the checkpoint was trained with (its run directory has config.yaml)."
             )
         self.checkpoint_epochs = checkpoint.get("epoch", -1) + 1
+        self.input_shape = meta.get("input_shape")
         if meta["num_clusters"] != self.num_clusters:
             raise CheckpointMismatchError(
                 f"checkpoint{where} has {meta['num_clusters']} clusters; this run configures {self.num_clusters}"

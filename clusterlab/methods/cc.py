@@ -88,12 +88,15 @@ class CC(ClusteringMethod):
             return -torch.cdist(self.instance_projector(h), self.centroids)[None]
         return self.cluster_projector(h)
 
+    @torch.no_grad()
+    def embed(self, images: Tensor) -> Tensor:
+        """The instance features z = g_I(f(x)), the space of the paper's t-SNE plots (Fig. 4)."""
+        return self.instance_projector(self.backbone(self.plain(images)))
+
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         if not self.kmeans_clusters:
             return super().validation_step(batch, batch_idx)
-        with torch.no_grad():
-            z = self.instance_projector(self.backbone(self.plain(batch["image"])))
-        self._eval_instances.append((z, batch["label"]))
+        self._eval_instances.append((self.embed(batch["image"]), batch["label"]))
 
     def _report(self, stage: str) -> None:
         if self.kmeans_clusters and self._eval_instances:

@@ -1,0 +1,141 @@
+"""Run a suite of experiments over seeds and write a paper-style table into docs/results.md.
+
+    python -m clusterlab.benchmark benchmarks/suites/digits.yaml --seeds 0 1 2
+    python -m clusterlab.benchmark benchmarks/suites/fashion_mnist.yaml --seeds 0 1 2 --budget_minutes 10
+
+A suite file names the methods and, for each, the configs of its stages, run in order with the
+same seed (NNM: the SimCLR pretext, then NNM, which finds the pretext's checkpoint through its
+config). Every run is a plain `clusterlab fit`. The table is computed from the runs'
+metrics.json files: rows are the methods plus k-means on the same images; columns are NMI / ACC /
+ARI as mean +- std over the seeds, and the fit time per run. It replaces the suite's block in
+docs/results.md (between `<!-- benchmark:<key> -->` markers) together with the exact command and
+the machine. The per-run figures and the paths of their metrics.json go to
+benchmarks/results/<key>.json, so that the table can be checked against the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+METRICS = ("nmi", "acc", "ari")
+
+
+def run_stage(config: str, seed: int, extra: list[str], runs_dir: str) -> Path:
+    """`clusterlab fit` of one config and seed; returns its run directory."""
+    name = Path(config).stem
+    started = time.time()
+    command = [sys.executable, "-m", "clusterlab", "fit", "--config", config, "--seed_everything", str(seed),
+               "--runs_dir", runs_dir, *extra]  # fmt: skip
+    print("$", shlex.join(["clusterlab", *command[3:]]), flush=True)
+    done = subprocess.run(command, env={**os.environ, "COLUMNS": "200"}, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{config} seed {seed} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    found = [p.parent for p in Path(runs_dir, name).glob(f"*-seed{seed}/metrics.json") if p.stat().st_mtime >= started]
+    if not found:
+        raise RuntimeError(f"{config} seed {seed}: no metrics.json written under {runs_dir}/{name}")
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(runs: dict[str, list[dict]]) -> list[dict]:
+    """Table rows from the runs' metrics: k-means first, then the methods in suite order."""
+    rows = []
+    first = next(iter(runs.values()))
+    if all("kmeans" in r for r in first):
+        rows.append({"name": "k-means (pixels)", **{m: mean_std([r["kmeans"][m] for r in first]) for m in METRICS},
+                     "wall_time_s": None, "seeds": [r["seed"] for r in first]})  # fmt: skip
+    for name, method_runs in runs.items():
+        rows.append({"name": name, **{m: mean_std([r[m] for r in method_runs]) for m in METRICS},
+                     "wall_time_s": statistics.mean(r["wall_time_s"] for r in method_runs),
+                     "seeds": [r["seed"] for r in method_runs]})  # fmt: skip
+    return rows
+
+
+def markdown(suite: dict, rows: list[dict], command: str, machine: str) -> str:
+    lines = [f"### {suite['title']}", "", f"Machine: {machine}.", "", "```", command, "```", ""]
+    if suite.get("note"):
+        lines += [suite["note"].strip(), ""]
+    lines += ["| method | NMI | ACC | ARI | fit time per run | seeds |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        cells = [f"{row[m][0]:.4f} +- {row[m][1]:.4f}" for m in METRICS]
+        wall = f"{row['wall_time_s']:.0f} s" if row["wall_time_s"] is not None else ""
+        lines.append(f"| {row['name']} | {' | '.join(cells)} | {wall} | {', '.join(map(str, row['seeds']))} |")
+    for anchor in suite.get("anchors", []):
+        cells = [f"{anchor[m]:.3f}" if anchor.get(m) is not None else "-" for m in METRICS]
+        lines.append(f"| {anchor['name']} (published) | {' | '.join(cells)} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def write_block(results: Path, key: str, block: str) -> None:
+    """Replace (or append) the suite's block in the results file."""
+    start, end = f"<!-- benchmark:{key} -->", f"<!-- /benchmark:{key} -->"
+    text = results.read_text() if results.exists() else "# Results\n"
+    body = f"{start}\n{block}{end}"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: body, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body + "\n"
+    results.write_text(text)
+
+
+def machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m clusterlab.benchmark", description=__doc__.split("\n\n")[0])
+    parser.add_argument("suite", help="suite file (benchmarks/suites/*.yaml)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--budget_minutes", type=float, default=None,
+                        help="stop each stage's training after this many minutes (trainer.max_time)")
+    parser.add_argument("--results", default="docs/results.md", help="markdown file to write the table into")
+    parser.add_argument("--runs_dir", default="runs")
+    parser.add_argument("--json_dir", default="benchmarks/results")
+    args = parser.parse_args(argv)
+
+    suite = yaml.safe_load(Path(args.suite).read_text())
+    extra = list(suite.get("args", []))
+    if args.budget_minutes:
+        seconds = int(args.budget_minutes * 60)
+        extra += ["--trainer.max_time", f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"]
+    runs: dict[str, list[dict]] = {}
+    for method in suite["methods"]:
+        for seed in args.seeds:
+            reports = []
+            for config in method["stages"]:
+                run_dir = run_stage(config, seed, extra, args.runs_dir)
+                reports.append({**json.loads((run_dir / "metrics.json").read_text()), "run_dir": str(run_dir)})
+            final = dict(reports[-1])
+            final["wall_time_s"] = sum(r["wall_time_s"] for r in reports)  # all stages of the method
+            final["stage_runs"] = [r["run_dir"] for r in reports]
+            runs.setdefault(method["name"], []).append(final)
+            print(f"  {method['name']} seed {seed}: " + ", ".join(f"{m} {final[m]:.4f}" for m in METRICS), flush=True)
+
+    command = "python -m clusterlab.benchmark " + shlex.join(sys.argv[1:] if argv is None else argv)
+    rows = summarize(runs)
+    write_block(Path(args.results), suite["key"], markdown(suite, rows, command, machine()))
+    Path(args.json_dir).mkdir(parents=True, exist_ok=True)
+    record = {"suite": args.suite, "command": command, "machine": machine(), "rows": rows, "runs": runs}
+    (Path(args.json_dir) / f"{suite['key']}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"Table written to {args.results} (block {suite['key']}); runs listed in {args.json_dir}/{suite['key']}.json")
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""The benchmark runner's table is computed from the runs' metrics.json files."""
+
+import json
+import statistics
+
+import pytest
+
+from clusterlab.benchmark import main
+from tests.helpers import TINY_CC
+
+
+def test_runner_writes_the_table_from_the_runs_metrics(in_tmp):
+    (in_tmp / "tiny_cc.yaml").write_text(TINY_CC)
+    (in_tmp / "suite.yaml").write_text(
+        "key: tiny\ntitle: Tiny suite\nmethods:\n  - name: CC\n    stages: [tiny_cc.yaml]\n"
+        "args: ['--trainer.max_epochs', '1', '--kmeans_baseline', 'true', '--figures.enabled', 'false']\n"
+        "anchors:\n  - {name: k-means, acc: 0.47, nmi: 0.51}\n"
+    )
+    (in_tmp / "results.md").write_text("# Results\n\nkept text\n")
+    record = main(["suite.yaml", "--seeds", "0", "1", "--results", "results.md", "--json_dir", "out"])
+
+    runs = record["runs"]["CC"]
+    metrics = [json.loads((in_tmp / r["run_dir"] / "metrics.json").read_text()) for r in runs]
+    assert [m["seed"] for m in metrics] == [0, 1]
+    text = (in_tmp / "results.md").read_text()
+    assert text.startswith("# Results\n\nkept text\n") and "<!-- benchmark:tiny -->" in text
+    for name, key in (("CC", None), ("k-means (pixels)", "kmeans")):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        for column, metric in zip(row.split("|")[2:5], ("nmi", "acc", "ari")):
+            values = [m[metric] if key is None else m[key][metric] for m in metrics]
+            mean, std = (float(x) for x in column.split("+-"))
+            assert mean == pytest.approx(statistics.mean(values), abs=1e-4)
+            assert std == pytest.approx(statistics.stdev(values), abs=1e-4)
+    assert "| k-means (published) | 0.510 | 0.470 | - |" in text
+    assert "python -m clusterlab.benchmark suite.yaml --seeds 0 1" in text
+
+    main(["suite.yaml", "--seeds", "0", "--results", "results.md", "--json_dir", "out"])  # replaces its block
+    assert (in_tmp / "results.md").read_text().count("<!-- benchmark:tiny -->") == 1
+    assert json.loads((in_tmp / "out" / "tiny.json").read_text())["rows"][1]["seeds"] == [0]
