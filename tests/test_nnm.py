@@ -4,7 +4,6 @@ neighbour table, and the same run on 2 processes, or killed and resumed."""
 import copy
 import functools
 import math
-import os
 import time
 
 import pytest
@@ -216,7 +215,7 @@ def test_nnm_step_on_two_processes_equals_one_process_with_the_whole_batch(tmp_p
                 optimizer=functools.partial(torch.optim.SGD, lr=0.5))  # fmt: skip
     single_out, ddp_out = tmp_path / "single", tmp_path / "ddp"
     single_out.mkdir(), ddp_out.mkdir()
-    record = lambda out: [RecordFirstStep(str(out)), RecordGlobalTable(str(out))]  # noqa: E731
+    record = lambda out: [RecordFirstStep(str(out)), RecordGlobalTable(str(out))]
     _fit(copy.deepcopy(model), devices=2, epochs=2, batch_size=32, callbacks=record(ddp_out),
          limit_train_batches=1, limit_val_batches=0)  # fmt: skip
     trainer = _fit(copy.deepcopy(model), epochs=2, batch_size=64, callbacks=record(single_out),

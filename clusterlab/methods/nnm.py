@@ -24,7 +24,12 @@ from clusterlab.callbacks.global_neighbors import GlobalNeighbors
 from clusterlab.data.views import Views
 from clusterlab.distributed import broadcast, gather
 from clusterlab.losses.nnm import class_contrastive_loss, consistency_loss, entropy_loss
-from clusterlab.methods.base import CheckpointMismatchError, ClusteringMethod, LRSchedulerCallable, OptimizerCallable
+from clusterlab.methods.base import (
+    CheckpointMismatchError,
+    ClusteringMethod,
+    LRSchedulerCallable,
+    OptimizerCallable,
+)
 from clusterlab.neighbors import knn, neighbor_agreement
 from clusterlab.nn.heads import ClusterHeads
 from clusterlab.seeding import run_seed
