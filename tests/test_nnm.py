@@ -206,10 +206,11 @@ def test_global_table_row_i_holds_the_predictions_of_i_s_own_nearest_neighbour(p
     assert not torch.allclose(table, predictions, atol=1e-3)  # not the sample's own predictions
 
 
-def test_nnm_step_on_two_processes_equals_one_process_with_the_whole_batch(tmp_path, pretext):
+def test_nnm_step_on_two_processes_equals_one_process_with_the_whole_batch(tmp_path):
     """At epoch 1 (local and global terms on): loss, gradients and the global table."""
     pl.seed_everything(0)
     torch.manual_seed(0)
+    pretext = save_pretext(SimCLR(10, tiny_cnn("group"), Views()), tmp_path / "pretext.ckpt")
     # Un-augmented views and GroupNorm: per-sample outputs that do not depend on the split of the batch.
     model = NNM(10, tiny_cnn("group"), Views(), pretext_checkpoint=pretext,
                 optimizer=functools.partial(torch.optim.SGD, lr=0.5))  # fmt: skip
@@ -233,8 +234,12 @@ def test_nnm_step_on_two_processes_equals_one_process_with_the_whole_batch(tmp_p
     tables = [torch.load(ddp_out / f"table_rank{r}.pt") for r in range(2)]
     assert torch.equal(tables[0]["table"], tables[1]["table"])
     assert torch.equal(tables[0]["neighbor_index"], tables[1]["neighbor_index"])
+    # The same table as one process, up to near-ties of the neighbour search (the weights agree to
+    # float rounding, not bit for bit).
     expected = torch.load(single_out / "table_rank0.pt")
-    torch.testing.assert_close(tables[0]["table"], expected["table"], rtol=1e-4, atol=1e-5)
+    same = tables[0]["neighbor_index"] == expected["neighbor_index"]
+    assert same.float().mean() > 0.98
+    torch.testing.assert_close(tables[0]["table"][:, same], expected["table"][:, same], rtol=1e-4, atol=1e-5)
 
 
 def test_every_loss_term_can_be_switched_off_table_3(pretext):

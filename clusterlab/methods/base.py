@@ -189,8 +189,11 @@ class ClusteringMethod(pl.LightningModule, ABC):
         labels = torch.cat([y for _, y in self._eval_features])
         self._eval_features.clear()
         z_all, labels_all = gather(z), gather(labels)  # k-means over the whole evaluation set
-        centroids = kmeans(z_all, self.num_clusters, seed=run_seed())[1] if self.global_rank == 0 else None
-        self.centroids.copy_(broadcast(centroids.to(self.device) if centroids is not None else self.centroids))
+        if self.global_rank == 0:
+            # Fewer evaluation images than clusters (a smoke test's data): as many clusters as images.
+            centroids = kmeans(z_all, min(self.num_clusters, len(z_all)), seed=run_seed())[1].to(self.centroids)
+            self.centroids.copy_(centroids[torch.arange(self.num_clusters) % len(centroids)])
+        self.centroids.copy_(broadcast(self.centroids))
         self.eval_metrics[0].update(torch.cdist(z, self.centroids).argmin(1), labels)
         self.on_eval_features(stage, z_all, labels_all)
 
