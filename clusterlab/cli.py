@@ -30,7 +30,6 @@ from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from clusterlab import __version__
 from clusterlab.callbacks.assignments import Assignments
 from clusterlab.callbacks.figures import ClusterFigures
 from clusterlab.data.datamodule import ClusterDataModule
@@ -196,6 +195,7 @@ class ClusterLabCLI(LightningCLI):
             "wall_time_s": round(wall_time, 1),
             "devices": self.trainer.world_size,
             **{k: model.eval_results.get(k) for k in ("acc", "nmi", "ari", "selected_head", "heads")},
+            **({"diagnostics": model.diagnostics} if model.diagnostics else {}),
             "config": "config.yaml",
             "checkpoint": "checkpoints/last.ckpt" if stage == "fit" else config.get("ckpt_path"),
             "command": "clusterlab " + shlex.join(sys.argv[1:]),
@@ -240,6 +240,8 @@ def print_report(report: dict, run_dir: Path) -> None:
     if "kmeans" in report:
         row("k-means (pixels)", report["kmeans"])
     console.print(table)
+    for name, value in (report.get("diagnostics") or {}).items():
+        console.print(f"{name}: {value:.4f}", highlight=False)
     console.print(f"Run directory: {run_dir}  (metrics.json, config.yaml, checkpoints/)")
 
 

@@ -62,3 +62,15 @@ def kmeans(features: Tensor | np.ndarray, k: int, seed: int = 0, n_init: int = 1
     model.train(x)
     _, assignments = model.index.search(x, 1)
     return torch.from_numpy(assignments[:, 0]).long(), torch.from_numpy(model.centroids.copy())
+
+
+def neighbor_agreement(neighbors: Tensor, labels: Tensor) -> float | None:
+    """Label agreement of neighbours (SCAN's diagnostic of mined neighbours): the fraction of
+    (sample, neighbour) pairs in `neighbors` (N x k indices into `labels`) whose labels are equal,
+    over the samples that have a label (>= 0). None when no sample has one. Reports only."""
+    labels = labels.cpu()
+    labelled = labels >= 0
+    if not labelled.any():
+        return None
+    same = labels[neighbors.cpu()] == labels[:, None]
+    return float(same[labelled].float().mean())

@@ -52,3 +52,14 @@ class RecordEvaluation(pl.Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         Path(self.out, f"eval_rank{trainer.global_rank}.json").write_text(json.dumps(pl_module.eval_results))
+
+
+class RecordGlobalTable(pl.Callback):
+    """Saves NNM's global neighbour table as each rank holds it at the end of training."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save({"table": pl_module.global_neighbors.table, "neighbor_index": pl_module.global_neighbors.neighbor_index},
+                   Path(self.out) / f"table_rank{trainer.global_rank}.pt")  # fmt: skip

@@ -9,7 +9,7 @@ import torch
 from clusterlab.cli import ClusterLabCLI, main
 from clusterlab.methods import CC
 from clusterlab.methods.base import CheckpointMismatchError
-from tests.helpers import REPO, TINY_CC
+from tests.helpers import REPO, TINY_CC, save_pretext
 
 EXPERIMENTS = sorted(Path(REPO, "experiments").glob("*.yaml"))
 
@@ -30,9 +30,24 @@ def tiny_data_root(config: Path, tmp: Path) -> list[str]:
     return ["--data.root", str(root)]
 
 
+def pretext_checkpoint(config: Path, data_args: list[str], tmp: Path) -> list[str]:
+    """An NNM config names its pretext's checkpoint: make one (untrained) with the matching
+    simclr_<dataset>.yaml, and point the config at it."""
+    if not config.stem.startswith("nnm_"):
+        return []
+    pretext_config = config.with_name(config.name.replace("nnm_", "simclr_", 1))
+    pretext = ClusterLabCLI(args=["--config", str(pretext_config), *data_args], run=False).model
+    return ["--model.init_args.pretext_checkpoint", save_pretext(pretext, tmp / "pretext.ckpt")]
+
+
+def setup_args(config: Path, tmp: Path) -> list[str]:
+    data_args = tiny_data_root(config, tmp)
+    return [*data_args, *pretext_checkpoint(config, data_args, tmp)]
+
+
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.stem)
 def test_every_experiment_parses_and_builds_through_the_cli(config, in_tmp):
-    cli = ClusterLabCLI(args=["--config", str(config), *tiny_data_root(config, in_tmp)], run=False)
+    cli = ClusterLabCLI(args=["--config", str(config), *setup_args(config, in_tmp)], run=False)
     assert isinstance(cli.model, torch.nn.Module) and cli.model.num_clusters == cli.datamodule.num_clusters
     assert cli.run_dir.parent == Path("runs", config.stem)
 
@@ -40,7 +55,7 @@ def test_every_experiment_parses_and_builds_through_the_cli(config, in_tmp):
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.stem)
 def test_every_experiment_trains_a_step_on_its_real_data_format(config, in_tmp):
     """fast_dev_run through the real loaders, views, backbone and loss of each paper setting."""
-    main(["fit", "--config", str(config), *tiny_data_root(config, in_tmp), "--trainer.fast_dev_run", "1",
+    main(["fit", "--config", str(config), *setup_args(config, in_tmp), "--trainer.fast_dev_run", "1",
           "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--data.batch_size", "4",
           "--trainer.logger", "false", "--kmeans_baseline", "false"])  # fmt: skip
     report = json.loads(next((in_tmp / "runs" / config.stem).glob("*/metrics.json")).read_text())

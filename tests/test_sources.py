@@ -5,10 +5,23 @@ import pytest
 import torch
 
 from clusterlab.data.datamodule import ClusterDataModule
-from clusterlab.data.sources import (CIFAR10, CIFAR20, STL10, CorruptDataError, DataNotFoundError, Digits,
-                                     FashionMNIST, ImageFolder)  # fmt: skip
-from tests.formats import (write_cifar10, write_cifar100, write_fashion_mnist, write_png_folder,
-                           write_stl10)  # fmt: skip
+from clusterlab.data.sources import (
+    CIFAR10,
+    CIFAR20,
+    STL10,
+    CorruptDataError,
+    DataNotFoundError,
+    Digits,
+    FashionMNIST,  # fmt: skip
+    ImageFolder,
+)
+from tests.formats import (
+    write_cifar10,
+    write_cifar100,
+    write_fashion_mnist,
+    write_png_folder,
+    write_stl10,  # fmt: skip
+)
 
 
 def test_digits_is_embedded_and_scaled_to_uint8():

@@ -18,6 +18,7 @@ from clusterlab.data.sources import SOURCES, ImageFolder, ImageSet, Source
 from clusterlab.seeding import derive_seed, run_seed
 
 Split = Literal["train", "test", "train+test"]
+_NEIGHBOR_STREAM = 1  # keeps the neighbour draws apart from the other draws of an epoch
 
 
 class IndexedImages(Dataset):
@@ -95,6 +96,8 @@ class ClusterDataModule(pl.LightningDataModule):
         unlabeled: also train on the unlabeled split (STL-10's 100k images): every training batch
             then carries as many unlabeled images ("unlabeled_image"), drawn at random from that
             split, for the method to use where its paper says (CC: the instance head only).
+            A method can also hand over per-sample neighbours (`set_neighbors`, NNM): training
+            batches then carry one neighbour per sample ("neighbor_index", "neighbor_image").
         batch_size: per-process training batch; the global batch is batch_size x processes.
         eval_batch_size: per-process batch for validation, test and predict.
         num_workers: DataLoader workers (0 is right for in-memory data sets).
@@ -136,6 +139,8 @@ class ClusterDataModule(pl.LightningDataModule):
         self.unlabeled_set: ImageSet | None = None
         self.eval_set: ImageSet | None = None
         self.predict_set: LazyImageFolder | None = None
+        self.neighbors: torch.Tensor | None = None  # N x K candidate neighbours (set_neighbors)
+        self._columns, self._columns_epoch = torch.empty(0, dtype=torch.long), None
 
     @property
     def num_clusters(self) -> int:
@@ -187,13 +192,44 @@ class ClusterDataModule(pl.LightningDataModule):
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=run_seed())
         return self._loader(dataset, self.hparams.batch_size, sampler, drop_last=True)
 
+    def set_neighbors(self, neighbors: torch.Tensor) -> None:
+        """Give every training sample its candidate neighbours (N x K indices into the training
+        split, e.g. NNM's mined top-K). From then on every training batch also carries one of them
+        per sample, drawn at random: "neighbor_index" and its uint8 "neighbor_image"."""
+        if self.train_set is None:
+            raise RuntimeError("set_neighbors() needs the training split: call it after setup('fit')")
+        if neighbors.ndim != 2 or len(neighbors) != len(self.train_set):
+            raise ValueError(f"neighbour table of shape {tuple(neighbors.shape)}: expected "
+                             f"{len(self.train_set)} rows (one per training image) x K")  # fmt: skip
+        self.neighbors = neighbors.long().cpu()
+        self._columns_epoch = None
+
     def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, torch.Tensor]:
-        if self.unlabeled_set is not None and self.trainer is not None and self.trainer.training:
-            # Drawn from (run seed, epoch, batch): a resumed run draws the same images again.
-            generator = torch.Generator().manual_seed(derive_seed(self.trainer.current_epoch, int(batch["index"][0])))
+        if self.trainer is None or not self.trainer.training:
+            return batch
+        # Drawn from (run seed, epoch, batch): a resumed run draws the same images again. The batch
+        # is named by its first sample, which the seeded sampler fixes.
+        epoch, first = self.trainer.current_epoch, int(batch["index"][0])
+        if self.unlabeled_set is not None:
+            generator = torch.Generator().manual_seed(derive_seed(epoch, first))
             pick = torch.randint(len(self.unlabeled_set), (len(batch["index"]),), generator=generator)
             batch["unlabeled_image"] = self.unlabeled_set.images[pick]
+        if self.neighbors is not None:
+            index = batch["index"]
+            column = self._neighbor_columns(epoch)[index]
+            batch["neighbor_index"] = self.neighbors[index, column]
+            batch["neighbor_image"] = self.train_set.images[batch["neighbor_index"]]
         return batch
+
+    def _neighbor_columns(self, epoch: int) -> torch.Tensor:
+        """Which of its K neighbours each training sample gets in this epoch: drawn from (run seed,
+        epoch) for every sample at once, so a sample's neighbour depends neither on the batch it
+        is in nor on the number of processes, and a resumed run draws it again."""
+        if self._columns_epoch != epoch:
+            generator = torch.Generator().manual_seed(derive_seed(epoch, _NEIGHBOR_STREAM))
+            self._columns = torch.randint(self.neighbors.shape[1], (len(self.neighbors),), generator=generator)
+            self._columns_epoch = epoch
+        return self._columns
 
     def _eval_loader(self) -> DataLoader:
         world, rank = self._world()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import kornia
 import kornia.augmentation as K
 import torch
 import torch.nn.functional as F
@@ -164,3 +165,164 @@ class _PixelAffine(K.RandomAffine):
             shift = (torch.rand_like(params["translations"]) * 2 - 1) * self.translate_px
             params["translations"] = shift
         return params
+
+
+def _blend(degenerate: Tensor, images: Tensor, factor: Tensor) -> Tensor:
+    """PIL's ImageEnhance: degenerate + factor x (image - degenerate), per-sample factor."""
+    return (degenerate + factor.view(-1, 1, 1, 1) * (images - degenerate)).clamp(0.0, 1.0)
+
+
+def _grey(images: Tensor) -> Tensor:
+    return images if images.shape[1] == 1 else kornia.color.rgb_to_grayscale(images)
+
+
+def _affine(images: Tensor, matrix: Tensor) -> Tensor:
+    """Warp by per-sample 2x3 matrices given about the image centre, in pixels."""
+    h, w = images.shape[-2:]
+    centre = torch.tensor([(w - 1) / 2, (h - 1) / 2], device=images.device)
+    matrix = matrix.clone()
+    matrix[:, :, 2] += centre - matrix[:, :, :2] @ centre
+    return kornia.geometry.transform.warp_affine(images, matrix, (h, w), align_corners=True)
+
+
+def _rotate(images: Tensor, degrees: Tensor) -> Tensor:
+    angle = torch.deg2rad(degrees)
+    cos, sin = angle.cos(), angle.sin()
+    zero = torch.zeros_like(cos)
+    return _affine(images, torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1))
+
+
+def _shear(images: Tensor, amount: Tensor, axis: int) -> Tensor:
+    matrix = torch.eye(2, 3, device=images.device).repeat(len(images), 1, 1)
+    matrix[:, axis, 1 - axis] = amount
+    return _affine(images, matrix)
+
+
+def _translate(images: Tensor, fraction: Tensor, axis: int) -> Tensor:
+    matrix = torch.eye(2, 3, device=images.device).repeat(len(images), 1, 1)
+    matrix[:, axis, 2] = fraction * images.shape[-1 - axis]
+    return _affine(images, matrix)
+
+
+def _autocontrast(images: Tensor, _: Tensor) -> Tensor:
+    low = images.amin((-2, -1), keepdim=True)
+    high = images.amax((-2, -1), keepdim=True)
+    scale = torch.where(high > low, 1.0 / (high - low).clamp_min(1e-6), torch.ones_like(high))
+    return torch.where(high > low, (images - low) * scale, images)
+
+
+# name -> (op(images, magnitude), low, high, symmetric): SCAN's RandAugment list and magnitude ranges
+# (its data/augment.py). A magnitude is drawn uniformly in [low, high] per sample; a symmetric op
+# also gets a random sign. Intensity factors follow PIL's ImageEnhance (1 = unchanged).
+RANDAUGMENT_OPS = {
+    "identity": (lambda x, m: x, 0.0, 1.0, False),
+    "autocontrast": (_autocontrast, 0.0, 1.0, False),
+    "equalize": (lambda x, m: kornia.enhance.equalize(x), 0.0, 1.0, False),
+    "rotate": (_rotate, 0.0, 30.0, True),
+    "solarize": (lambda x, m: kornia.enhance.solarize(x, m), 0.0, 1.0, False),
+    "color": (lambda x, m: _blend(_grey(x).expand_as(x), x, m), 0.05, 0.95, False),
+    "contrast": (lambda x, m: _blend(_grey(x).mean((-3, -2, -1), keepdim=True), x, m), 0.05, 0.95, False),
+    "brightness": (lambda x, m: _blend(torch.zeros_like(x), x, m), 0.05, 0.95, False),
+    "sharpness": (lambda x, m: kornia.enhance.sharpness(x, m), 0.05, 0.95, False),
+    "shear_x": (lambda x, m: _shear(x, m, 0), 0.0, 0.1, True),
+    "shear_y": (lambda x, m: _shear(x, m, 1), 0.0, 0.1, True),
+    "translate_x": (lambda x, m: _translate(x, m, 0), 0.0, 0.1, True),
+    "translate_y": (lambda x, m: _translate(x, m, 1), 0.0, 0.1, True),
+    "posterize": (lambda x, m: kornia.enhance.posterize(x, m.round().long().clamp(1, 8)), 4.0, 8.0, False),
+}
+
+
+class RandAugment(nn.Module):
+    """RandAugment with a fresh draw per sample: each image gets `num_ops` operations chosen at
+    random (with replacement, as SCAN does), each at a random magnitude, applied in the order drawn.
+
+    kornia.augmentation.auto.RandAugment draws the operations once per batch and uses one fixed
+    magnitude, which is not the policy of SCAN / NNM; this one is written from kornia's functional
+    ops. `ops` maps names of RANDAUGMENT_OPS to optional (low, high) ranges that replace the default.
+    """
+
+    def __init__(self, num_ops: int = 4, ops: dict[str, tuple[float, float] | None] | None = None) -> None:
+        super().__init__()
+        ops = ops if ops is not None else {name: None for name in RANDAUGMENT_OPS}
+        unknown = sorted(set(ops) - set(RANDAUGMENT_OPS))
+        if unknown:
+            raise ValueError(f"unknown RandAugment ops {unknown}; known: {', '.join(RANDAUGMENT_OPS)}")
+        self.num_ops = num_ops
+        self.ops = [(name, *(RANDAUGMENT_OPS[name][1:3] if rng is None else rng)) for name, rng in ops.items()]
+
+    def forward(self, images: Tensor) -> Tensor:
+        n = len(images)
+        choice = torch.randint(len(self.ops), (n, self.num_ops), device=images.device)
+        images = images.clone()
+        for step in range(self.num_ops):
+            for k, (name, low, high) in enumerate(self.ops):
+                rows = (choice[:, step] == k).nonzero().squeeze(1)
+                if len(rows) == 0:
+                    continue
+                op, _, _, symmetric = RANDAUGMENT_OPS[name]
+                magnitude = low + (high - low) * torch.rand(len(rows), device=images.device)
+                if symmetric:
+                    magnitude = magnitude * (torch.randint(0, 2, (len(rows),), device=images.device) * 2 - 1)
+                images[rows] = op(images[rows], magnitude).clamp(0.0, 1.0)
+        return images
+
+
+class Cutout(nn.Module):
+    """One square hole per image (DeVries & Taylor), side drawn in [1, max_fraction x side] per
+    image, centre anywhere in the image (the hole is clipped at the border), filled with `fill`."""
+
+    def __init__(self, max_fraction: float = 0.5, fill: float = 0.5) -> None:
+        super().__init__()
+        self.max_fraction, self.fill = max_fraction, fill
+
+    def forward(self, images: Tensor) -> Tensor:
+        n, _, h, w = images.shape
+        device = images.device
+        longest = max(1, int(self.max_fraction * min(h, w)))
+        side = torch.randint(1, longest + 1, (n, 1, 1), device=device)
+        cy, cx = torch.randint(h, (n, 1, 1), device=device), torch.randint(w, (n, 1, 1), device=device)
+        ys, xs = torch.arange(h, device=device).view(1, h, 1), torch.arange(w, device=device).view(1, 1, w)
+        hole = (ys >= cy - side // 2) & (ys < cy + side // 2) & (xs >= cx - side // 2) & (xs < cx + side // 2)
+        return images.masked_fill(hole[:, None], self.fill)
+
+
+class StrongViews(Views):
+    """NNM's (and SCAN's) strong augmentation: flip, RandAugment (4 ops, random magnitude), Cutout.
+
+    All on the device with per-sample draws. For small grey images use `ops` to keep the ones
+    that make sense (experiments/nnm_digits.yaml: no flip, no colour / solarize / equalize).
+
+    Args:
+        size: output side (None: the input's); an optional resized `crop_scale` crop comes first.
+        flip: random horizontal flip (p = 0.5).
+        num_ops: RandAugment operations per image (4 in NNM).
+        ops: RandAugment operations and ranges (None: SCAN's 14, see RANDAUGMENT_OPS).
+        cutout: largest hole side as a fraction of the image side (0.5: SCAN's 16 px on 32 px);
+            None turns Cutout off. cutout_fill: the hole's value in [0, 1] before normalisation
+            (SCAN fills 0 after normalisation, i.e. the mean colour).
+    """
+
+    def __init__(
+        self,
+        size: int | None = None,
+        flip: bool = True,
+        num_ops: int = 4,
+        ops: dict[str, tuple[float, float] | None] | None = None,
+        cutout: float | None = 0.5,
+        cutout_fill: float = 0.5,
+        crop_scale: tuple[float, float] | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__((), size, mean, std)
+        steps: list[nn.Module] = []
+        if crop_scale is not None:
+            if size is None:
+                raise ValueError("a random resized crop needs the output size: set size")
+            steps.append(K.RandomResizedCrop((size, size), scale=crop_scale))
+        if flip:
+            steps.append(K.RandomHorizontalFlip())
+        steps.append(RandAugment(num_ops, ops))
+        if cutout is not None:
+            steps.append(Cutout(cutout, cutout_fill))
+        self.augment = nn.Sequential(*steps)

@@ -2,5 +2,7 @@
 
 from clusterlab.methods.base import ClusteringMethod
 from clusterlab.methods.cc import CC
+from clusterlab.methods.nnm import NNM
+from clusterlab.methods.simclr import SimCLR
 
-__all__ = ["CC", "ClusteringMethod"]
+__all__ = ["CC", "NNM", "ClusteringMethod", "SimCLR"]

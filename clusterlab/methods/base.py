@@ -5,7 +5,8 @@ paper's algorithm reads, and returns `self.objective(terms)`. It also says how i
 clusters (`cluster_logits`). The base class does the rest, the same way for every method:
 
 - evaluation: ACC / NMI / ARI per head (torchmetrics, synced over ranks), labels used only to
-  report them;
+  report them; or, for a method without a trained cluster head, k-means on its features
+  (`init_kmeans_clusters`), with the centres kept for online prediction;
 - label-free head selection: the head with the lowest unsupervised training loss (SCAN's rule);
 - online prediction: cluster and confidence of any batch, a single image included;
 - optimizer and schedule from the config (`optimizer`, `lr_scheduler` callables);
@@ -27,9 +28,10 @@ from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
 from clusterlab import __version__
-from clusterlab.distributed import all_reduce_sum
+from clusterlab.distributed import all_reduce_sum, broadcast, gather
 from clusterlab.metrics import ClusteringMetrics
-from clusterlab.seeding import reseed
+from clusterlab.neighbors import kmeans
+from clusterlab.seeding import reseed, run_seed
 
 OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
 LRSchedulerCallable = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -71,6 +73,19 @@ class ClusteringMethod(pl.LightningModule, ABC):
         self.eval_results: dict = {}
         self.checkpoint_epochs: int | None = None  # epochs trained by a loaded checkpoint
         self.input_shape: list[int] | None = None  # C, H, W of the training images (for predict on a folder)
+        # Label-based diagnostics of the features (neighbour label agreement, ...): reported in
+        # metrics.json next to ACC / NMI / ARI, never used to choose anything.
+        self.diagnostics: dict[str, float] = {}
+        self.kmeans_clusters = False
+        self._eval_features: list[tuple[Tensor, Tensor]] = []
+
+    def init_kmeans_clusters(self, feature_dim: int, enabled: bool = True) -> None:
+        """Registers the `centroids` buffer (C x feature_dim). When enabled, clusters are k-means
+        centres of `cluster_features`, refitted on the whole evaluation set at every evaluation
+        (on rank 0, then broadcast) and kept in the checkpoint, so prediction stays online. The one
+        way a method without a trained cluster head (SimCLR, CC's "ICH only") is evaluated."""
+        self.kmeans_clusters = enabled
+        self.register_buffer("centroids", torch.zeros(self.num_clusters, feature_dim))
 
     def save_hyperparameters(self, *args, ignore=None, frame=None, logger: bool = True) -> None:
         """Keep the constructor's arguments in the checkpoint, so `test` and `predict` can rebuild the
@@ -88,6 +103,17 @@ class ClusteringMethod(pl.LightningModule, ABC):
     @abstractmethod
     def cluster_logits(self, x: Tensor) -> Tensor:
         """Cluster logits of the (float, un-augmented) input: num_heads x B x C."""
+
+    def cluster_features(self, x: Tensor) -> Tensor:
+        """The features that k-means clusters (methods that call `init_kmeans_clusters`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no k-means features")
+
+    def kmeans_logits(self, x: Tensor) -> Tensor:
+        """The nearest k-means centre as logits (1 x B x C): minus the distance to each centre."""
+        return -torch.cdist(self.cluster_features(x), self.centroids)[None]
+
+    def on_eval_features(self, stage: str, features: Tensor, labels: Tensor) -> None:
+        """Called with the gathered evaluation features and labels after k-means (all ranks)."""
 
     def plain(self, images: Tensor) -> Tensor:
         """The evaluation input: the method's views without augmentation."""
@@ -154,6 +180,10 @@ class ClusteringMethod(pl.LightningModule, ABC):
         return self.cluster_logits(self.plain(images)).float().softmax(-1)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        if self.kmeans_clusters:
+            with torch.no_grad():
+                self._eval_features.append((self.cluster_features(self.plain(batch["image"])), batch["label"]))
+            return
         probs = self.predict_proba(batch["image"])
         for metrics, head_probs in zip(self.eval_metrics, probs):
             metrics.update(head_probs.argmax(-1), batch["label"])
@@ -161,7 +191,22 @@ class ClusteringMethod(pl.LightningModule, ABC):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
+    def _fit_kmeans(self, stage: str) -> None:
+        z = torch.cat([z for z, _ in self._eval_features])
+        labels = torch.cat([y for _, y in self._eval_features])
+        self._eval_features.clear()
+        z_all, labels_all = gather(z), gather(labels)  # k-means over the whole evaluation set
+        if self.global_rank == 0:
+            # Fewer evaluation images than clusters (a smoke test's data): as many clusters as images.
+            centroids = kmeans(z_all, min(self.num_clusters, len(z_all)), seed=run_seed())[1].to(self.centroids)
+            self.centroids.copy_(centroids[torch.arange(self.num_clusters) % len(centroids)])
+        self.centroids.copy_(broadcast(self.centroids))
+        self.eval_metrics[0].update(torch.cdist(z, self.centroids).argmin(1), labels)
+        self.on_eval_features(stage, z_all, labels_all)
+
     def _report(self, stage: str) -> None:
+        if self.kmeans_clusters and self._eval_features:
+            self._fit_kmeans(stage)
         labelled = all_reduce_sum(torch.tensor(self.eval_metrics[0].labelled, device=self.device))
         # No labels anywhere (a folder of photos): nothing to report, clusters are still predicted.
         heads = [{k: float(v) for k, v in m.compute().items()} if labelled else {} for m in self.eval_metrics]

@@ -6,12 +6,10 @@ import torch
 from torch import Tensor, nn
 
 from clusterlab.data.views import Views
-from clusterlab.distributed import broadcast, gather
+from clusterlab.distributed import gather
 from clusterlab.losses.cc import cluster_entropy, cluster_loss, instance_loss
 from clusterlab.methods.base import ClusteringMethod, LRSchedulerCallable, OptimizerCallable
-from clusterlab.neighbors import kmeans
 from clusterlab.nn.heads import ClusterHeads, mlp
-from clusterlab.seeding import run_seed
 
 
 class CC(ClusteringMethod):
@@ -56,9 +54,7 @@ class CC(ClusteringMethod):
         self.cluster_projector = ClusterHeads(dim, num_clusters, hidden_dim=dim)  # g_C (softmax applied below)
         # "ICH only" (Table 5) has no trained cluster head: clusters are k-means centres in the
         # instance space, refitted at every evaluation and kept for online prediction.
-        self.kmeans_clusters = not (cluster_loss or cluster_entropy)
-        self.register_buffer("centroids", torch.zeros(num_clusters, instance_dim))
-        self._eval_instances: list[tuple[Tensor, Tensor]] = []
+        self.init_kmeans_clusters(instance_dim, enabled=not (cluster_loss or cluster_entropy))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         hp = self.hparams
@@ -83,28 +79,15 @@ class CC(ClusteringMethod):
 
     def cluster_logits(self, x: Tensor) -> Tensor:
         """c = argmax g_C(f(x)) (Algorithm 1, test); "ICH only": the nearest k-means centre of g_I(f(x))."""
-        h = self.backbone(x)
         if self.kmeans_clusters:
-            return -torch.cdist(self.instance_projector(h), self.centroids)[None]
-        return self.cluster_projector(h)
+            return self.kmeans_logits(x)
+        return self.cluster_projector(self.backbone(x))
+
+    def cluster_features(self, x: Tensor) -> Tensor:
+        """"ICH only": k-means clusters the instance projections g_I(f(x))."""
+        return self.instance_projector(self.backbone(x))
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:
         """The instance features z = g_I(f(x)), the space of the paper's t-SNE plots (Fig. 4)."""
-        return self.instance_projector(self.backbone(self.plain(images)))
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        if not self.kmeans_clusters:
-            return super().validation_step(batch, batch_idx)
-        self._eval_instances.append((self.embed(batch["image"]), batch["label"]))
-
-    def _report(self, stage: str) -> None:
-        if self.kmeans_clusters and self._eval_instances:
-            z = torch.cat([z for z, _ in self._eval_instances])
-            labels = torch.cat([y for _, y in self._eval_instances])
-            self._eval_instances.clear()
-            z_all = gather(z)  # k-means on rank 0 over the whole evaluation set, centres broadcast
-            centroids = kmeans(z_all, self.num_clusters, seed=run_seed())[1] if self.global_rank == 0 else None
-            self.centroids.copy_(broadcast(centroids.to(self.device) if centroids is not None else self.centroids))
-            self.eval_metrics[0].update(torch.cdist(z, self.centroids).argmin(1), labels)
-        super()._report(stage)
+        return self.cluster_features(self.plain(images))

@@ -1,0 +1,246 @@
+"""Nearest Neighbor Matching (Dang et al., CVPR 2021; shared/papers/nnm-paper.md), Algorithm 1.
+
+Stage 1 (pretext) is `clusterlab.methods.SimCLR`, a run of its own. This method is stages 2 and 3:
+when a `fit` starts it loads the pretext backbone named by `pretext_checkpoint` (without the
+contrastive head), mines the top-K neighbours of every training image from its features (cached
+beside the checkpoint, keyed by the checkpoint's content), hands them to the data module, and
+trains the cluster heads by matching each sample with its pretext, local (batch) and global
+(whole training set, previous epoch) neighbours.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+
+from clusterlab.callbacks.global_neighbors import GlobalNeighbors
+from clusterlab.data.views import Views
+from clusterlab.distributed import broadcast, gather
+from clusterlab.losses.nnm import class_contrastive_loss, consistency_loss, entropy_loss
+from clusterlab.methods.base import (
+    CheckpointMismatchError,
+    ClusteringMethod,
+    LRSchedulerCallable,
+    OptimizerCallable,
+)
+from clusterlab.neighbors import knn, neighbor_agreement
+from clusterlab.nn.heads import ClusterHeads
+from clusterlab.seeding import run_seed
+
+
+class PretextNotFoundError(FileNotFoundError):
+    """No pretext checkpoint matches the path or pattern the NNM config names."""
+
+
+class NNM(ClusteringMethod):
+    """Cluster heads trained to agree with each sample's pretext, local and global neighbours.
+
+    Args:
+        num_clusters: C.
+        backbone: the pretext's backbone architecture; its weights come from `pretext_checkpoint`.
+        views: the strong views (flip, RandAugment with 4 random ops, Cutout), used for the anchor,
+            the anchor's second view and the neighbour.
+        pretext_checkpoint: the SimCLR checkpoint, a path or a glob; "{seed}" is replaced by this
+            run's seed, and the newest match is used (e.g.
+            runs/simclr_cifar10/*-seed{seed}/checkpoints/last.ckpt).
+        num_heads: cluster heads, each a Linear(D, C) (3 in the paper; Table 4).
+        num_neighbors: K, the mined pretext neighbours per image (20).
+        global_neighbors: global neighbours searched per sample, one drawn at random (1; Table 5).
+        entropy_weight: lambda of Eq. 11 (5).
+        temperature: tau of the class contrastive losses (1).
+        local_loss, global_loss, consistency_loss, class_contrastive_loss, entropy_loss: the
+            ablations of Table 3 ("w/o consistent loss" turns off both consistency terms, "w/o
+            class contrastive loss" both class terms).
+        second_view: A = [p; p_aug] with a second strong view of the anchor (the authors' code);
+            false: A = [p; p], Eq. 7 as printed.
+        extraction_batch_size: images per forward pass when mining and refreshing the global table.
+        optimizer: Adam, lr 1e-4, weight decay 1e-4 in the paper (100 epochs, batch 200).
+    """
+
+    def __init__(
+        self,
+        num_clusters: int,
+        backbone: nn.Module,
+        views: Views,
+        pretext_checkpoint: str,
+        num_heads: int = 3,
+        num_neighbors: int = 20,
+        global_neighbors: int = 1,
+        entropy_weight: float = 5.0,
+        temperature: float = 1.0,
+        local_loss: bool = True,
+        global_loss: bool = True,
+        consistency_loss: bool = True,
+        class_contrastive_loss: bool = True,
+        entropy_loss: bool = True,
+        second_view: bool = True,
+        extraction_batch_size: int = 512,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__(num_clusters, backbone, num_heads=num_heads, optimizer=optimizer, lr_scheduler=lr_scheduler)
+        self.save_hyperparameters()
+        if not ((local_loss or global_loss) and (consistency_loss or class_contrastive_loss) or entropy_loss):
+            raise ValueError("NNM: every loss term is switched off; keep at least one")
+        self.views = views
+        self.cluster_heads = ClusterHeads(backbone.out_dim, num_clusters, num_heads)
+        self.global_neighbors = GlobalNeighbors(global_neighbors, extraction_batch_size)
+
+    def configure_callbacks(self):
+        return [self.global_neighbors]
+
+    # -- Algorithm 1, lines 1-3: pretext weights and mined neighbours --------------------------
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        data = self.trainer.datamodule
+        if data is None or not hasattr(data, "set_neighbors"):
+            raise RuntimeError("NNM trains from a ClusterDataModule, which delivers each sample's mined neighbour")
+        path = resolve_pretext_checkpoint(self.hparams.pretext_checkpoint)
+        # A resumed run then overwrites these weights with its own checkpoint's.
+        load_pretext_backbone(path, self.backbone)
+        device = self.trainer.strategy.root_device
+        if self.global_rank == 0:
+            neighbors = mine_neighbors(path, self.backbone, self.plain, data.train_set.images, self.hparams.num_neighbors,
+                                       device, self.hparams.extraction_batch_size)  # fmt: skip
+        else:
+            neighbors = torch.zeros(len(data.train_set), min(self.hparams.num_neighbors, len(data.train_set) - 1),
+                                    dtype=torch.long)  # fmt: skip
+        neighbors = broadcast(neighbors.to(device)).cpu()
+        data.set_neighbors(neighbors)
+        agreement = neighbor_agreement(neighbors, data.train_set.labels)
+        if agreement is not None:
+            self.diagnostics["neighbor_agreement"] = agreement
+            rank_zero_info(f"NNM: top-{neighbors.shape[1]} pretext neighbours of {len(neighbors)} training "
+                           f"images from {path}: label agreement {agreement:.4f}")  # fmt: skip
+
+    # -- Algorithm 1, lines 5-15 --------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        hp = self.hparams
+        if "neighbor_image" not in batch:
+            raise RuntimeError("NNM: the batch has no 'neighbor_image': the mined neighbours were not handed to the data module")
+        anchor = batch["image"]
+        f = self.backbone(self.views(anchor))  # f: embedded features of the anchors (line 8)
+        p = self._assign(f)  # p: heads x B x C
+        p_aug = self._assign(self.backbone(self.views(anchor))) if hp.second_view else p
+        n_pre = self._assign(self.backbone(self.views(batch["neighbor_image"])))  # N_pre(p) (line 9)
+        # Everything below is over the global batch.
+        f = gather(f)
+        local = knn(f.detach(), 1)[0][:, 0].to(f.device)  # N_local(f): nearest other anchor, Eq. 6
+        n_local = p[:, local]  # N_local(p)
+        a, positives = torch.cat([p, p_aug], 1), torch.cat([n_pre, n_local], 1)  # A and P of Eqs. 7-8
+        n_global = self.global_neighbors.predictions(gather(batch["index"])) if hp.global_loss else None
+
+        heads: list[dict[str, Tensor]] = []
+        for h in range(self.num_heads):
+            head = {}
+            if hp.local_loss and hp.consistency_loss:
+                head["local_consistency"] = consistency_loss(a[h], positives[h])  # Eq. 7
+            if hp.local_loss and hp.class_contrastive_loss:
+                head["local_class"] = class_contrastive_loss(a[h], positives[h], hp.temperature)  # Eq. 8
+            if n_global is not None:  # from the second epoch on (line 10)
+                samples = torch.cat([a[h], positives[h]])
+                target = n_global[h].to(samples).repeat(4, 1)  # N_global(h)_b for each of the 4 blocks
+                if hp.consistency_loss:
+                    head["global_consistency"] = consistency_loss(samples, target)  # Eq. 9
+                if hp.class_contrastive_loss:
+                    head["global_class"] = class_contrastive_loss(samples, target, hp.temperature)  # Eq. 10
+            if hp.entropy_loss:
+                head["entropy"] = hp.entropy_weight * entropy_loss(a[h])  # lambda x Eq. 5
+            heads.append(head)
+        terms = {name: torch.stack([head[name] for head in heads]).sum() for name in heads[0]}  # summed over heads
+        head_losses = torch.stack([torch.stack(list(head.values())).sum() for head in heads])
+        return self.objective(terms, head_losses=head_losses)  # Eq. 11 per head, heads summed
+
+    def _assign(self, features: Tensor) -> Tensor:
+        """Soft assignments of every head over the global batch: heads x (global B) x C."""
+        return gather(self.cluster_heads(features).float().softmax(-1).transpose(0, 1)).transpose(0, 1)
+
+    # -- prediction ---------------------------------------------------------------------------
+
+    def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Backbone features (N x D) and every head's logits (heads x N x C): what the global
+        neighbour table is built from."""
+        f = self.backbone(x)
+        return f, self.cluster_heads(f)
+
+    def cluster_logits(self, x: Tensor) -> Tensor:
+        return self.cluster_heads(self.backbone(x))
+
+
+# -- the pretext hand-over ----------------------------------------------------------------------
+
+
+def resolve_pretext_checkpoint(pattern: str) -> Path:
+    """The newest file matching `pattern` ("{seed}" replaced by the run seed), or a clear error."""
+    seed = run_seed()
+    resolved = pattern.replace("{seed}", str(seed))
+    matches = [m for m in glob.glob(os.path.expanduser(resolved)) if os.path.isfile(m)]
+    if not matches:
+        raise PretextNotFoundError(
+            f"NNM: no pretext checkpoint matches '{resolved}' (model.init_args.pretext_checkpoint = '{pattern}', "
+            f"seed {seed}, relative to {os.getcwd()}). Train the pretext first with the same seed, e.g. "
+            f"`clusterlab fit --config experiments/simclr_<dataset>.yaml --seed_everything {seed}`, or point "
+            f"--model.init_args.pretext_checkpoint at a SimCLR checkpoint."
+        )
+    return Path(max(matches, key=os.path.getmtime))
+
+
+def load_pretext_backbone(path: Path, backbone: nn.Module) -> None:
+    """Copy the backbone weights of a SimCLR checkpoint (its contrastive head is left behind)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    meta = checkpoint.get("clusterlab") if isinstance(checkpoint, dict) else None
+    if meta is None:
+        raise CheckpointMismatchError(f"pretext checkpoint {path} was not written by clusterlab (no 'clusterlab' entry)")
+    if meta["method"] != "SimCLR":
+        raise CheckpointMismatchError(f"pretext checkpoint {path} holds a {meta['method']} model; NNM needs a SimCLR one")
+    weights = {k[len("backbone."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")}
+    try:
+        backbone.load_state_dict(weights)
+    except RuntimeError as error:
+        raise CheckpointMismatchError(
+            f"pretext checkpoint {path}: its backbone does not fit this NNM config's backbone "
+            f"(use the pretext config's model.init_args.backbone): {str(error).splitlines()[0]}"
+        ) from None
+
+
+def checkpoint_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def mine_neighbors(path: Path, backbone: nn.Module, plain, images: Tensor, k: int, device: torch.device,
+                   batch_size: int = 512) -> Tensor:  # fmt: skip
+    """Top-k neighbours (N x k) of every image by its L2-normalised pretext backbone features
+    (Algorithm 1, line 2), through faiss. Cached beside the checkpoint under the checkpoint's
+    content hash, so a changed checkpoint is mined again."""
+    if k > len(images) - 1:
+        rank_zero_info(f"NNM: only {len(images)} training images: mining {len(images) - 1} neighbours, not {k}")
+        k = len(images) - 1
+    key = f"{checkpoint_digest(path)[:16]}-n{len(images)}-k{k}"
+    cache = path.parent / f"neighbors-{key}.pt"
+    if cache.exists():
+        rank_zero_info(f"NNM: neighbours from the cache {cache}")
+        return torch.load(cache)
+    was_training, home = backbone.training, next(backbone.parameters()).device
+    backbone.eval().to(device)
+    features = torch.cat([F.normalize(backbone(plain(images[rows].to(device))).float(), dim=1).cpu()
+                          for rows in torch.arange(len(images)).split(batch_size)])  # fmt: skip
+    backbone.train(was_training).to(home)
+    neighbors, _ = knn(features, k)
+    torch.save(neighbors, cache)
+    rank_zero_info(f"NNM: mined top-{k} neighbours of {len(images)} images, cached in {cache}")
+    return neighbors

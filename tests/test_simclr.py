@@ -1,0 +1,78 @@
+"""SimCLR, NNM's pretext: k-means evaluation, the kNN monitor, MoCo's queue, and NT-Xent over the
+global batch on 2 processes."""
+
+import copy
+import functools
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from clusterlab.data.datamodule import ClusterDataModule
+from clusterlab.data.sources import Digits
+from clusterlab.data.views import SmallImageViews, Views
+from clusterlab.methods import CC, SimCLR
+from clusterlab.nn import SmallCNN
+from tests.ddp_workers import RecordFirstStep
+
+
+def tiny_cnn(norm: str = "batch") -> SmallCNN:
+    return SmallCNN(1, widths=(8, 16), downsample=(False, True), norm=norm)
+
+
+def _trainer(devices: int = 1, callbacks=(), **kwargs) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, callbacks=list(callbacks), **kwargs)  # fmt: skip
+
+
+def test_simclr_reports_kmeans_clusters_of_its_features_and_the_knn_agreement():
+    pl.seed_everything(0)
+    model = SimCLR(10, tiny_cnn(), SmallImageViews())
+    _trainer(max_epochs=1, limit_train_batches=3).fit(model, ClusterDataModule("digits", batch_size=128))
+    assert 0.15 < model.eval_results["acc"] <= 1  # k-means on the features, not chance
+    assert 0.3 < model.diagnostics["knn_agreement"] <= 1
+    assert model.centroids.abs().sum() > 0  # kept for online prediction
+    probs = model.predict_proba(Digits().load("train+test").images[:1])
+    assert probs.shape == (1, 1, 10) and torch.allclose(probs.sum(-1), torch.ones(1, 1))
+
+
+def test_knn_monitor_reports_nothing_without_labels():
+    model = SimCLR(10, tiny_cnn(), Views())
+    model.on_eval_features("val", torch.randn(30, 8), torch.full((30,), -1))
+    assert "knn_agreement" not in model.diagnostics
+
+
+def test_cc_ich_only_still_clusters_by_kmeans_through_the_base_class():
+    pl.seed_everything(0)
+    model = CC(10, tiny_cnn(), Views(), cluster_loss=False, cluster_entropy=False)
+    _trainer().validate(model, ClusterDataModule("digits"))
+    assert model.eval_results["acc"] > 0.15 and model.centroids.abs().sum() > 0
+
+
+def test_moco_enqueues_the_gathered_keys_of_every_step():
+    pl.seed_everything(0)
+    model = SimCLR(10, tiny_cnn(), SmallImageViews(), queue_size=200)
+    before = model.queue.clone()
+    _trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(model, ClusterDataModule("digits", batch_size=64))
+    assert int(model.queue_pointer) == 128
+    assert not torch.allclose(model.queue[:128], before[:128]) and torch.equal(model.queue[128:], before[128:])
+    assert "queue" in model.state_dict() and "key_backbone.net.0.weight" in model.state_dict()
+
+
+def test_simclr_step_on_two_processes_equals_one_process_with_the_whole_batch(tmp_path):
+    pl.seed_everything(0)
+    torch.manual_seed(0)
+    model = SimCLR(10, tiny_cnn("group"), Views(), optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    single_out, ddp_out = tmp_path / "single", tmp_path / "ddp"
+    single_out.mkdir(), ddp_out.mkdir()
+    _trainer(2, [RecordFirstStep(str(ddp_out))], max_steps=1, limit_val_batches=0).fit(
+        copy.deepcopy(model), ClusterDataModule("digits", batch_size=32))
+    _trainer(1, [RecordFirstStep(str(single_out))], max_steps=1, limit_val_batches=0).fit(
+        copy.deepcopy(model), ClusterDataModule("digits", batch_size=64))
+    single = torch.load(single_out / "rank0.pt")
+    for rank in range(2):
+        result = torch.load(ddp_out / f"rank{rank}.pt")
+        assert float(result["loss"]) == pytest.approx(float(single["loss"]), rel=1e-5)
+        for name, grad in single["grads"].items():
+            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
