@@ -23,34 +23,60 @@ def faiss_gpus() -> int:
 
 
 def knn(features: Tensor | np.ndarray, k: int, queries: Tensor | np.ndarray | None = None,
-        metric: str = "cosine", exclude_self: bool = True) -> tuple[Tensor, Tensor]:  # fmt: skip
+        metric: str = "cosine", exclude_self: bool = True, backend: str = "auto") -> tuple[Tensor, Tensor]:  # fmt: skip
     """The k nearest rows of `features` for each query (default: each row of `features`).
 
-    metric: "cosine" (rows L2-normalised, inner product) or "l2". With queries = features and
-    exclude_self, a row is not its own neighbour. Returns (indices, similarities-or-distances),
-    both N x k, nearest first.
+    metric: "cosine" (rows L2-normalised, inner product) or "l2" (squared distances). With
+    queries = features and exclude_self, a row is not its own neighbour. Returns (indices,
+    similarities-or-distances), both N x k, nearest first, on the device of `features`.
+    backend: "faiss", "torch" (blocked matrix products on the features' device), or "auto":
+    faiss, unless the features are on a GPU that faiss cannot use, where a round trip through the
+    host would cost more than the search.
     """
-    base = _as_faiss(features)
-    query = base if queries is None else _as_faiss(queries)
+    if metric not in ("cosine", "l2"):
+        raise ValueError(f"metric must be 'cosine' or 'l2', not {metric!r}")
+    device = features.device if isinstance(features, Tensor) else torch.device("cpu")
+    if backend == "auto":
+        backend = "torch" if device.type != "cpu" and not faiss_gpus() else "faiss"
+    skip = int(exclude_self and queries is None)
+    search = _torch_search if backend == "torch" else _faiss_search
+    indices, scores = search(features, features if queries is None else queries, k + skip, metric)
+    if skip:  # drop each row itself (wherever ties put it), keep k others
+        keep = indices != torch.arange(len(indices), device=indices.device)[:, None]
+        keep[keep.sum(1) > k, -1] = False  # the row did not find itself: drop the farthest instead
+        indices, scores = indices[keep].reshape(len(keep), k), scores[keep].reshape(len(keep), k)
+    return indices.to(device), scores.to(device)
+
+
+def _faiss_search(features, queries, k: int, metric: str) -> tuple[Tensor, Tensor]:
+    base, query = _as_faiss(features), _as_faiss(queries)
     if metric == "cosine":
         base = base / np.maximum(np.linalg.norm(base, axis=1, keepdims=True), 1e-12)
         query = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
-        index = faiss.IndexFlatIP(base.shape[1])
-    elif metric == "l2":
-        index = faiss.IndexFlatL2(base.shape[1])
-    else:
-        raise ValueError(f"metric must be 'cosine' or 'l2', not {metric!r}")
+    index = faiss.IndexFlatIP(base.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(base.shape[1])
     if faiss_gpus():
         index = faiss.index_cpu_to_all_gpus(index)
     index.add(base)
-    skip = int(exclude_self and queries is None)
-    scores, indices = index.search(query, k + skip)
-    if skip:  # drop each row itself (wherever ties put it), keep k others
-        own = indices == np.arange(len(query))[:, None]
-        keep = ~own
-        keep[keep.sum(1) > k, -1] = False  # the row did not find itself: drop the farthest instead
-        indices, scores = indices[keep].reshape(len(query), k), scores[keep].reshape(len(query), k)
+    scores, indices = index.search(query, k)
     return torch.from_numpy(indices).long(), torch.from_numpy(scores)
+
+
+@torch.no_grad()
+def _torch_search(features, queries, k: int, metric: str, block: int = 4096) -> tuple[Tensor, Tensor]:
+    base = torch.as_tensor(features).float().flatten(1)
+    query = torch.as_tensor(queries).float().flatten(1).to(base.device)
+    if metric == "cosine":
+        base, query = torch.nn.functional.normalize(base, dim=1), torch.nn.functional.normalize(query, dim=1)
+    indices, scores = [], []
+    for rows in query.split(block):
+        if metric == "cosine":
+            best = (rows @ base.T).topk(k, dim=1)
+            scores.append(best.values)
+        else:
+            best = torch.cdist(rows, base).topk(k, dim=1, largest=False)
+            scores.append(best.values.square())
+        indices.append(best.indices)
+    return torch.cat(indices), torch.cat(scores)
 
 
 def kmeans(features: Tensor | np.ndarray, k: int, seed: int = 0, n_init: int = 10, iterations: int = 100
