@@ -2,5 +2,6 @@
 
 from clusterlab.methods.base import ClusteringMethod
 from clusterlab.methods.cc import CC
+from clusterlab.methods.scl import SCL
 
-__all__ = ["CC", "ClusteringMethod"]
+__all__ = ["CC", "SCL", "ClusteringMethod"]
