@@ -236,6 +236,13 @@ class ClusterDataModule(pl.LightningDataModule):
         dataset = IndexedImages(self.eval_set)
         return self._loader(dataset, self.hparams.eval_batch_size, ShardSampler(dataset, world, rank), drop_last=False)
 
+    def train_eval_dataloader(self) -> DataLoader:
+        """The training set in order, every sample once, each rank its own shard: for passes over the
+        whole training set during training (SCL's epoch-end pseudo labels, neighbour mining)."""
+        world, rank = self._world()
+        dataset = IndexedImages(self.train_set)
+        return self._loader(dataset, self.hparams.eval_batch_size, ShardSampler(dataset, world, rank), drop_last=False)
+
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader()
 

@@ -167,7 +167,8 @@ class ClusteringMethod(pl.LightningModule, ABC):
         return int(torch.nan_to_num(self.head_loss, nan=math.inf).argmin())
 
     def configure_optimizers(self):
-        optimizer = self.build_optimizer(self.parameters())
+        # Frozen parameters (a momentum encoder's) are not the optimizer's: no weight decay on them.
+        optimizer = self.build_optimizer([p for p in self.parameters() if p.requires_grad])
         if self.build_lr_scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.build_lr_scheduler(optimizer)}

@@ -1,0 +1,256 @@
+"""Semantic Contrastive Learning (Huang & Gong, 2021; shared/papers/scl-paper.md), Algorithm 1.
+
+No public code of SCL exists; the paper is the spec. Where it is silent or ambiguous, these are
+the readings taken (each also commented where it is used):
+
+- Views: q comes from a random view of the image and k from another ("a random mini-batch and its
+  perturbed copy"), as in MoCo v2 [8], whose implementation the paper follows. Sec. 3.1's
+  q_i = f(I_i) literally is `query_view: plain`.
+- Initial pseudo labels: a random balanced partition ("given random partitions at the beginning of
+  training", Fig. 2a); the semantic memory starts with random unit keys, as MoCo's queue does.
+- Eq. 3's p~ is a fixed target of Eq. 4 (no gradient into it); Eq. 4's p is the softmax of the
+  classifier's logits. The classifier takes the representation q itself: the paper writes cos()
+  wherever it compares representations, so q is not L2-normalised. (On unit-length q the linear
+  classifier's logits stayed small, its argmax followed p~ on 59% of digits and ACC was 0.56;
+  on q itself it follows p~ on 99.5% and ACC is 0.95.)
+- Eq. 6: the weights are normalised over the (global) mini-batch (Sec. 4.2: "we re-weight the
+  samples within the same mini-batches"); uniform while no label has changed. The counts are the
+  target task's (the under-clustering task's when the target task is off), and one weight per
+  sample multiplies the instance loss of every task: Eq. 7's inner sum is read as the sum over
+  the clustering tasks.
+- Multi-grained tasks: each task has its own linear projection, momentum projection, semantic
+  memory, and, for the clustering tasks, its own classifier and pseudo labels. Instance-level
+  over-clustering is Eq. 2 with every sample its own cluster: one queue of K keys, minus the
+  sample's own older keys; it has no classifier.
+- The memory of a C'-cluster task holds K // (C' - 1) keys per cluster (Sec. 4).
+- The imbalance guard follows ODC's split of the largest cluster (see callbacks/scl.py). It is
+  needed: without it every digit fell into one cluster (ACC 0.10).
+- The refresh runs at the start of each epoch from epoch 1 on (the weights at the end of the
+  previous one), so that a resumed run refreshes exactly once per epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+
+from clusterlab.callbacks import MomentumEncoder, PseudoLabelRefresh, SemanticMemoryUpdate
+from clusterlab.data.views import Views
+from clusterlab.distributed import gather
+from clusterlab.losses.scl import (
+    concept_loss,
+    contrastive_set,
+    hard_sample_weights,
+    instance_loss,
+    memory_logits,
+)
+from clusterlab.methods.base import ClusteringMethod, LRSchedulerCallable, OptimizerCallable
+from clusterlab.nn.memory import SampleTable, SemanticMemory
+from clusterlab.seeding import derive_seed
+
+CLUSTERING, UNDER, OVER = "clustering", "under_clustering", "over_clustering"
+
+
+class SCL(ClusteringMethod):
+    """Cross-cluster instance discrimination with a semantic memory, plus concept discrimination
+    by a linear classifier that learns the memory's cluster structure; clusters are the argmax of
+    the target task's classifier, so prediction is online.
+
+    Args:
+        num_clusters: C, the number of clusters.
+        backbone: the encoder's feature extractor (the momentum encoder is a copy of it).
+        views: the transformations T (MoCo v2's for colour images).
+        projection_dim: dimension of each task's representation q (a linear layer on the backbone).
+        temperature: tau of Eqs. 1 and 3 (0.1).
+        memory_size: K: a C'-cluster task's memory holds K // (C' - 1) keys per cluster (4096;
+            8192 on Tiny-ImageNet); the instance-level task's memory holds K keys.
+        momentum: m of the momentum encoder update (0.9).
+        final_momentum: None: m is constant; a value: m follows a cosine from `momentum` to it.
+        clustering_task, under_clustering, over_clustering: the target task (C clusters), the
+            under-clustering task (C // 2 clusters) and instance-level over-clustering (Fig. 4).
+            Without the target task, clusters come from k-means on the backbone features, refitted
+            at every evaluation (Sec. 4.2: "K-means was adopted for the models which didn't
+            explicitly learn clusters in ground-truth number").
+        instance_loss: the instance discrimination term L_mi (Eqs. 1, 7).
+        cross_cluster: Eq. 2's contrastive set (all queues but the sample's own). False: "all the
+            memory bank were concatenated as the contrastive set for every sample" (Fig. 3).
+        concept_loss: concept discrimination L_xent (Eqs. 3-4). False: no classifier; pseudo
+            labels and clusters are the argmax of the memory's assignment p~ (Fig. 3).
+        hard_sample_weights: Eq. 6's weights in Eq. 7; False: the plain batch mean (Table 3).
+        imbalance_guard, min_cluster_fraction: ODC's refill of clusters smaller than this fraction
+            of N / C, by splitting the largest (see `callbacks.PseudoLabelRefresh`).
+        query_view: "augmented" (MoCo v2) or "plain": q from the un-augmented image (Sec. 3.1 read
+            literally).
+        optimizer: SGD, lr 0.03, weight decay 5e-4 in the paper (momentum 0.9 as in MoCo v2).
+        lr_scheduler: cosine over the 200 epochs in the paper.
+    """
+
+    def __init__(
+        self,
+        num_clusters: int,
+        backbone: nn.Module,
+        views: Views,
+        projection_dim: int = 128,
+        temperature: float = 0.1,
+        memory_size: int = 4096,
+        momentum: float = 0.9,
+        final_momentum: float | None = None,
+        clustering_task: bool = True,
+        under_clustering: bool = True,
+        over_clustering: bool = True,
+        instance_loss: bool = True,
+        cross_cluster: bool = True,
+        concept_loss: bool = True,
+        hard_sample_weights: bool = True,
+        imbalance_guard: bool = True,
+        min_cluster_fraction: float = 0.15,
+        query_view: Literal["augmented", "plain"] = "augmented",
+        optimizer: OptimizerCallable = torch.optim.SGD,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__(num_clusters, backbone, num_heads=1, optimizer=optimizer, lr_scheduler=lr_scheduler)
+        self.save_hyperparameters()
+        if not (instance_loss or concept_loss):
+            raise ValueError("SCL needs instance_loss, concept_loss or both")
+        if under_clustering and num_clusters // 2 < 2:
+            rank_zero_warn(f"SCL: {num_clusters} clusters leave no under-clustering task (C // 2 < 2); it is left out")
+            under_clustering = False
+        # The clustering tasks (with pseudo labels, Eq. 5) and their cluster numbers, in table order.
+        clustering_tasks = {CLUSTERING: num_clusters, UNDER: num_clusters // 2}
+        enabled = {CLUSTERING: clustering_task, UNDER: under_clustering}
+        self.task_clusters_by_name = {t: c for t, c in clustering_tasks.items() if enabled[t]}
+        self.tasks = [*self.task_clusters_by_name, *([OVER] if over_clustering else [])]
+        if not self.tasks:
+            raise ValueError("SCL needs at least one of clustering_task, under_clustering, over_clustering")
+        if not self.task_clusters_by_name and concept_loss and not instance_loss:
+            raise ValueError("concept_loss needs a clustering task (clustering_task or under_clustering)")
+        self.views = views
+        dim = backbone.out_dim
+
+        # f_theta: the backbone and one linear projection per task ("independent feature spaces
+        # constructed by single linear layers on top of the backbone", Sec. 4).
+        self.projections = nn.ModuleDict({t: nn.Linear(dim, projection_dim) for t in self.tasks})
+        # phi = {W; B} of each clustering task (Eq. 4).
+        self.classifiers = nn.ModuleDict(
+            {t: nn.Linear(projection_dim, c) for t, c in self.task_clusters_by_name.items()} if concept_loss else {}
+        )
+        # f_theta~: same structure, its own parameters, moved only by the momentum update.
+        self.momentum_encoder = nn.ModuleDict(
+            {"backbone": copy.deepcopy(backbone), "projections": copy.deepcopy(self.projections)}
+        ).requires_grad_(False)
+        # M = {M_1, ..., M_C'}: K / (C' - 1) keys per cluster (Eq. 2); one queue of K for instances.
+        self.semantic_memory = nn.ModuleDict({t: SemanticMemory(c, memory_size // (c - 1), projection_dim)
+                                              for t, c in self.task_clusters_by_name.items()})  # fmt: skip
+        if over_clustering:
+            self.semantic_memory[OVER] = SemanticMemory(1, memory_size, projection_dim)
+        # y_i per clustering task and s_i (Eq. 6), keyed by training-set index; sized in setup().
+        self.sample_table = SampleTable(len(self.task_clusters_by_name))
+        # The weights of Eq. 6 follow the target task's label changes (the under-clustering
+        # task's without it); with instance-level discrimination only, there are no labels.
+        self.weight_task = 0 if self.task_clusters_by_name else None
+        self.pending_keys: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # enqueued after the step
+        # Without the target task, clusters are k-means centres of the backbone features.
+        self.init_kmeans_clusters(dim, enabled=not clustering_task)
+
+    @property
+    def task_clusters(self) -> list[int]:
+        """C' of each clustering task, in the order of `sample_table`'s rows."""
+        return list(self.task_clusters_by_name.values())
+
+    def configure_callbacks(self) -> list:
+        hp = self.hparams
+        return [
+            MomentumEncoder(hp.momentum, hp.final_momentum),
+            SemanticMemoryUpdate(),
+            PseudoLabelRefresh(hp.imbalance_guard, hp.min_cluster_fraction),
+        ]
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        data = self.trainer.datamodule
+        if getattr(data, "train_set", None) is None:
+            raise TypeError("SCL trains from a ClusterDataModule: its pseudo labels and weights are kept per "
+                            "training-set index, and refreshed over its train_eval_dataloader()")
+        num_samples = len(data.train_set)
+        if len(self.sample_table) != num_samples:  # a resumed run then loads the saved table over it
+            generator = torch.Generator().manual_seed(derive_seed(0x5C1))
+            self.sample_table.reset(num_samples, self.task_clusters, generator)
+
+    # -- training: Algorithm 1 ----------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        hp = self.hparams
+        images = batch["image"]
+        # A random mini-batch and its perturbed copy.
+        x = self.views(images) if hp.query_view == "augmented" else self.plain(images)
+        x_perturbed = self.views(images)
+        h = self.backbone(x)
+        with torch.no_grad():
+            h_perturbed = self.momentum_encoder["backbone"](x_perturbed)
+
+        # The losses are over the global batch; the table is the same on every rank.
+        index = gather(batch["index"].to(self.device))
+        changes = self.sample_table.changes[self.weight_task][index] if self.weight_task is not None else None
+        weights = hard_sample_weights(changes) if hp.hard_sample_weights and changes is not None else None
+
+        terms = {}
+        for row, task in enumerate(self.tasks):
+            q_local = self.projections[task](h)
+            q = gather(q_local)  # q_i = f_theta(I_i); Eqs. 1 and 3 compare representations by cosine
+            with torch.no_grad():
+                k = gather(F.normalize(self.momentum_encoder["projections"][task](h_perturbed), dim=1))  # k_i
+            memory = self.semantic_memory[task]
+            if task == OVER:  # every sample its own cluster
+                own, queue, memory_owner = index, torch.zeros_like(index), memory.index.flatten()
+            else:
+                own = queue = self.sample_table.labels[row][index]  # y_i
+                memory_owner = memory.queue_of_slot()
+            if hp.instance_loss:
+                negatives = contrastive_set(memory_owner, own)  # Q_i, Eq. 2
+                if not hp.cross_cluster:
+                    negatives = torch.ones_like(negatives)
+                terms[f"{task}/instance"] = instance_loss(q, k, memory.flat_keys(), negatives, hp.temperature,
+                                                          weights)  # Eqs. 1, 7  # fmt: skip
+            if hp.concept_loss and task != OVER:
+                target = memory_logits(q.detach(), memory.keys, hp.temperature).softmax(1)  # p~, Eq. 3
+                logits = gather(self.classifiers[task](q_local))  # p = W^T q + B
+                terms[f"{task}/concept"] = concept_loss(logits, target)  # L_xent, Eq. 4
+            self.pending_keys[task] = (k, queue, index)  # "updating the semantic memory by k"
+        return self.objective(terms)  # L_mi + L_xent (Sec. 3.2)
+
+    # -- assignments --------------------------------------------------------------------------
+
+    def task_logits(self, task: str, q: Tensor) -> Tensor:
+        """p of one clustering task (Eq. 4's W^T q + B, on the representation q itself: the paper
+        normalises only inside its cosine similarities); without concept discrimination, the
+        memory's assignment (Eq. 3) in its place."""
+        if self.hparams.concept_loss:
+            return self.classifiers[task](q)
+        return memory_logits(q, self.semantic_memory[task].keys, self.hparams.temperature)
+
+    @torch.no_grad()
+    def assignments(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """(logits, q) of every clustering task for a batch of uint8 images: Eq. 5's input."""
+        h = self.backbone(self.plain(images))
+        outputs = []
+        for task in self.task_clusters_by_name:
+            q = self.projections[task](h)
+            outputs.append((self.task_logits(task, q), F.normalize(q, dim=1)))
+        return outputs
+
+    def cluster_logits(self, x: Tensor) -> Tensor:
+        """The target task's assignment ("in test time, the assignments on 'clustering' tasks were
+        used for evaluation"); without that task, the nearest k-means centre of the features."""
+        if self.kmeans_clusters:
+            return self.kmeans_logits(x)
+        return self.task_logits(CLUSTERING, self.projections[CLUSTERING](self.backbone(x)))[None]
+
+    def cluster_features(self, x: Tensor) -> Tensor:
+        """The L2-normalised backbone features: what k-means clusters without the target task."""
+        return F.normalize(self.backbone(x), dim=1)

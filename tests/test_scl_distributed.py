@@ -1,0 +1,106 @@
+"""SCL on 2 processes: the same gradients, queues, pseudo labels and weights as one process with the
+whole batch."""
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from clusterlab.data.datamodule import ClusterDataModule
+from clusterlab.data.views import Views
+from clusterlab.methods import SCL
+from clusterlab.nn import SmallCNN
+
+
+class RecordSCL(pl.Callback):
+    """The first step's loss and (DDP-averaged) gradients; at the end, the memory and the table."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.result = out, {"batches": []}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.result["batches"].append(batch["index"].clone())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == 0:
+            self.result["grads"] = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters()
+                                    if p.grad is not None}  # fmt: skip
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 1:
+            self.result.setdefault("loss", outputs["loss"].detach())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.result["state"] = {n: t.clone() for n, t in pl_module.state_dict().items()
+                                if n.startswith(("semantic_memory", "sample_table", "momentum_encoder"))}  # fmt: skip
+        torch.save(self.result, Path(self.out) / f"rank{trainer.global_rank}.pt")
+
+
+def _model() -> SCL:
+    torch.manual_seed(0)
+    # GroupNorm: per-sample outputs do not depend on the batch, as with SyncBatchNorm on GPUs.
+    backbone = SmallCNN(1, widths=(8, 16), downsample=(False, True), norm="group")
+    # No augmentation: both runs must see the same inputs (each rank draws its own views).
+    return SCL(10, backbone, Views(), memory_size=2304, optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+
+
+def _fit(devices: int, batch_size: int, out: Path) -> None:
+    out.mkdir()
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                         max_epochs=2, limit_train_batches=1, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, callbacks=[RecordSCL(str(out))])  # fmt: skip
+    trainer.fit(_model(), ClusterDataModule("digits", batch_size=batch_size, eval_batch_size=500))
+
+
+def _queue_contents(keys: torch.Tensor, index: torch.Tensor) -> list[np.ndarray]:
+    """Each queue's (index, key) rows in a canonical order: the order of arrival within one step
+    is rank order under DDP and batch order on one process."""
+    contents = []
+    for queue_keys, queue_index in zip(keys, index):
+        rows = torch.cat([queue_index[:, None].double(), queue_keys.double()], 1).numpy()
+        contents.append(rows[np.lexsort(rows.T[::-1])])
+    return contents
+
+
+def test_scl_on_two_processes_equals_one_process_with_the_whole_batch(tmp_path):
+    pl.seed_everything(0)
+    _fit(2, 32, tmp_path / "ddp")
+    _fit(1, 64, tmp_path / "single")
+    single = torch.load(tmp_path / "single" / "rank0.pt")
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in range(2)]
+
+    for step in range(2):  # the two processes' batches are the single process's batch
+        together = torch.cat([r["batches"][step] for r in ranks])
+        assert sorted(together.tolist()) == sorted(single["batches"][step].tolist())
+    for result in ranks:
+        assert float(result["loss"]) == pytest.approx(float(single["loss"]), rel=1e-5)
+        assert result["grads"].keys() == single["grads"].keys()
+        for name, grad in single["grads"].items():
+            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    # Pseudo labels and label changes of the epoch-1 refresh: identical on both ranks, and the
+    # same as one process's (each rank predicted its own shard of the training set).
+    state = single["state"]
+    assert (state["sample_table.changes"] > 0).any() and int(state["sample_table.epoch"]) == 1
+    for result in ranks:
+        for name in ("sample_table.labels", "sample_table.changes", "sample_table.epoch"):
+            assert torch.equal(result["state"][name], state[name]), name
+    assert all(torch.equal(ranks[0]["state"][n], ranks[1]["state"][n]) for n in state)  # ranks agree exactly
+
+    # The queues hold the gathered keys of both steps: the same keys in each queue as one process's.
+    for task in ("clustering", "under_clustering", "over_clustering"):
+        keys, index = (state[f"semantic_memory.{task}.{n}"] for n in ("keys", "index"))
+        for result in ranks:
+            got = _queue_contents(result["state"][f"semantic_memory.{task}.keys"],
+                                  result["state"][f"semantic_memory.{task}.index"])  # fmt: skip
+            for j, (g, e) in enumerate(zip(got, _queue_contents(keys, index))):
+                assert np.array_equal(g[:, 0], e[:, 0]), (task, j)
+                np.testing.assert_allclose(g[:, 1:], e[:, 1:], rtol=1e-4, atol=1e-5, err_msg=f"{task} queue {j}")
+        assert torch.equal(ranks[0]["state"][f"semantic_memory.{task}.pointer"], state[f"semantic_memory.{task}.pointer"])
+    for name, value in state.items():
+        if name.startswith("momentum_encoder"):
+            torch.testing.assert_close(ranks[0]["state"][name], value, rtol=1e-4, atol=1e-6, msg=name)
