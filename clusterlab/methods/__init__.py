@@ -2,5 +2,6 @@
 
 from clusterlab.methods.base import ClusteringMethod
 from clusterlab.methods.cc import CC
+from clusterlab.methods.dccm import DCCM
 
-__all__ = ["CC", "ClusteringMethod"]
+__all__ = ["CC", "DCCM", "ClusteringMethod"]
