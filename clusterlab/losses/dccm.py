@@ -43,8 +43,9 @@ def pseudo_graph_loss(logits: Tensor, graph: Tensor, eps: float = 1e-7) -> Tenso
     over the ordered pairs i != j (a sample's similarity with itself is 1 whatever the weights).
     """
     similarity = cosine_similarity(logits.softmax(1)).clamp(eps, 1 - eps)
-    pairs = ~torch.eye(len(logits), dtype=torch.bool, device=logits.device)
-    return F.binary_cross_entropy(similarity[pairs], graph[pairs].float())
+    pairs = 1.0 - torch.eye(len(logits), device=logits.device)
+    bce = F.binary_cross_entropy(similarity, graph.float(), reduction="none")
+    return (bce * pairs).sum() / pairs.sum()
 
 
 @float32

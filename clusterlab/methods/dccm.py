@@ -87,8 +87,9 @@ class DCCM(ClusteringMethod):
             raise ValueError("original_images=false and local_robustness=false leave the pseudo-graph and "
                              "pseudo-label terms no images to train on")  # fmt: skip
         self.views = views
-        # The authors' last layer: Linear(64 -> K) - BN, then the softmax of Eq. 1.
-        self.cluster_head = nn.Sequential(nn.Linear(backbone.out_dim, num_clusters),
+        # The authors' last layer: Linear(64 -> K) - BN, then the softmax of Eq. 1. No bias before
+        # the BN: it would have no gradient but rounding noise, which RMSprop scales up to full steps.
+        self.cluster_head = nn.Sequential(nn.Linear(backbone.out_dim, num_clusters, bias=not logit_norm),
                                           nn.BatchNorm1d(num_clusters) if logit_norm else nn.Identity())  # fmt: skip
         self.discriminator = (LocalDiscriminator(num_clusters, backbone.shallow_dim, discriminator_dim)
                               if mutual_information_loss else None)  # fmt: skip
@@ -139,7 +140,11 @@ class DCCM(ClusteringMethod):
         anchor = torch.arange(len(deep), device=deep.device)
         joint = (torch.cat([anchor, anchor[positive_valid]]), torch.cat([anchor, positive[positive_valid]]))
         marginal = (anchor[:, None].expand_as(negatives)[negatives_valid], negatives[negatives_valid])
-        scores = self.discriminator(deep[torch.cat([joint[0], marginal[0]])], shallow[torch.cat([joint[1], marginal[1]])])
+        # index_select, not deep[...]: its backward (index_add_) is deterministic on the CPU, while
+        # advanced indexing's (index_put_ with accumulate) adds repeated rows in a varying order,
+        # and one flipped threshold of the pseudo-graph then makes two identical runs drift apart.
+        deep_rows, shallow_rows = torch.cat([joint[0], marginal[0]]), torch.cat([joint[1], marginal[1]])
+        scores = self.discriminator(deep.index_select(0, deep_rows), shallow.index_select(0, shallow_rows))
         return mutual_information_loss(scores[: len(joint[0])], scores[len(joint[0]) :])
 
     def pair_scores(self, index: Tensor, batch_idx: int) -> Tensor:
