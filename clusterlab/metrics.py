@@ -93,3 +93,15 @@ def evaluate(preds: Tensor | np.ndarray, target: Tensor | np.ndarray) -> dict[st
     if not metrics.labelled:
         return {}
     return {name: float(value) for name, value in metrics.compute().items()}
+
+
+def graph_bcubed(graph: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """BCubed precision and recall of a graph's neighbourhoods against the classes (Amigo et al.,
+    2009; dccm-paper Fig. 5 on the pseudo-graph). For each sample i, with N(i) = {j : W_ij} (i
+    included) and C(i) the samples of i's class: precision_i = |N(i) & C(i)| / |N(i)| and
+    recall_i = |N(i) & C(i)| / |C(i)|, each averaged over the samples. A diagnostic only.
+    """
+    graph = graph | torch.eye(len(graph), dtype=torch.bool, device=graph.device)
+    same_class = labels[:, None] == labels[None, :]
+    hits = (graph & same_class).sum(1).double()
+    return (hits / graph.sum(1)).mean(), (hits / same_class.sum(1)).mean()

@@ -11,6 +11,7 @@ family twice, NNM a weak and a strong one, DCCM the original and a geometric per
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import kornia
 import kornia.augmentation as K
@@ -148,6 +149,46 @@ class SmallImageViews(Views):
             augmentations.append(K.RandomGaussianNoise(std=noise_std, p=noise_p))
         if erasing is not None:
             augmentations.append(K.RandomErasing(scale=erasing, p=erasing_p))
+        super().__init__(augmentations, size, mean, std)
+
+
+class GeometricViews(Views):
+    """DCCM's small perturbations x' = G x (dccm-paper Sec. 3.3), with the authors' ranges (their
+    Keras ImageDataGenerator): rotation up to 20 degrees, shift up to 18% of the side, zoom
+    0.85-1.15 on each axis independently, horizontal flip, and a per-image intensity shift of up
+    to 0.1 (Keras' channel_shift_range: one shift for all channels; here clipped to [0, 1]).
+    Every part can be turned off.
+
+    Args:
+        rotation: degrees, +-.
+        shift: fraction of the side, +- (on 8x8 digits, 0.18 is 1.4 px).
+        zoom: range of the scale factor, drawn for x and y separately.
+        flip: horizontal flip (right for objects and clothes, wrong for digits).
+        channel_shift: largest intensity shift, +- (images in [0, 1]).
+        fill: what the affine warp fills in: "border" repeats the edge (Keras' "nearest"),
+            "zeros", or "reflection".
+    """
+
+    def __init__(
+        self,
+        rotation: float = 20.0,
+        shift: float = 0.18,
+        zoom: tuple[float, float] = (0.85, 1.15),
+        flip: bool = True,
+        channel_shift: float = 0.1,
+        fill: Literal["border", "zeros", "reflection"] = "border",
+        size: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        augmentations: list[nn.Module] = []
+        if rotation or shift or tuple(zoom) != (1.0, 1.0):
+            augmentations.append(K.RandomAffine(degrees=rotation, translate=(shift, shift) if shift else None,
+                                                scale=(*zoom, *zoom), padding_mode=fill, p=1.0))  # fmt: skip
+        if flip:
+            augmentations.append(K.RandomHorizontalFlip())
+        if channel_shift:
+            augmentations.append(K.RandomBrightness((1.0 - channel_shift, 1.0 + channel_shift), p=1.0))
         super().__init__(augmentations, size, mean, std)
 
 

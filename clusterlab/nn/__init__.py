@@ -1,4 +1,4 @@
-from clusterlab.nn.backbones import ResNet, SmallCNN
-from clusterlab.nn.heads import ClusterHeads, mlp
+from clusterlab.nn.backbones import DCCMNet, ResNet, SmallCNN
+from clusterlab.nn.heads import ClusterHeads, LocalDiscriminator, mlp
 
-__all__ = ["ClusterHeads", "ResNet", "SmallCNN", "mlp"]
+__all__ = ["ClusterHeads", "DCCMNet", "LocalDiscriminator", "ResNet", "SmallCNN", "mlp"]

@@ -27,3 +27,29 @@ class ClusterHeads(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         return torch.stack([head(features) for head in self.heads])
+
+
+class LocalDiscriminator(nn.Module):
+    """T(d, s) of Deep InfoMax's local objective, which DCCM's triplet mutual information uses.
+
+    Scores a deep vector d against every position of a shallow feature map s: the input is
+    [d tiled over s's grid; s], and three 1x1 convolutions map it to one score per position:
+    Conv1x1(-> hidden) - ReLU - Conv1x1(hidden -> hidden) - ReLU - Conv1x1(hidden -> 1).
+
+    Args:
+        deep_dim: channels of d; shallow_dim: channels of s.
+        hidden_dim: width of the two hidden 1x1 convolutions (512 in Deep InfoMax and DCCM).
+    """
+
+    def __init__(self, deep_dim: int, shallow_dim: int, hidden_dim: int = 512) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(deep_dim + shallow_dim, hidden_dim, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden_dim, hidden_dim, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden_dim, 1, 1),
+        )  # fmt: skip
+
+    def forward(self, deep: Tensor, shallow: Tensor) -> Tensor:
+        """Scores of the pairs (deep[p], shallow[p]): P x D and P x c x h x w -> P x h x w."""
+        tiled = deep[:, :, None, None].expand(-1, -1, *shallow.shape[-2:])
+        return self.net(torch.cat([tiled, shallow], 1)).squeeze(1)

@@ -1,0 +1,176 @@
+"""Deep Comprehensive Correlation Mining (Wu et al., ICCV 2019; shared/papers/dccm-paper.md), Algorithm 1."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from clusterlab.data.views import Views
+from clusterlab.distributed import gather
+from clusterlab.losses.dccm import (
+    mutual_information_loss,
+    pseudo_graph,
+    pseudo_graph_loss,
+    pseudo_label_loss,
+    pseudo_labels,
+    triplet_pairs,
+)
+from clusterlab.methods.base import ClusteringMethod, LRSchedulerCallable, OptimizerCallable
+from clusterlab.metrics import graph_bcubed
+from clusterlab.nn.heads import LocalDiscriminator
+from clusterlab.seeding import derive_seed
+
+_PAIR_DRAW = 0xDCC  # keeps the negatives' random stream apart from the per-step reseeding's
+
+
+class DCCM(ClusteringMethod):
+    """Pseudo-graph and pseudo-label supervision, on the original and on slightly transformed
+    images (local robustness), plus triplet mutual information between deep and shallow
+    features. Clusters are the argmax of the prediction (Eq. 7), so prediction is online.
+
+    Args:
+        num_clusters: K, the number of clusters.
+        backbone: f up to its feature vector; it names the shallow map M (`with_shallow=True`).
+            `clusterlab.nn.DCCMNet` is the authors' CIFAR net.
+        views: the small perturbations G (`GeometricViews`); `plain` gives the original images.
+        graph_threshold: thres_1 of the pseudo-graph (Eq. 2), 0.95.
+        label_threshold: thres_2 of the confident pseudo labels (Eq. 8), 0.9.
+        alpha: weight of the pseudo-label terms (Eqs. 10, 12, 15), 5.
+        beta: weight of the triplet mutual information (Eq. 15): 0.1 in the paper, 0.05 in the
+            authors' code.
+        pseudo_graph_loss, pseudo_label_loss, local_robustness, mutual_information_loss: switch
+            each part of Eq. 15 on or off. The rows of the paper's Table 3: M1 (L_PG) has only
+            pseudo_graph_loss; M2 adds local_robustness (the same terms on the transformed
+            images); M3 adds pseudo_label_loss; M4 (the default) adds mutual_information_loss.
+        original_images: the pseudo-graph and pseudo-label terms on the original images too, as
+            Eq. 15 says (L^_PG = L_PG + L'_PG). The authors' code trains on the transformed images
+            only (false).
+        pseudo_label_criterion: l_l of Eq. 9: "cross_entropy" (paper) or "bce" (authors' code).
+        num_negatives: pseudo-graph negatives drawn at random per anchor for the mutual
+            information (the authors' code: 2).
+        discriminator_dim: width of the 1x1-conv discriminator T (512 in the paper).
+        logit_norm: BatchNorm on the logits before the softmax, as the authors' net. It keeps
+            the predictions from collapsing onto one cluster; turn it off where the loss must not
+            depend on how the batch is split (the distributed tests on CPU).
+        optimizer: RMSprop, lr 1e-4 in the paper (the code: alpha 0.9).
+        lr_scheduler: none in the paper.
+    """
+
+    def __init__(
+        self,
+        num_clusters: int,
+        backbone: nn.Module,
+        views: Views,
+        graph_threshold: float = 0.95,
+        label_threshold: float = 0.9,
+        alpha: float = 5.0,
+        beta: float = 0.1,
+        pseudo_graph_loss: bool = True,
+        pseudo_label_loss: bool = True,
+        local_robustness: bool = True,
+        mutual_information_loss: bool = True,
+        original_images: bool = True,
+        pseudo_label_criterion: Literal["cross_entropy", "bce"] = "cross_entropy",
+        num_negatives: int = 2,
+        discriminator_dim: int = 512,
+        logit_norm: bool = True,
+        optimizer: OptimizerCallable = torch.optim.RMSprop,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__(num_clusters, backbone, num_heads=1, optimizer=optimizer, lr_scheduler=lr_scheduler)
+        self.save_hyperparameters()
+        if not (pseudo_graph_loss or pseudo_label_loss or mutual_information_loss):
+            raise ValueError("DCCM needs at least one of pseudo_graph_loss, pseudo_label_loss, mutual_information_loss")
+        if (pseudo_graph_loss or pseudo_label_loss) and not (original_images or local_robustness):
+            raise ValueError("original_images=false and local_robustness=false leave the pseudo-graph and "
+                             "pseudo-label terms no images to train on")  # fmt: skip
+        self.views = views
+        # The authors' last layer: Linear(64 -> K) - BN, then the softmax of Eq. 1. No bias before
+        # the BN: it would have no gradient but rounding noise, which RMSprop scales up to full steps.
+        self.cluster_head = nn.Sequential(nn.Linear(backbone.out_dim, num_clusters, bias=not logit_norm),
+                                          nn.BatchNorm1d(num_clusters) if logit_norm else nn.Identity())  # fmt: skip
+        self.discriminator = (LocalDiscriminator(num_clusters, backbone.shallow_dim, discriminator_dim)
+                              if mutual_information_loss else None)  # fmt: skip
+
+    def forward_with_shallow(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Y (pre-softmax output, B x K) and the shallow feature map M of the same forward pass."""
+        features, shallow = self.backbone(x, with_shallow=True)
+        return self.cluster_head(features), shallow
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        hp = self.hparams
+        images = batch["image"]
+        # Lines 4-5 of Algorithm 1: predictions of the original images, and from them, over the
+        # global batch, the pseudo-graph W (Eq. 2) and the confident pseudo labels y, V (Eqs. 7-8).
+        train_on_original = hp.original_images or (hp.mutual_information_loss and not hp.local_robustness)
+        with torch.set_grad_enabled(train_on_original):
+            logits, shallow = self.forward_with_shallow(self.views.plain(images))
+        logits = gather(logits)
+        probs = logits.detach().float().softmax(1)  # z, Eq. 1
+        graph = pseudo_graph(probs, hp.graph_threshold)
+        labels, confident = pseudo_labels(probs, hp.label_threshold)
+
+        terms = {}
+        if hp.original_images:  # L_CDS = L_PG + alpha L_PL, Eq. 10
+            if hp.pseudo_graph_loss:
+                terms["pseudo_graph"] = pseudo_graph_loss(logits, graph)  # Eq. 3
+            if hp.pseudo_label_loss:
+                terms["pseudo_label"] = hp.alpha * pseudo_label_loss(logits, labels, confident, hp.pseudo_label_criterion)  # Eq. 9
+        if hp.local_robustness:  # L_LR = L'_PG + alpha L'_PL on x' = G x, with W and y, V of x, Eq. 12
+            logits, shallow = self.forward_with_shallow(self.views(images))
+            logits = gather(logits)
+            if hp.pseudo_graph_loss:
+                terms["pseudo_graph_transformed"] = pseudo_graph_loss(logits, graph)
+            if hp.pseudo_label_loss:
+                terms["pseudo_label_transformed"] = hp.alpha * pseudo_label_loss(logits, labels, confident, hp.pseudo_label_criterion)  # fmt: skip
+        if hp.mutual_information_loss:  # beta L_MI, Eq. 14, on the images trained on (x' when transformed)
+            terms["mutual_information"] = hp.beta * self.triplet_mutual_information(
+                logits, gather(shallow), graph, gather(batch["index"]), batch_idx)  # fmt: skip
+        self.log_diagnostics(probs, graph, confident, gather(batch["label"]))
+        return self.objective(terms)  # L_DCCM, Eq. 15
+
+    def triplet_mutual_information(self, deep: Tensor, shallow: Tensor, graph: Tensor, index: Tensor,
+                                   batch_idx: int) -> Tensor:  # fmt: skip
+        """L_MI, Eq. 14, from sampled pairs (Sec. 3.4): joint pairs (Y_i, M_i) and (Y_i, M_j) for a
+        pseudo-graph positive j; marginal pairs (Y_i, M_k) for pseudo-graph negatives k."""
+        positive, positive_valid, negatives, negatives_valid = triplet_pairs(
+            graph, self.pair_scores(index, batch_idx), self.hparams.num_negatives)  # fmt: skip
+        anchor = torch.arange(len(deep), device=deep.device)
+        joint = (torch.cat([anchor, anchor[positive_valid]]), torch.cat([anchor, positive[positive_valid]]))
+        marginal = (anchor[:, None].expand_as(negatives)[negatives_valid], negatives[negatives_valid])
+        # index_select, not deep[...]: its backward (index_add_) is deterministic on the CPU, while
+        # advanced indexing's (index_put_ with accumulate) adds repeated rows in a varying order,
+        # and one flipped threshold of the pseudo-graph then makes two identical runs drift apart.
+        deep_rows, shallow_rows = torch.cat([joint[0], marginal[0]]), torch.cat([joint[1], marginal[1]])
+        scores = self.discriminator(deep.index_select(0, deep_rows), shallow.index_select(0, shallow_rows))
+        return mutual_information_loss(scores[: len(joint[0])], scores[len(joint[0]) :])
+
+    def pair_scores(self, index: Tensor, batch_idx: int) -> Tensor:
+        """I.i.d. uniform scores of all pairs of the global batch, which pick the random positives
+        and negatives. Drawn from (seed, epoch, batch) in the order of the samples' dataset
+        indices, so that every rank draws the same pairs, however the batch is split over the
+        ranks, and a resumed run draws them again."""
+        generator = torch.Generator(device=index.device)
+        generator.manual_seed(derive_seed(self.current_epoch, batch_idx, _PAIR_DRAW))
+        scores = torch.rand(len(index), len(index), generator=generator, device=index.device)
+        position = index.argsort().argsort()  # each sample's place in dataset-index order
+        return scores[position][:, position]
+
+    @torch.no_grad()
+    def log_diagnostics(self, probs: Tensor, graph: Tensor, confident: Tensor, labels: Tensor) -> None:
+        """The paper's Figs. 5-6: share of confident predictions, pseudo-graph density and, where
+        labels exist, the pseudo-graph's BCubed precision and recall. Logged, never used."""
+        n = len(graph)
+        stats = {"confident": confident.float().mean(), "max_probability": probs.max(1).values.mean(),
+                 "graph_positives": (graph.sum() - n).float() / max(n * (n - 1), 1)}  # fmt: skip
+        known = labels >= 0
+        if known.sum() > 1:
+            stats["graph_precision"], stats["graph_recall"] = graph_bcubed(graph[known][:, known], labels[known])
+        self.log_dict({f"train/{name}": value.float() for name, value in stats.items()}, on_step=False, on_epoch=True,
+                      batch_size=self._batch_size)  # fmt: skip
+
+    def cluster_logits(self, x: Tensor) -> Tensor:
+        """y = argmax f(x) (Eq. 7): the logits of the one head, 1 x B x K."""
+        return self.cluster_head(self.backbone(x))[None]
