@@ -28,15 +28,25 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clusterlab.data.datamodule import ClusterDataModule  # noqa: E402
-from clusterlab.data.views import SimCLRViews, SmallImageViews  # noqa: E402
+from clusterlab.data.views import SimCLRViews  # noqa: E402
 from clusterlab.losses.cc import cluster_entropy, cluster_loss, instance_loss  # noqa: E402
-from clusterlab.methods import CC  # noqa: E402
+from clusterlab.losses.common import nt_xent  # noqa: E402
+from clusterlab.losses.dccm import (  # noqa: E402
+    mutual_information_loss,
+    pseudo_graph,
+    pseudo_graph_loss,
+    pseudo_label_loss,
+    pseudo_labels,
+    triplet_pairs,
+)
+from clusterlab.losses.nnm import class_contrastive_loss, consistency_loss, entropy_loss  # noqa: E402
+from clusterlab.losses.scl import concept_loss, contrastive_set, hard_sample_weights, memory_logits  # noqa: E402
+from clusterlab.losses.scl import instance_loss as scl_instance_loss  # noqa: E402
 from clusterlab.neighbors import knn  # noqa: E402
-from clusterlab.nn import SmallCNN  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -67,54 +77,165 @@ class StepTimer(pl.Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-def cc_model() -> CC:
-    backbone = SmallCNN(1, (32, 64, 128), (False, True, False))
-    return CC(10, backbone, SmallImageViews(), optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+def build(config: str, overrides: list[str]):
+    """A method and its data module, exactly as `clusterlab fit --config <config>` builds them."""
+    from clusterlab.cli import ClusterLabCLI
+
+    cli = ClusterLabCLI(args=["--config", config, "--trainer.logger", "false", *overrides], run=False)
+    return cli.model, cli.datamodule
 
 
-def cc_bare_step(model: CC, x: torch.Tensor, optimizer) -> torch.Tensor:
+def cc_bare_step(model, batch: dict, optimizer) -> torch.Tensor:
     """CC's step written out with no framework: the work clusterlab's training_step does."""
+    x = batch["image"]
     x_a, x_b = model.views(x), model.views(x)
     h_a, h_b = model.backbone(x_a), model.backbone(x_b)
     z_a, z_b = model.instance_projector(h_a), model.instance_projector(h_b)
     y_a, y_b = model.cluster_projector(h_a)[0].softmax(-1), model.cluster_projector(h_b)[0].softmax(-1)
     loss = instance_loss(z_a, z_b, 0.5) + cluster_loss(y_a, y_b, 1.0) - cluster_entropy(y_a, y_b)
+    return _update(loss, optimizer)
+
+
+def simclr_bare_step(model, batch: dict, optimizer) -> torch.Tensor:
+    x = batch["image"]
+    u = model.contrastive_head(model.backbone(model.views(x)))
+    u_prime = model.contrastive_head(model.backbone(model.views(x)))
+    return _update(nt_xent(u, u_prime, model.hparams.temperature), optimizer)
+
+
+def nnm_bare_step(model, batch: dict, optimizer) -> torch.Tensor:
+    """NNM's first-epoch step (the global terms start in the second epoch, in both loops)."""
+    def assign(images):
+        return model.cluster_heads(model.backbone(model.views(images))).softmax(-1)
+
+    x = batch["image"]
+    f = model.backbone(model.views(x))
+    p = model.cluster_heads(f).softmax(-1)
+    p_aug, n_pre = assign(x), assign(batch["neighbor_image"])
+    n_local = p[:, knn(f.detach(), 1)[0][:, 0]]
+    a, positives = torch.cat([p, p_aug], 1), torch.cat([n_pre, n_local], 1)
+    hp = model.hparams
+    loss = sum(consistency_loss(a[h], positives[h]) + class_contrastive_loss(a[h], positives[h], hp.temperature)
+               + hp.entropy_weight * entropy_loss(a[h]) for h in range(len(a)))  # fmt: skip
+    return _update(loss, optimizer)
+
+
+def scl_bare_step(model, batch: dict, optimizer) -> torch.Tensor:
+    """SCL's step with its callbacks' work: the momentum update and the enqueueing of the keys."""
+    hp, x, index = model.hparams, batch["image"], batch["index"]
+    h = model.backbone(model.views(x))
+    with torch.no_grad():
+        h_perturbed = model.momentum_encoder["backbone"](model.views(x))
+    weights = hard_sample_weights(model.sample_table.changes[0][index])
+    loss, pending = 0.0, []
+    for row, task in enumerate(model.tasks):
+        q = model.projections[task](h)
+        with torch.no_grad():
+            k = F.normalize(model.momentum_encoder["projections"][task](h_perturbed), dim=1)
+        memory = model.semantic_memory[task]
+        if task == "over_clustering":
+            own, queue, owner = index, torch.zeros_like(index), memory.index.flatten()
+        else:
+            own = queue = model.sample_table.labels[row][index]
+            owner = memory.queue_of_slot()
+        loss = loss + scl_instance_loss(q, k, memory.flat_keys(), contrastive_set(owner, own), hp.temperature, weights)
+        if task != "over_clustering":
+            target = memory_logits(q.detach(), memory.keys, hp.temperature).softmax(1)
+            loss = loss + concept_loss(model.classifiers[task](q), target)
+        pending.append((memory, k, queue))
+    loss = _update(loss, optimizer)
+    with torch.no_grad():
+        m = hp.momentum
+        for name, target in model.momentum_encoder.items():
+            torch._foreach_lerp_(list(target.parameters()), [p.detach() for p in getattr(model, name).parameters()], 1 - m)
+        for memory, k, queue in pending:
+            memory.enqueue(k, queue, index)
+    return loss
+
+
+def dccm_bare_step(model, batch: dict, optimizer) -> torch.Tensor:
+    """DCCM's step (Eq. 15): original and transformed images, pseudo-graph, pseudo labels, triplet MI."""
+    hp, x = model.hparams, batch["image"]
+    logits, _ = model.forward_with_shallow(model.views.plain(x))
+    probs = logits.detach().float().softmax(1)
+    graph = pseudo_graph(probs, hp.graph_threshold)
+    labels, confident = pseudo_labels(probs, hp.label_threshold)
+    loss = pseudo_graph_loss(logits, graph) + hp.alpha * pseudo_label_loss(logits, labels, confident)
+    logits, shallow = model.forward_with_shallow(model.views(x))
+    loss = loss + pseudo_graph_loss(logits, graph) + hp.alpha * pseudo_label_loss(logits, labels, confident)
+    scores = torch.rand(len(x), len(x), device=x.device)
+    positive, positive_valid, negatives, negatives_valid = triplet_pairs(graph, scores, hp.num_negatives)
+    anchor = torch.arange(len(x), device=x.device)
+    joint = (torch.cat([anchor, anchor[positive_valid]]), torch.cat([anchor, positive[positive_valid]]))
+    marginal = (anchor[:, None].expand_as(negatives)[negatives_valid], negatives[negatives_valid])
+    rows, cols = torch.cat([joint[0], marginal[0]]), torch.cat([joint[1], marginal[1]])
+    t = model.discriminator(logits.index_select(0, rows), shallow.index_select(0, cols))
+    loss = loss + hp.beta * mutual_information_loss(t[: len(joint[0])], t[len(joint[0]) :])
+    return _update(loss, optimizer)
+
+
+def _update(loss: torch.Tensor, optimizer) -> torch.Tensor:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss
 
 
-METHODS = {"CC": (cc_model, cc_bare_step, "digits")}
+def pretext_checkpoint(folder: Path) -> str:
+    """An (untrained) SimCLR checkpoint for NNM to start from: throughput does not depend on its weights."""
+    model, data = build("experiments/simclr_fashion_mnist.yaml", [])
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=str(folder),
+                         enable_checkpointing=False)  # fmt: skip
+    trainer.fit(model, data)
+    path = folder / "simclr.ckpt"
+    trainer.save_checkpoint(path)
+    return str(path)
 
 
-def clusterlab_images_per_s(build, dataset: str, device: str, steps: int, warmup: int, batch: int) -> float:
+# method: (config, bare step); Fashion-MNIST (60,000 training images: the timed steps stay inside
+# the first epoch, so no epoch-end work is timed on either side).
+METHODS = {
+    "CC": ("experiments/cc_fashion_mnist.yaml", cc_bare_step),
+    "SimCLR (NNM's pretext)": ("experiments/simclr_fashion_mnist.yaml", simclr_bare_step),
+    "NNM": ("experiments/nnm_fashion_mnist.yaml", nnm_bare_step),
+    "SCL": ("experiments/scl_fashion_mnist.yaml", scl_bare_step),
+    "DCCM": ("experiments/dccm_fashion_mnist.yaml", dccm_bare_step),
+}
+
+
+def clusterlab_images_per_s(config: str, overrides: list[str], device: str, steps: int, warmup: int) -> float:
     torch.manual_seed(0)
+    model, data = build(config, overrides)
     timer = StepTimer(warmup)
     trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=warmup + steps,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
                          callbacks=[timer])  # fmt: skip
-    trainer.fit(build(), ClusterDataModule(dataset, batch_size=batch))
+    trainer.fit(model, data)
     return timer.images / timer.seconds
 
 
-def bare_images_per_s(build, bare_step, dataset: str, device: str, steps: int, warmup: int, batch: int) -> float:
+def bare_images_per_s(config: str, overrides: list[str], bare_step, device: str, steps: int, warmup: int) -> float:
     torch.manual_seed(0)
-    model = build().to(device).train()
+    model, data = build(config, overrides)
+    model = model.to(device).train()
     optimizer = model.build_optimizer(model.parameters())
-    data = ClusterDataModule(dataset, batch_size=batch)
     data.setup("fit")
-    images = data.train_set.images
+    images, batch = data.train_set.images, data.hparams.batch_size
+    if hasattr(model, "sample_table"):  # SCL's pseudo labels, as its setup("fit") makes them
+        model.sample_table.reset(len(images), model.task_clusters, torch.Generator().manual_seed(0))
+        model.sample_table.to(device)
     order = torch.randperm(len(images))
+    neighbors = torch.randint(len(images), (len(images), 20))  # any table costs the same to draw from
     for step in range(warmup + steps):
         if step == warmup:
             sync(device)
             start = time.perf_counter()
-        if (step + 1) * batch > len(order):
-            order = torch.randperm(len(images))
-        picks = order[(step * batch) % (len(order) - batch + 1):][:batch]
-        bare_step(model, images[picks].to(device, non_blocking=True), optimizer)
+        picks = order[step * batch : (step + 1) * batch]
+        drawn = neighbors[picks, torch.randint(20, (len(picks),))]
+        bare_step(model, {"image": images[picks].to(device, non_blocking=True), "index": picks.to(device),
+                          "neighbor_image": images[drawn].to(device, non_blocking=True)}, optimizer)  # fmt: skip
     sync(device)
     return steps * batch / (time.perf_counter() - start)
 
@@ -189,6 +310,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--knn_n", type=int, default=70_000)
+    parser.add_argument("--knn_repeats", type=int, default=1, help="the search is deterministic work: one run each")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = args.device
@@ -201,13 +323,21 @@ def main() -> None:
              f"torch threads {torch.get_num_threads()}. Medians of {args.repeats} alternating repeats.", ""]  # fmt: skip
 
     lines += ["## a) Training step: clusterlab vs a bare PyTorch loop (same model, views, loss)", "",
-              "| method | data | batch | clusterlab img/s | bare loop img/s | clusterlab / bare |", "|---|---|---|---|---|---|"]
-    for name, (build, bare_step, dataset) in METHODS.items():
+              "Each method as its experiments/<method>_fashion_mnist.yaml builds it (batch 256); timed "
+              f"over {args.steps} steps after 5 warm-up steps, inside the first epoch.", "",
+              "| method | config | clusterlab img/s | bare loop img/s | clusterlab / bare |", "|---|---|---|---|---|"]  # fmt: skip
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp())
+    for name, (config, bare_step) in METHODS.items():
+        overrides = ["--trainer.accelerator", "gpu" if device == "cuda" else "cpu"]
+        if "nnm" in config:
+            overrides += ["--model.init_args.pretext_checkpoint", pretext_checkpoint(scratch)]
         ours, bare, ratio = median_ratio(
-            lambda b=build, d=dataset: clusterlab_images_per_s(b, d, device, args.steps, 5, 256),
-            lambda b=build, s=bare_step, d=dataset: bare_images_per_s(b, s, d, device, args.steps, 5, 256),
+            lambda c=config, o=overrides: clusterlab_images_per_s(c, o, device, args.steps, 5),
+            lambda c=config, o=overrides, s=bare_step: bare_images_per_s(c, o, s, device, args.steps, 5),
             args.repeats)
-        lines.append(f"| {name} | {dataset} | 256 | {ours:,.0f} | {bare:,.0f} | {ratio:.3f} |")
+        lines.append(f"| {name} | {config} | {ours:,.0f} | {bare:,.0f} | {ratio:.3f} |")
         print(lines[-1], flush=True)
 
     images = torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8)
@@ -224,7 +354,7 @@ def main() -> None:
     features = torch.randn(args.knn_n, 512, generator=torch.Generator().manual_seed(0)).to(device)
     faiss_s, torch_s, _ = median_ratio(lambda: _seconds(lambda: knn(features, 20, backend="faiss"), device),
                                        lambda: _seconds(lambda: knn(features, 20, backend="torch"), device),
-                                       args.repeats)  # fmt: skip
+                                       args.knn_repeats)  # fmt: skip
     check = features[:2000]
     agree = (knn(check, 20, backend="faiss")[0].sort(1).values == knn(check, 20, backend="torch")[0].sort(1).values)
     lines += ["", f"## c) kNN, k = 20, {args.knn_n:,} x 512 features", "", "| search | seconds |", "|---|---|",

@@ -5,12 +5,15 @@
 
 A suite file names the methods and, for each, the configs of its stages, run in order with the
 same seed (NNM: the SimCLR pretext, then NNM, which finds the pretext's checkpoint through its
-config). Every run is a plain `clusterlab fit`. The table is computed from the runs'
+config), with the suite's `args` and the method's own `args` (ablations are methods that differ
+only in their `args`). Every run is a plain `clusterlab fit`. The table is computed from the runs'
 metrics.json files: rows are the methods plus k-means on the same images; columns are NMI / ACC /
 ARI as mean +- std over the seeds, and the fit time per run. It replaces the suite's block in
 docs/results.md (between `<!-- benchmark:<key> -->` markers) together with the exact command and
 the machine. The per-run figures and the paths of their metrics.json go to
-benchmarks/results/<key>.json, so that the table can be checked against the runs.
+benchmarks/results/<key>.json, so that the table can be checked against the runs. Each finished
+(method, seed) is also recorded in benchmarks/results/<key>.progress.json as it ends; `--resume`
+takes the runs found there (same seed and arguments) instead of running them again.
 """
 
 from __future__ import annotations
@@ -107,6 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--results", default="docs/results.md", help="markdown file to write the table into")
     parser.add_argument("--runs_dir", default="runs")
     parser.add_argument("--json_dir", default="benchmarks/results")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the finished runs recorded in <json_dir>/<key>.progress.json")
     args = parser.parse_args(argv)
 
     suite = yaml.safe_load(Path(args.suite).read_text())
@@ -114,23 +119,33 @@ def main(argv: list[str] | None = None) -> dict:
     if args.budget_minutes:
         seconds = int(args.budget_minutes * 60)
         extra += ["--trainer.max_time", f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"]
+    command = "python -m clusterlab.benchmark " + shlex.join(sys.argv[1:] if argv is None else argv)
+    Path(args.json_dir).mkdir(parents=True, exist_ok=True)
+    progress_file = Path(args.json_dir) / f"{suite['key']}.progress.json"
+    done = json.loads(progress_file.read_text()) if args.resume and progress_file.exists() else {}
     runs: dict[str, list[dict]] = {}
     for method in suite["methods"]:
+        method_extra = extra + list(method.get("args", []))
         for seed in args.seeds:
-            reports = []
-            for config in method["stages"]:
-                run_dir = run_stage(config, seed, extra, args.runs_dir)
-                reports.append({**json.loads((run_dir / "metrics.json").read_text()), "run_dir": str(run_dir)})
-            final = dict(reports[-1])
-            final["wall_time_s"] = sum(r["wall_time_s"] for r in reports)  # all stages of the method
-            final["stage_runs"] = [r["run_dir"] for r in reports]
+            key = json.dumps([method["name"], method["stages"], method_extra, seed])
+            if key in done:
+                final = done[key]
+                print(f"  {method['name']} seed {seed}: from {progress_file} ({final['run_dir']})", flush=True)
+            else:
+                reports = []
+                for config in method["stages"]:
+                    run_dir = run_stage(config, seed, method_extra, args.runs_dir)
+                    reports.append({**json.loads((run_dir / "metrics.json").read_text()), "run_dir": str(run_dir)})
+                final = dict(reports[-1])
+                final["wall_time_s"] = sum(r["wall_time_s"] for r in reports)  # all stages of the method
+                final["stage_runs"] = [r["run_dir"] for r in reports]
+                done[key] = final
+                progress_file.write_text(json.dumps(done, indent=2) + "\n")
             runs.setdefault(method["name"], []).append(final)
             print(f"  {method['name']} seed {seed}: " + ", ".join(f"{m} {final[m]:.4f}" for m in METRICS), flush=True)
 
-    command = "python -m clusterlab.benchmark " + shlex.join(sys.argv[1:] if argv is None else argv)
     rows = summarize(runs)
     write_block(Path(args.results), suite["key"], markdown(suite, rows, command, machine()))
-    Path(args.json_dir).mkdir(parents=True, exist_ok=True)
     record = {"suite": args.suite, "command": command, "machine": machine(), "rows": rows, "runs": runs}
     (Path(args.json_dir) / f"{suite['key']}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"Table written to {args.results} (block {suite['key']}); runs listed in {args.json_dir}/{suite['key']}.json")

@@ -34,6 +34,12 @@ def test_runner_writes_the_table_from_the_runs_metrics(in_tmp):
     assert "| k-means (published) | 0.510 | 0.470 | - |" in text
     assert "python -m clusterlab.benchmark suite.yaml --seeds 0 1" in text
 
+    # --resume takes the finished runs from the progress file: no new run directories.
+    run_dirs = sorted(p.parent for p in in_tmp.glob("runs/**/metrics.json"))
+    resumed = main(["suite.yaml", "--seeds", "0", "1", "--results", "results.md", "--json_dir", "out", "--resume"])
+    assert [r["run_dir"] for r in resumed["runs"]["CC"]] == [r["run_dir"] for r in runs]
+    assert sorted(p.parent for p in in_tmp.glob("runs/**/metrics.json")) == run_dirs
+
     main(["suite.yaml", "--seeds", "0", "--results", "results.md", "--json_dir", "out"])  # replaces its block
     assert (in_tmp / "results.md").read_text().count("<!-- benchmark:tiny -->") == 1
     assert json.loads((in_tmp / "out" / "tiny.json").read_text())["rows"][1]["seeds"] == [0]
