@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytorch_lightning as pl
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,3 +114,36 @@ def save_pretext(model, path) -> str:
     model.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, path)
     return str(path)
+
+
+def clusterlab(*args, cwd):
+    """`python -m clusterlab ...` in a fresh process (a SIGKILL there does not end the tests)."""
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, "-m", "clusterlab", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+def state(run_dir):
+    return torch.load(next(run_dir.glob("*/checkpoints/last.ckpt")), weights_only=False)
+
+
+def kill_and_resume(folder, config: str) -> tuple[dict, dict, dict]:
+    """Fits `config` (4 epochs of 3 batches) whole as run "whole"; then as run "killed", SIGKILLed in
+    epoch 2 at batch 1 and continued with `--ckpt_path last`. Returns the last checkpoints of the
+    whole run, of the killed run as it was at the kill, and of the resumed run; asserts that both
+    ended at the same place and that every tensor of the state dict is equal."""
+    kill = ["--trainer.callbacks+=tests.helpers.KillAt", "--trainer.callbacks.epoch=2", "--trainer.callbacks.batch=1"]
+    whole = clusterlab("fit", "--config", config, "--name", "whole", cwd=folder)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = clusterlab("fit", "--config", config, "--name", "killed", *kill, cwd=folder)
+    assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL, mid-epoch 2
+    at_kill = state(folder / "runs" / "killed")
+    assert at_kill["epoch"] == 1  # the last checkpoint is epoch 1's
+    resumed = clusterlab("fit", "--config", config, "--name", "killed", "--ckpt_path", "last", cwd=folder)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    expected, got = state(folder / "runs" / "whole"), state(folder / "runs" / "killed")
+    assert got["epoch"] == expected["epoch"] == 3 and got["global_step"] == expected["global_step"] == 12
+    for name, tensor in expected["state_dict"].items():
+        assert torch.equal(got["state_dict"][name], tensor), name
+    return expected, at_kill, got

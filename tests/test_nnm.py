@@ -266,27 +266,14 @@ def test_every_loss_term_can_be_switched_off_table_3(pretext):
 
 
 def test_killed_and_resumed_nnm_run_continues_with_the_same_global_table(tmp_path):
-    from tests.test_resume import clusterlab, state
+    from tests.helpers import clusterlab, kill_and_resume
 
     (tmp_path / "tiny_simclr.yaml").write_text(TINY_SIMCLR)
     (tmp_path / "tiny_nnm.yaml").write_text(TINY_NNM)
     pretext = clusterlab("fit", "--config", "tiny_simclr.yaml", cwd=tmp_path)
     assert pretext.returncode == 0, pretext.stderr[-3000:]
-    kill = ["--trainer.callbacks+=tests.helpers.KillAt", "--trainer.callbacks.epoch=2", "--trainer.callbacks.batch=1"]
-
-    whole = clusterlab("fit", "--config", "tiny_nnm.yaml", "--name", "whole", cwd=tmp_path)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = clusterlab("fit", "--config", "tiny_nnm.yaml", "--name", "killed", *kill, cwd=tmp_path)
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    stopped = state(tmp_path / "runs" / "killed")
-    assert stopped["epoch"] == 1 and stopped["callbacks"]["GlobalNeighbors"]["epoch"] == 1  # epoch 1's table saved
-
-    resumed = clusterlab("fit", "--config", "tiny_nnm.yaml", "--name", "killed", "--ckpt_path", "last", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected, got = state(tmp_path / "runs" / "whole"), state(tmp_path / "runs" / "killed")
-    assert got["epoch"] == expected["epoch"] == 3 and got["global_step"] == expected["global_step"] == 12
-    for name, tensor in expected["state_dict"].items():
-        assert torch.equal(got["state_dict"][name], tensor), name
+    expected, stopped, got = kill_and_resume(tmp_path, "tiny_nnm.yaml")
+    assert stopped["callbacks"]["GlobalNeighbors"]["epoch"] == 1  # epoch 1's table was saved
     table, resumed_table = expected["callbacks"]["GlobalNeighbors"], got["callbacks"]["GlobalNeighbors"]
     assert table["epoch"] == resumed_table["epoch"] == 3
     assert torch.equal(table["table"], resumed_table["table"])
