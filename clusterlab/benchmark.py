@@ -75,7 +75,8 @@ def markdown(suite: dict, rows: list[dict], command: str, machine: str) -> str:
         lines += [suite["note"].strip(), ""]
     lines += ["| method | NMI | ACC | ARI | fit time per run | seeds |", "|---|---|---|---|---|---|"]
     for row in rows:
-        cells = [f"{row[m][0]:.4f} +- {row[m][1]:.4f}" for m in METRICS]
+        one_seed = len(row["seeds"]) == 1  # no spread to report
+        cells = [f"{row[m][0]:.4f}" if one_seed else f"{row[m][0]:.4f} +- {row[m][1]:.4f}" for m in METRICS]
         wall = f"{row['wall_time_s']:.0f} s" if row["wall_time_s"] is not None else ""
         lines.append(f"| {row['name']} | {' | '.join(cells)} | {wall} | {', '.join(map(str, row['seeds']))} |")
     for anchor in suite.get("anchors", []):
