@@ -320,7 +320,8 @@ def main() -> None:
     lines = [f"# Throughput ({device})", "", "```", "python " + shlex.join(sys.argv), "```", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
              f"{torch.cuda.get_device_name(0) if device == 'cuda' else 'no GPU'}; torch {torch.__version__}, "
-             f"torch threads {torch.get_num_threads()}. Medians of {args.repeats} alternating repeats.", ""]  # fmt: skip
+             f"torch threads {torch.get_num_threads()}. Medians of {args.repeats} alternating repeats; a ratio is "
+             "the median of the per-repeat ratios (both sides back to back), not the ratio of the medians.", ""]  # fmt: skip
 
     lines += ["## a) Training step: clusterlab vs a bare PyTorch loop (same model, views, loss)", "",
               "Each method as its experiments/<method>_fashion_mnist.yaml builds it (batch 256); timed "
