@@ -5,10 +5,16 @@
     clusterlab test --config runs/cc_digits/<run>/config.yaml --ckpt_path runs/cc_digits/<run>/checkpoints/last.ckpt
     clusterlab fit --config experiments/cc_cifar10.yaml --print_config
 
-Each run writes into runs/<name>/<timestamp>-seed<S>/: config.yaml (the resolved config),
-checkpoints/last.ckpt, metrics.csv, wandb/ (offline unless you are logged in) and, after `fit`,
-metrics.json: the final ACC / NMI / ARI of every head and of the selected one, next to k-means
-on the same images, with epochs, seed and wall time.
+Each fit writes into runs/<name>/<timestamp>-seed<S>/ (clusterlab.runs): config.yaml (the resolved
+config, loadable by every subcommand), checkpoints/last.ckpt (after every epoch), metrics.csv,
+wandb/ (offline unless you are logged in) and, at the end, metrics.json: the final ACC / NMI / ARI
+of every head and of the selected one, next to k-means on the same images, with epochs, seed and
+wall time. `validate`, `test` and `predict` of a run's checkpoint write into a directory of their
+own inside that run, so they never touch the fit's files.
+
+A user error (a missing data set, an unreadable checkpoint or image, a checkpoint of another
+method, an unwritable output, a diverged run) is one line and exit code 1; `--debug` (or
+CLUSTERLAB_DEBUG=1) shows the traceback.
 """
 
 from __future__ import annotations
@@ -18,24 +24,30 @@ import importlib
 import inspect
 import json
 import os
+import platform
 import re
 import shlex
 import sys
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 
+from clusterlab import runs
 from clusterlab.callbacks.assignments import Assignments
 from clusterlab.callbacks.figures import ClusterFigures
 from clusterlab.data.datamodule import ClusterDataModule
+from clusterlab.errors import CheckpointError, UserError
 from clusterlab.methods.base import ClusteringMethod
 
-RUN_DIR_ENV = "CLUSTERLAB_RUN_DIR"  # hands rank 0's run directory to the DDP processes it launches
+# Keys that belong to one subcommand only: a saved config leaves them out, so that it loads in all.
+_STAGE_KEYS = ("ckpt_path", "verbose", "return_predictions")
 
 
 class ClusterLabParser(LightningArgumentParser):
@@ -47,8 +59,7 @@ class ClusterLabParser(LightningArgumentParser):
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
         known = [a.dest for a in parser._actions if a.dest and a.dest != "help"]
-        sys.stderr.write(f"{prog}: error: {explain_config_error(message, known)}\n"
-                         f"(all options: {prog} --help)\n")  # fmt: skip
+        sys.stderr.write(f"{prog}: error: {explain_config_error(message, known)}\n(all options: {prog} --help)\n")
         sys.exit(2)
 
 
@@ -62,9 +73,11 @@ def explain_config_error(message: str, known_keys: list[str]) -> str:
         key = ".init_args.".join([*keys, option])
         accepted = _init_parameters(owner) if owner else []
         hint = difflib.get_close_matches(option, accepted, 1)
-        return (f"unknown config key '{key}': {owner} has no option '{option}'."
-                + (f" Did you mean '{hint[0]}'?" if hint else "")
-                + (f" Its options: {', '.join(accepted)}." if accepted else ""))  # fmt: skip
+        return (
+            f"unknown config key '{key}': {owner} has no option '{option}'."
+            + (f" Did you mean '{hint[0]}'?" if hint else "")
+            + (f" Its options: {', '.join(accepted)}." if accepted else "")
+        )
     for pattern in (r"does not accept option '([^']+)'", r"unrecognized arguments: --([^\s=]+)"):
         found = re.search(pattern, message)
         if found:
@@ -86,11 +99,12 @@ def _init_parameters(class_path: str) -> list[str]:
 class ClusterLabCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True) -> None:
         self._started = 0.0
+        self.checkpoint_meta: dict | None = None
         super().__init__(
             ClusteringMethod,
             ClusterDataModule,
             subclass_mode_model=True,
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=None,  # the run's config.yaml is written when its directory is made
             auto_configure_optimizers=False,
             seed_everything_default=0,
             parser_class=ClusterLabParser,
@@ -100,6 +114,7 @@ class ClusterLabCLI(LightningCLI):
                     {"class_path": "clusterlab.loggers.WandbLogger"},
                 ],
                 "log_every_n_steps": 5,
+                "plugins": [{"class_path": "clusterlab.checkpointing.AtomicCheckpointIO"}],
             },
             args=args,
             run=run,
@@ -107,66 +122,112 @@ class ClusterLabCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_clusters", "model.init_args.num_clusters", apply_on="instantiate")
-        parser.add_argument("--name", type=str | None, default=None,
-                            help="Run name: runs go to <runs_dir>/<name>/. Default: the config file's name.")
+        # The data's channels are the backbone's input channels: one setting, not two.
+        parser.link_arguments("data.input_channels", "model.init_args.backbone.init_args.in_channels", apply_on="instantiate")
+        parser.add_argument(
+            "--name", type=str | None, default=None, help="Run name: runs go to <runs_dir>/<name>/. Default: the config file's name."
+        )
         parser.add_argument("--runs_dir", type=str, default="runs", help="Where run directories are made.")
-        parser.add_argument("--kmeans_baseline", type=bool, default=True,
-                            help="After fit, also report k-means on the pixels of the evaluation set.")  # fmt: skip
+        parser.add_argument(
+            "--kmeans_baseline", type=bool, default=True, help="After fit, also report k-means on the pixels of the evaluation set."
+        )
+        parser.add_argument(
+            "--checkpoint_every_minutes", type=float | None, default=None,
+            help="Also write last.ckpt every this many minutes inside an epoch (for long epochs); a run "
+            "resumed from such a checkpoint continues with the next batch of that epoch.",
+        )  # fmt: skip
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        # Keep the newest epoch checkpoint; last.ckpt links to it.
-        parser.set_defaults({"checkpoint.save_last": "link", "checkpoint.save_top_k": 1})
+        # last.ckpt after every training epoch, replaced atomically (clusterlab.checkpointing): a
+        # kill loses at most the epoch in progress.
+        parser.set_defaults(
+            {
+                "checkpoint.filename": "last",  # the one checkpoint kept (save_top_k 1, no monitor)
+                "checkpoint.save_top_k": 1,
+                "checkpoint.every_n_epochs": 1,
+                "checkpoint.save_on_train_epoch_end": True,
+                "checkpoint.enable_version_counter": False,
+            }
+        )
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
         parser.add_lightning_class_args(ClusterFigures, "figures")
         parser.add_lightning_class_args(Assignments, "assignments")
 
-    # -- run directory ----------------------------------------------------------------------
+    # -- the run directory ------------------------------------------------------------------
 
     def _subconfig(self):
-        return self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        subcommand = self.config.get("subcommand")
+        return self.config[subcommand] if subcommand else self.config  # run=False: no subcommand
 
-    def before_instantiate_classes(self) -> None:
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """After parsing and before anything is built: the checkpoint is checked against the config
+        and the run directory is made, on rank 0, and every process of the run agrees on both."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand") or "fit"
         config = self._subconfig()
         name = config.name or _config_name(config) or "run"
-        runs = Path(config.runs_dir) / name
-        ckpt_path = config.get("ckpt_path")
-        if self.subcommand == "fit" and ckpt_path == "last":
-            config.ckpt_path = str(_latest_checkpoint(runs))
-            ckpt_path = config.ckpt_path
-        run_dir = os.environ.get(RUN_DIR_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None
-        if run_dir is None:
-            continuing = self.subcommand == "fit" and ckpt_path and Path(ckpt_path).parent.name == "checkpoints"
-            if continuing:  # a resumed run keeps writing into its own directory
-                run_dir = str(Path(ckpt_path).parent.parent)
-            else:
-                stage = "" if self.subcommand in ("fit", None) else f"-{self.subcommand}"
-                run_dir = str(_new_run_dir(runs, f"{time.strftime('%Y%m%d-%H%M%S')}{stage}-seed{config.seed_everything}"))
-            os.environ[RUN_DIR_ENV] = run_dir
-        self.run_dir = Path(run_dir)
+        portable = _portable_config(parser, self.config, name)
+        decision = runs.agree(lambda: _decide_run(subcommand, config, name, portable))
+        self.run_dir = Path(decision["run_dir"])
+        self.checkpoint_meta = decision["checkpoint"]
+        if "ckpt_path" in config:
+            config.ckpt_path = decision["ckpt_path"]
 
-        if self.subcommand == "predict" and config.data.dataset == "image_folder" and ckpt_path:
-            _folder_input_from_checkpoint(config.data, ckpt_path)
+    def before_instantiate_classes(self) -> None:
+        config, run_dir = self._subconfig(), str(self.run_dir)
+        if self.config.get("subcommand") == "predict" and config.data.dataset == "image_folder" and self.checkpoint_meta:
+            _folder_input_from_checkpoint(config.data, self.checkpoint_meta)
         config.trainer.default_root_dir = run_dir
         config.checkpoint.dirpath = str(self.run_dir / "checkpoints")
         loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
         for logger in loggers:
             args = getattr(logger, "init_args", None)
-            if args is not None and "save_dir" in args and not args.save_dir:
+            if args is not None and "save_dir" in args:
                 args.save_dir = run_dir
             if args is not None and "name" in args and not args.name:
-                args.name = f"{name}/{self.run_dir.name}"
+                args.name = f"{self.run_dir.parent.name}/{self.run_dir.name}"
+
+    def after_instantiate_classes(self) -> None:
+        minutes = self._subconfig().get("checkpoint_every_minutes")
+        if minutes:  # a second writer of last.ckpt, inside epochs (Lightning's triggers exclude each other)
+            self.trainer.callbacks.append(
+                ModelCheckpoint(
+                    dirpath=self.run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False,
+                    train_time_interval=timedelta(minutes=minutes), save_on_train_epoch_end=True,
+                )
+            )  # fmt: skip
 
     # -- fit report -------------------------------------------------------------------------
+
+    def before_fit(self) -> None:
+        self._started = time.time()
+        if self.checkpoint_meta:  # a resumed run: its metrics.csv keeps the rows before the checkpoint, once
+            for logger in self.trainer.loggers:
+                if hasattr(logger, "continue_from"):
+                    logger.continue_from(self.checkpoint_meta)
+
+    def fit(self, model, **kwargs) -> None:
+        try:
+            self.trainer.fit(model, **kwargs)
+        except SystemExit:  # Ctrl-C: Lightning stops gracefully, then exits with code 1
+            if self.trainer.interrupted:
+                last = self.run_dir / "checkpoints" / "last.ckpt"
+                kept = f"{last} (written at the end of the last whole epoch)" if last.exists() else "no checkpoint yet"
+                rank_zero_info(
+                    f"Interrupted. The run keeps {kept}; continue it with: clusterlab fit --config "
+                    f"{self.run_dir / 'config.yaml'} --ckpt_path last"
+                )
+            raise
 
     def _start_clock(self) -> None:
         self._started = time.time()
 
-    before_fit = before_validate = before_test = _start_clock
+    before_validate = before_test = before_predict = _start_clock
 
     def after_fit(self) -> None:
         wall_time = time.time() - self._started
         if self.trainer.interrupted:
             return
-        # Evaluate the final weights, whatever the validation schedule was.
+        # Evaluate the final weights, whatever the validation schedule was (every rank takes part).
         self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         self._write_report("fit", wall_time)
 
@@ -178,9 +239,12 @@ class ClusterLabCLI(LightningCLI):
 
     @rank_zero_only
     def _write_report(self, stage: str, wall_time: float) -> None:
+        """metrics.json and the printed table. Rank 0 only: everything it reads was gathered
+        before (model.eval_results), and it calls no collective."""
         config = self._subconfig()
         model, data = self.model, self.datamodule
-        epochs = self.trainer.current_epoch if stage == "fit" else model.checkpoint_epochs
+        meta = self.checkpoint_meta or {}
+        results = model.eval_results
         report = {
             "stage": stage,
             "method": type(model).__name__,
@@ -190,22 +254,43 @@ class ClusterLabCLI(LightningCLI):
             "num_samples": len(data.eval_set),
             "num_clusters": model.num_clusters,
             "seed": config.seed_everything,
-            "epochs": epochs,
-            "steps": self.trainer.global_step if stage == "fit" else None,
+            "epochs": model.epochs_trained if stage == "fit" else meta.get("epochs_trained"),
+            "steps": self.trainer.global_step if stage == "fit" else meta.get("global_step"),
             "wall_time_s": round(wall_time, 1),
             "devices": self.trainer.world_size,
-            **{k: model.eval_results.get(k) for k in ("acc", "nmi", "ari", "selected_head", "heads")},
+            **{k: results.get(k) for k in ("acc", "nmi", "ari", "selected_head", "heads")},
+            "cluster_sizes": results.get("cluster_sizes"),
+            "collapsed": results.get("collapsed"),
             **({"diagnostics": model.diagnostics} if model.diagnostics else {}),
             "config": "config.yaml",
             "checkpoint": "checkpoints/last.ckpt" if stage == "fit" else config.get("ckpt_path"),
             "command": "clusterlab " + shlex.join(sys.argv[1:]),
+            "environment": environment(),
         }
         if config.kmeans_baseline and data.eval_set.labels.ge(0).any():
-            report["kmeans"] = kmeans_baseline(data.eval_set.images, data.eval_set.labels, model.num_clusters,
-                                               seed=config.seed_everything)  # fmt: skip
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+            report["kmeans"] = kmeans_baseline(
+                data.eval_set.images, data.eval_set.labels, model.num_clusters, seed=config.seed_everything
+            )
         (self.run_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
         print_report(report, self.run_dir)
+
+
+def environment() -> dict:
+    """What a figure depends on besides the code and the seed: recorded in every metrics.json."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+    }
 
 
 def kmeans_baseline(images: torch.Tensor, labels: torch.Tensor, num_clusters: int, seed: int = 0) -> dict:
@@ -223,9 +308,12 @@ def print_report(report: dict, run_dir: Path) -> None:
 
     console = Console()
     stage = "" if report["stage"] == "fit" else f" [{report['stage']}]"
-    console.print(f"[bold]{report['method']}{stage}[/bold] on {report['dataset']} ({report['eval_split']}, "
-                  f"{report['num_samples']} images): seed {report['seed']}, {report['epochs']} epochs, "
-                  f"{report['wall_time_s']:.0f} s", highlight=False)  # fmt: skip
+    console.print(
+        f"[bold]{report['method']}{stage}[/bold] on {report['dataset']} ({report['eval_split']}, "
+        f"{report['num_samples']} images): seed {report['seed']}, {report['epochs']} epochs, "
+        f"{report['wall_time_s']:.0f} s",
+        highlight=False,
+    )
     table = Table()
     for column in ("", "ACC", "NMI", "ARI"):
         table.add_column(column, justify="left" if not column else "right")
@@ -242,15 +330,111 @@ def print_report(report: dict, run_dir: Path) -> None:
     console.print(table)
     for name, value in (report.get("diagnostics") or {}).items():
         console.print(f"{name}: {value:.4f}", highlight=False)
+    if report.get("collapsed"):
+        sizes = report["cluster_sizes"]
+        console.print(
+            f"[bold red]Warning: the clusters collapsed[/bold red]: the largest holds {max(sizes)} of {sum(sizes)} "
+            f"images and {sum(s > 0 for s in sizes)} of {len(sizes)} clusters are used (no label involved). "
+            "Lower the learning rate, or train longer.",
+            highlight=False,
+        )
     console.print(f"Run directory: {run_dir}  (metrics.json, config.yaml, checkpoints/)")
 
 
-def _folder_input_from_checkpoint(data, ckpt_path: str) -> None:
+# -- deciding the run (rank 0) ------------------------------------------------------------------
+
+
+def _decide_run(subcommand: str, config, name: str, portable: str) -> dict:
+    """Resolve `--ckpt_path last`, check the checkpoint against the config, make the run directory
+    and write its config.yaml. Runs on rank 0 only (clusterlab.runs.agree)."""
+    runs_root = Path(config.runs_dir) / name
+    ckpt_path = config.get("ckpt_path")
+    run_dir = None
+    if subcommand == "fit" and ckpt_path == "last":
+        previous = runs.fit_runs(runs_root, seed=config.seed_everything)
+        if not previous:
+            raise UserError(
+                f"--ckpt_path last: no run of this name to continue (no {runs_root}/*-seed{config.seed_everything}/)"
+            )
+        run_dir = previous[-1]
+        last = run_dir / "checkpoints" / "last.ckpt"
+        ckpt_path = str(last) if last.is_file() else None
+        if ckpt_path is None:
+            rank_zero_info(f"--ckpt_path last: {run_dir} was stopped before its first checkpoint; starting it again")
+    meta = None
+    if ckpt_path:
+        meta = runs.read_checkpoint(ckpt_path)
+        check_checkpoint_fits(meta, config, subcommand)
+    if run_dir is None:
+        own_run = runs.run_of_checkpoint(ckpt_path)
+        if subcommand == "fit" and own_run is not None:
+            run_dir = own_run  # a resumed run keeps writing into its own directory
+        elif subcommand in runs.STAGES and own_run is not None:
+            run_dir = runs.make_run_dir(own_run, f"{subcommand}-{runs.timestamp()}")
+        else:
+            stage = "" if subcommand == "fit" else f"-{subcommand}"
+            run_dir = runs.make_run_dir(runs_root, f"{runs.timestamp()}{stage}-seed{config.seed_everything}")
+    (run_dir / "config.yaml").write_text(portable)
+    return {"run_dir": str(run_dir), "ckpt_path": ckpt_path, "checkpoint": meta}
+
+
+def check_checkpoint_fits(meta: dict, config, subcommand: str) -> None:
+    """A checkpoint of another method, number of clusters or input channels is refused before any work."""
+    path = meta["path"]
+    if "method" not in meta:
+        raise CheckpointError(f"checkpoint {path} was not written by clusterlab (no 'clusterlab' entry)")
+    wanted = str(config.model.class_path).rsplit(".", 1)[-1]
+    clusters, channels = _configured_input(config.data, subcommand)
+    asked = [wanted]
+    mismatch = meta["method"] != wanted
+    if clusters is not None:
+        asked.append(f"{clusters} clusters")
+        mismatch |= meta.get("num_clusters") != clusters
+    if channels is not None and meta.get("input_shape"):
+        asked.append(f"{channels} channels")
+        mismatch |= meta["input_shape"][0] != channels
+    if mismatch:
+        raise CheckpointError(
+            f"checkpoint {path} is {runs.describe_checkpoint(meta)}; the config asks for {asked[0]}"
+            + (f" ({', '.join(asked[1:])})" if asked[1:] else "")
+            + ". Use the config the checkpoint was trained with (its run directory has config.yaml)."
+        )
+
+
+def _configured_input(data, subcommand: str) -> tuple[int | None, int | None]:
+    """The number of clusters and the input channels the config implies, where it implies them."""
+    from clusterlab.data.sources import SOURCES
+
+    if data.dataset == "image_folder":  # predict on a folder takes both from the checkpoint
+        return data.num_clusters, data.channels
+    source = SOURCES[data.dataset]
+    return data.num_clusters or len(source.classes), source.channels
+
+
+def _portable_config(parser, config, name: str) -> str:
+    """The config as YAML that `fit`, `validate`, `test` and `predict` all load: without the keys of
+    one subcommand, without the run's own paths (each run fills in its own), with the run's name."""
+    subcommand = config.get("subcommand")
+    dumped = yaml.safe_load(parser.dump(config))
+    if subcommand:
+        dumped = dumped[subcommand]
+    for key in _STAGE_KEYS:
+        dumped.pop(key, None)
+    dumped["name"] = name
+    trainer = dumped.get("trainer") or {}
+    trainer["default_root_dir"] = None
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if isinstance(logger, dict) and isinstance(logger.get("init_args"), dict):
+            logger["init_args"].pop("save_dir", None)
+    if isinstance(dumped.get("checkpoint"), dict):
+        dumped["checkpoint"]["dirpath"] = None
+    return yaml.safe_dump(dumped, sort_keys=False)
+
+
+def _folder_input_from_checkpoint(data, meta: dict) -> None:
     """Decode a folder to the size and channels the checkpoint's model was trained on, and take its
     number of clusters (an unlabeled folder has no classes to count), unless given."""
-    if not Path(ckpt_path).is_file():
-        return
-    meta = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("clusterlab") or {}
     data.num_clusters = data.num_clusters or meta.get("num_clusters")
     shape = meta.get("input_shape")
     if shape:
@@ -263,25 +447,33 @@ def _config_name(config) -> str | None:
     return Path(str(paths[-1])).stem if paths else None
 
 
-def _latest_checkpoint(runs: Path) -> Path:
-    found = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise SystemExit(f"clusterlab: error: --ckpt_path last: no run of this name to continue (no {runs}/*/checkpoints/last.ckpt)")
-    return found[-1]
+# -- the command ----------------------------------------------------------------------------------
 
 
-def _new_run_dir(runs: Path, stem: str) -> Path:
-    candidate, n = runs / stem, 1
-    while candidate.exists():
-        n += 1
-        candidate = runs / f"{stem}-{n}"
-    return candidate
-
-
-def main(args=None) -> None:
+def main(args: list[str] | None = None) -> None:
+    """`clusterlab ...`: user errors are one line and exit code 1 (`--debug`: the traceback)."""
     warnings.filterwarnings("ignore", message=".*Sparse invariant checks.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    ClusterLabCLI(args=args)
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv or os.environ.get("CLUSTERLAB_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    if args is None:
+        sys.argv[1:] = argv
+    try:
+        ClusterLabCLI(args=None if args is None else argv)
+    except UserError as error:
+        if debug:
+            raise
+        report_user_error(error)
+        raise SystemExit(1) from None
+
+
+def report_user_error(error: UserError) -> None:
+    from clusterlab.distributed import rank
+
+    where = f" (rank {rank()})" if rank() else ""
+    sys.stderr.write(f"clusterlab: error{where}: {error}\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

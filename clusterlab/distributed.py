@@ -8,6 +8,8 @@ the same gradients as one process with the concatenated batch (tests/test_distri
 
 from __future__ import annotations
 
+import atexit
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -83,3 +85,12 @@ def broadcast(x: Tensor, src: int = 0) -> Tensor:
     x = x.detach().clone().contiguous()
     dist.broadcast(x, src)
     return x
+
+
+@atexit.register
+def _destroy_process_group() -> None:
+    """At exit, while the interpreter is still whole: left to interpreter teardown, gloo's worker
+    threads now and then abort the process (SIGABRT, "terminate called without an active
+    exception") after all its work is done, and the launcher reports a failed run."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

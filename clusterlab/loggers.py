@@ -17,24 +17,41 @@ from pytorch_lightning.loggers import WandbLogger as _WandbLogger
 class CSVLogger(_CSVLogger):
     """Lightning's CSV logger, writing metrics.csv and hparams.yaml into the run directory itself.
 
-    A resumed run keeps the rows its earlier part wrote (Lightning's logger would delete them).
+    Rows go to the file as they are logged, so a kill loses none. A resumed run keeps the rows its
+    earlier part logged before the checkpoint it resumes from (`continue_from`, called by the CLI)
+    and logs the rest again: every step is in the file once. Without a checkpoint to continue
+    from, an existing metrics.csv is replaced.
     """
 
-    def __init__(self, save_dir: str | None = None, flush_logs_every_n_steps: int = 100) -> None:
+    def __init__(self, save_dir: str | None = None, flush_logs_every_n_steps: int = 1) -> None:
         super().__init__(save_dir or ".", name="", version="", flush_logs_every_n_steps=flush_logs_every_n_steps)
         self._earlier_rows: list[dict] = []
         earlier = os.path.join(self.log_dir, "metrics.csv")
         if os.path.isfile(earlier):
             with open(earlier, newline="") as f:
                 self._earlier_rows = [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+        self._kept: list[dict] = []
+
+    def continue_from(self, checkpoint: dict) -> None:
+        """Keep the earlier rows logged before `checkpoint` (clusterlab.runs.read_checkpoint) was
+        written: those of its completed epochs, and of its own epoch up to its step."""
+        completed, epoch, step = checkpoint.get("epochs_trained"), checkpoint.get("epoch"), checkpoint.get("global_step")
+        if completed is None or step is None:
+            return
+
+        def before(row: dict) -> bool:
+            row_epoch, row_step = float(row.get("epoch", "inf")), float(row.get("step", "inf"))
+            return row_epoch < completed or (row_epoch == epoch and row_step < step)
+
+        self._kept = [row for row in self._earlier_rows if before(row)]
 
     @property
     def experiment(self):
         writer = super().experiment
-        if self._earlier_rows and isinstance(getattr(writer, "metrics", None), list):
-            # The writer has just replaced the file: hand it the earlier rows first.
-            writer.metrics[:0] = self._earlier_rows
-            self._earlier_rows = []
+        if self._kept and isinstance(getattr(writer, "metrics", None), list):
+            # The writer has just replaced the file: hand it the rows kept first.
+            writer.metrics[:0] = self._kept
+            self._kept = []
         return writer
 
 

@@ -61,14 +61,20 @@ class HungarianAccuracy(Metric):
 
 
 class ClusteringMetrics(MetricCollection):
-    """ACC, NMI (arithmetic normalisation, as scikit-learn's default) and ARI of one labelling."""
+    """ACC, NMI (arithmetic normalisation, as scikit-learn's default) and ARI of one labelling.
 
-    def __init__(self, prefix: str | None = None) -> None:
+    Args:
+        sync_on_compute: gather the state of every process on `compute()` (a collective, which
+            every process must reach); False: this process's samples only.
+    """
+
+    def __init__(self, prefix: str | None = None, sync_on_compute: bool = True) -> None:
+        sync = {"sync_on_compute": sync_on_compute}
         super().__init__(
             {
-                "acc": HungarianAccuracy(),
-                "nmi": NormalizedMutualInfoScore(average_method="arithmetic"),
-                "ari": AdjustedRandScore(),
+                "acc": HungarianAccuracy(**sync),
+                "nmi": NormalizedMutualInfoScore(average_method="arithmetic", **sync),
+                "ari": AdjustedRandScore(**sync),
             },
             prefix=prefix,
             compute_groups=False,
@@ -87,8 +93,9 @@ class ClusteringMetrics(MetricCollection):
 
 
 def evaluate(preds: Tensor | np.ndarray, target: Tensor | np.ndarray) -> dict[str, float]:
-    """ACC / NMI / ARI of one labelling, computed in this process (no DDP sync)."""
-    metrics = ClusteringMetrics()
+    """ACC / NMI / ARI of one labelling, computed in this process alone: no collective, so that
+    work only rank 0 does (reports, figures) can call it."""
+    metrics = ClusteringMetrics(sync_on_compute=False)
     metrics.update(torch.as_tensor(np.asarray(preds)), torch.as_tensor(np.asarray(target)))
     if not metrics.labelled:
         return {}

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 
-def write_cifar10(root: Path, per_batch: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def write_cifar10(root: Path, per_batch: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """cifar-10-batches-py/ with five train batches and a test batch; returns (train images, labels)."""
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
@@ -29,7 +29,7 @@ def write_cifar10(root: Path, per_batch: int = 6, seed: int = 0) -> tuple[np.nda
     return np.concatenate(images), np.array(labels)
 
 
-def write_cifar100(root: Path, n: int = 12, seed: int = 0) -> np.ndarray:
+def write_cifar100(root: Path, n: int = 24, seed: int = 0) -> np.ndarray:
     """cifar-100-python/ train and test pickles with fine and coarse labels; returns train coarse labels."""
     rng = np.random.default_rng(seed)
     folder = root / "cifar-100-python"
@@ -45,7 +45,7 @@ def write_cifar100(root: Path, n: int = 12, seed: int = 0) -> np.ndarray:
     return coarse_train
 
 
-def write_stl10(root: Path, n: int = 4, unlabeled: int = 3, seed: int = 0) -> np.ndarray:
+def write_stl10(root: Path, n: int = 10, unlabeled: int = 3, seed: int = 0) -> np.ndarray:
     """stl10_binary/ with column-major image files; returns the train images as N x 3 x H x W."""
     rng = np.random.default_rng(seed)
     folder = root / "stl10_binary"
@@ -66,7 +66,7 @@ def write_idx(path: Path, array: np.ndarray) -> None:
         f.write(header + array.astype(np.uint8).tobytes())
 
 
-def write_fashion_mnist(root: Path, n: int = 10, seed: int = 0) -> np.ndarray:
+def write_fashion_mnist(root: Path, n: int = 20, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     train = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)

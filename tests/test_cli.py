@@ -20,13 +20,16 @@ def tiny_data_root(config: Path, tmp: Path) -> list[str]:
 
     from tests import formats
 
-    dataset = yaml.safe_load(config.read_text())["data"].get("dataset", "digits")
-    root = tmp / "data"
+    data = yaml.safe_load(config.read_text())["data"]
+    dataset, root = data.get("dataset", "digits"), tmp / "data"
     writers = {"cifar10": formats.write_cifar10, "cifar20": formats.write_cifar100, "stl10": formats.write_stl10,
                "fashion_mnist": formats.write_fashion_mnist, "image_folder": formats.write_png_folder}  # fmt: skip
     if dataset not in writers:
         return []
-    writers[dataset](root)
+    if dataset == "image_folder":  # at least as many images as the config's clusters
+        writers[dataset](root, per_class=max(3, -(-int(data.get("num_clusters") or 0) // 2)), size=(12, 10))
+    else:
+        writers[dataset](root)
     return ["--data.root", str(root)]
 
 
@@ -124,15 +127,25 @@ def test_wandb_runs_offline_without_login_or_network(in_tmp, monkeypatch):
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run"
 
 
-def test_a_nan_loss_stops_the_run_naming_the_term_and_step(in_tmp):
-    with pytest.raises(FloatingPointError, match=r"CC: non-finite loss at epoch 0, step 0: instance = nan"):
-        fit_tiny(in_tmp, "--model.init_args.instance_temperature", "0.0")
+def user_error(capsys, *args) -> str:
+    """Runs `clusterlab *args`, which must stop with a user error: exit code 1 and one line."""
+    with pytest.raises(SystemExit) as done:
+        main(list(args))
+    assert done.value.code == 1
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("clusterlab")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_a_nan_loss_stops_the_run_naming_the_term_step_and_learning_rate(in_tmp, capsys):
+    (in_tmp / "tiny.yaml").write_text(TINY_CC)
+    line = user_error(capsys, "fit", "--config", "tiny.yaml", "--model.init_args.instance_temperature", "0.0")
+    assert "CC diverged: non-finite loss at epoch 0, step 0 (lr 0.001): instance = nan" in line
 
 
 def test_resuming_without_an_earlier_run_says_so(in_tmp, capsys):
     (in_tmp / "tiny.yaml").write_text(TINY_CC)
-    with pytest.raises(SystemExit, match="no run of this name to continue"):
-        main(["fit", "--config", "tiny.yaml", "--ckpt_path", "last"])
+    assert "no run of this name to continue" in user_error(capsys, "fit", "--config", "tiny.yaml", "--ckpt_path", "last")
 
 
 def test_test_and_predict_rebuild_the_model_from_the_checkpoint(in_tmp):
@@ -144,8 +157,9 @@ def test_test_and_predict_rebuild_the_model_from_the_checkpoint(in_tmp):
     tested = json.loads((cli.run_dir / "metrics.json").read_text())
     assert tested["stage"] == "test" and tested["epochs"] == 2 and tested["checkpoint"] == checkpoint
     assert tested["acc"] == pytest.approx(fitted["acc"], abs=1e-9)
+    assert cli.run_dir.parent == run_dir and cli.run_dir.name.startswith("test-")  # inside the fit's run
     cli = ClusterLabCLI(args=["predict", "--config", "tiny.yaml", "--ckpt_path", checkpoint])
-    assert cli.run_dir.name.endswith("-predict-seed3")
+    assert cli.run_dir.parent == run_dir and cli.run_dir.name.startswith("predict-")
 
 
 def test_ich_only_ablation_clusters_by_kmeans_in_the_instance_space(in_tmp):
@@ -157,18 +171,20 @@ def test_ich_only_ablation_clusters_by_kmeans_in_the_instance_space(in_tmp):
     assert centroids.shape == (10, 128) and centroids.abs().sum() > 0
 
 
-def test_a_checkpoint_of_another_method_is_refused_with_one_message(in_tmp):
+def test_a_checkpoint_of_another_method_is_refused_with_one_message(in_tmp, capsys):
     run_dir = fit_tiny(in_tmp)
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     checkpoint["clusterlab"]["method"] = "NNM"
     foreign = in_tmp / "nnm.ckpt"
     torch.save(checkpoint, foreign)
-    with pytest.raises(CheckpointMismatchError, match=f"checkpoint {foreign} holds a NNM model; this run configures CC"):
-        main(["test", "--config", "tiny.yaml", "--ckpt_path", str(foreign)])
+    line = user_error(capsys, "test", "--config", "tiny.yaml", "--ckpt_path", str(foreign))
+    assert f"checkpoint {foreign} is NNM (10 clusters, 1x8x8, 2 epochs); the config asks for CC" in line
     del checkpoint["clusterlab"]
     torch.save(checkpoint, foreign)
+    assert "was not written by clusterlab" in user_error(capsys, "test", "--config", "tiny.yaml", "--ckpt_path", str(foreign))
+    # Loaded in Python without the CLI, the method itself refuses it too.
     with pytest.raises(CheckpointMismatchError, match="was not written by clusterlab"):
-        main(["test", "--config", "tiny.yaml", "--ckpt_path", str(foreign)])
+        CC.load_from_checkpoint(foreign)
 
 
 def test_online_prediction_of_a_single_image():

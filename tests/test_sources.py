@@ -36,10 +36,10 @@ def test_cifar10_pickles(tmp_path):
     images, labels = write_cifar10(tmp_path)
     source = CIFAR10(tmp_path)
     train = source.load("train")
-    assert train.images.shape == (30, 3, 32, 32)
+    assert train.images.shape == (50, 3, 32, 32)
     assert np.array_equal(train.images.numpy(), images) and np.array_equal(train.labels.numpy(), labels)
-    assert len(source.load("test")) == 6 and len(source.load("train+test")) == 36
-    assert len(CIFAR10(tmp_path / "cifar-10-batches-py").load("test")) == 6  # the batches folder itself
+    assert len(source.load("test")) == 10 and len(source.load("train+test")) == 60
+    assert len(CIFAR10(tmp_path / "cifar-10-batches-py").load("test")) == 10  # the batches folder itself
 
 
 def test_cifar20_uses_the_20_superclasses(tmp_path):
@@ -62,9 +62,9 @@ def test_stl10_binaries_are_read_column_major(tmp_path):
 def test_fashion_mnist_idx_gz(tmp_path):
     expected = write_fashion_mnist(tmp_path)
     train = FashionMNIST(tmp_path).load("train")
-    assert train.images.shape == (10, 1, 28, 28)
+    assert train.images.shape == (20, 1, 28, 28)
     assert np.array_equal(train.images[:, 0].numpy(), expected)
-    assert len(FashionMNIST(tmp_path).load("train+test")) == 15
+    assert len(FashionMNIST(tmp_path).load("train+test")) == 30
 
 
 def test_truncated_idx_file_names_the_file(tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 from clusterlab.distributed import gather
 from clusterlab.metrics import contingency, evaluate, hungarian_match
@@ -65,6 +66,7 @@ class ClusterFigures(pl.Callback):
         self.draw(trainer, pl_module, trainer.datamodule.test_dataloader())
 
     def draw(self, trainer: pl.Trainer, module, loader) -> list[Path]:
+        """Every rank computes and gathers its shard (collectives), then rank 0 draws (none)."""
         if not self.enabled or trainer.fast_dev_run:
             return []
         outputs = collect_predictions(trainer, module, loader)
@@ -74,12 +76,19 @@ class ClusterFigures(pl.Callback):
         folder = Path(trainer.default_root_dir) / "figures"
         folder.mkdir(parents=True, exist_ok=True)
         title = f"{type(module).__name__} on {data.source.name}"
-        paths = []
+        figures = []
         if (outputs["label"] >= 0).any():
-            paths.append(confusion_figure(outputs, data.source.classes, title, folder / "confusion.png"))
-        paths.append(confident_figure(outputs, data.eval_set.images, self.images_per_cluster, self.max_clusters,
-                                      title, folder / "confident.png"))  # fmt: skip
-        paths.append(embedding_figure(outputs, self.embedding_points, title, folder / "embedding.png"))
+            figures.append(("confusion", lambda p: confusion_figure(outputs, data.source.classes, title, p)))
+        figures.append(("confident", lambda p: confident_figure(outputs, data.eval_set.images, self.images_per_cluster,
+                                                                self.max_clusters, title, p)))  # fmt: skip
+        figures.append(("embedding", lambda p: embedding_figure(outputs, self.embedding_points, title, p)))
+        paths = []
+        for name, draw in figures:
+            # A figure is a by-product: one that cannot be drawn is reported, never ends the run.
+            try:
+                paths.append(draw(folder / f"{name}.png"))
+            except Exception as error:  # noqa: BLE001
+                rank_zero_warn(f"figure {name}.png not drawn: {type(error).__name__}: {error}")
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 for path in paths:
@@ -175,12 +184,16 @@ def embedding_figure(outputs: dict, max_points: int, title: str, path: Path) -> 
     from sklearn.manifold import TSNE
 
     plt = _pyplot()
-    features, clusters = outputs["features"].numpy(), outputs["cluster"].numpy()
+    features, clusters = outputs["features"].double().numpy(), outputs["cluster"].numpy()
+    # Only finite features, scaled to [-1, 1]: a diverged model's features (1e30, inf) crash t-SNE.
+    finite = np.isfinite(features).all(1).nonzero()[0]
+    if len(finite) < 5:
+        raise ValueError(f"only {len(finite)} of {len(features)} samples have finite features")
     rng = np.random.default_rng(0)
-    pick = rng.choice(len(features), size=min(max_points, len(features)), replace=False)
-    points = TSNE(n_components=2, init="pca", perplexity=min(30.0, len(pick) - 1.0), random_state=0).fit_transform(
-        features[pick]
-    )
+    pick = rng.choice(finite, size=min(max_points, len(finite)), replace=False)
+    scale = np.abs(features[pick]).max()
+    chosen = features[pick] / (scale if scale > 0 else 1.0)
+    points = TSNE(n_components=2, init="pca", perplexity=min(30.0, len(pick) - 1.0), random_state=0).fit_transform(chosen)
     fig, ax = plt.subplots(figsize=(8, 7))
     cmap = plt.get_cmap("tab20" if clusters.max() >= 10 else "tab10")
     for cluster in np.unique(clusters[pick]):

@@ -7,6 +7,8 @@ table a method keeps (neighbours, pseudo labels, weights).
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -14,7 +16,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from clusterlab.data.sources import SOURCES, ImageFolder, ImageSet, Source
+from clusterlab.data.sources import SOURCES, ImageFolder, ImageSet, Source, UnreadableImagesError
+from clusterlab.errors import ConfigError
 from clusterlab.seeding import derive_seed, run_seed
 
 Split = Literal["train", "test", "train+test"]
@@ -67,6 +70,41 @@ class LazyImageFolder(Dataset):
 
 def _as_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return batch  # __getitems__ already built the batch
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, resumable inside an epoch: Lightning keeps its `state_dict` in every
+    checkpoint, and a run resumed from a checkpoint written mid-epoch skips the batches that epoch
+    had already trained on, so it continues with the batch it would have trained on next (the
+    order is the seeded sampler's, the same again). `batches_done` is counted by the data module
+    as batches reach the training step (not as the loader prefetches them)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = 0
+        self._resume: dict | None = None
+
+    def _epoch(self) -> int:
+        return int(getattr(self.sampler, "epoch", 0))
+
+    def __iter__(self):
+        return self._batches(super().__iter__())
+
+    def _batches(self, iterator):
+        # A generator: the sampler's epoch is read at the first batch, after Lightning set it.
+        resume, self._resume = self._resume, None
+        skip = resume["batches_done"] if resume and resume["epoch"] == self._epoch() else 0
+        skip = skip if skip < len(self) else 0
+        for _ in range(skip):
+            next(iterator)
+        self.batches_done = skip
+        yield from iterator
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch(), "batches_done": self.batches_done}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume = dict(state_dict)
 
 
 class ShardSampler(DistributedSampler):
@@ -141,19 +179,51 @@ class ClusterDataModule(pl.LightningDataModule):
         self.predict_set: LazyImageFolder | None = None
         self.neighbors: torch.Tensor | None = None  # N x K candidate neighbours (set_neighbors)
         self._columns, self._columns_epoch = torch.empty(0, dtype=torch.long), None
+        self._train_loader: ResumableLoader | None = None
+
+    @property
+    def input_channels(self) -> int:
+        """Channels of the images this data module serves: the backbone's input channels (the
+        CLI links them, so that `--data.channels` is the one setting)."""
+        return self.source.channels
 
     @property
     def num_clusters(self) -> int:
-        if self._num_clusters:
-            return self._num_clusters
-        if not self.source.num_classes:
-            raise ValueError(f"{self.source.name} at {self.source.root} has no class folders: set --data.num_clusters")
-        return self.source.num_classes
+        if self._num_clusters is not None:
+            clusters = self._num_clusters
+        elif self.source.num_classes >= 2:
+            clusters = self.source.num_classes
+        else:
+            raise ConfigError(
+                f"{self.source.name} at {self.source.root} has no class sub-folders (at least two) to count clusters "
+                f"from: set the number of clusters with --data.num_clusters K"
+            )
+        if clusters < 2:
+            raise ConfigError(f"--data.num_clusters {clusters}: clustering needs at least 2 clusters")
+        return clusters
+
+    def _check_clusters_fit(self, images: ImageSet, split: str) -> None:
+        if self.num_clusters > len(images):
+            raise ConfigError(
+                f"{self.num_clusters} clusters for the {len(images)} images of {self.source.name} {split}: there "
+                f"cannot be more clusters than images; lower --data.num_clusters"
+            )
 
     def split(self, name: str) -> ImageSet:
         if name not in self._splits:
-            self._splits[name] = self.source.load(name)
+            try:
+                self._splits[name] = self.source.load(name)
+            except UnreadableImagesError as error:
+                raise self._listed(error) from None
         return self._splits[name]
+
+    def _listed(self, error: UnreadableImagesError) -> UnreadableImagesError:
+        """The same error, with every unreadable image listed in <run dir>/unreadable.csv."""
+        folder = Path(self.trainer.default_root_dir) if self.trainer is not None else Path.cwd()
+        listing = folder / "unreadable.csv"
+        with open(listing, "w", newline="") as f:
+            csv.writer(f).writerows([("path", "reason"), *error.failures])
+        return UnreadableImagesError(error.failures, error.total, error.root, listing)
 
     def setup(self, stage: str | None = None) -> None:
         if isinstance(self.source, ImageFolder) and self.hparams.on_error is None:
@@ -164,8 +234,11 @@ class ClusterDataModule(pl.LightningDataModule):
             self.predict_set = LazyImageFolder(self.source, self.eval_split)
             return
         self.eval_set = self.split(self.eval_split)
+        if stage != "predict":
+            self._check_clusters_fit(self.eval_set, self.eval_split)
         if stage == "fit" and self.train_set is None:
             self.train_set = self.split(self.hparams.train_split)
+            self._check_clusters_fit(self.train_set, self.hparams.train_split)
             if self.hparams.unlabeled:
                 self.unlabeled_set = self.source.load("unlabeled")
 
@@ -173,8 +246,8 @@ class ClusterDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def _loader(self, dataset: Dataset, batch_size: int, sampler, drop_last: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+    def _loader(self, dataset: Dataset, batch_size: int, sampler, drop_last: bool, kind=DataLoader) -> DataLoader:
+        return kind(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                           num_workers=self.hparams.num_workers, collate_fn=_as_batch,
                           pin_memory=torch.cuda.is_available(),
                           persistent_workers=self.hparams.num_workers > 0)  # fmt: skip
@@ -190,7 +263,8 @@ class ClusterDataModule(pl.LightningDataModule):
         # Seeded by the run seed and the epoch (Lightning calls set_epoch): the same order on
         # every rank, each taking its shard, and the same order again after a resume.
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=run_seed())
-        return self._loader(dataset, self.hparams.batch_size, sampler, drop_last=True)
+        self._train_loader = self._loader(dataset, self.hparams.batch_size, sampler, drop_last=True, kind=ResumableLoader)
+        return self._train_loader
 
     def set_neighbors(self, neighbors: torch.Tensor) -> None:
         """Give every training sample its candidate neighbours (N x K indices into the training
@@ -207,6 +281,8 @@ class ClusterDataModule(pl.LightningDataModule):
     def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, torch.Tensor]:
         if self.trainer is None or not self.trainer.training:
             return batch
+        if self._train_loader is not None:
+            self._train_loader.batches_done += 1  # this batch goes to the training step now
         # Drawn from (run seed, epoch, batch): a resumed run draws the same images again. The batch
         # is named by its first sample, which the seeded sampler fixes.
         epoch, first = self.trainer.current_epoch, int(batch["index"][0])

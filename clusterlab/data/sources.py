@@ -21,15 +21,31 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clusterlab.errors import UserError
+
 SPLITS = ("train", "test", "train+test", "unlabeled")
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(UserError, FileNotFoundError):
     """A data set's files are not where the source looked."""
 
 
-class CorruptDataError(ValueError):
+class CorruptDataError(UserError, ValueError):
     """A data file or image exists but cannot be decoded."""
+
+
+class UnreadableImagesError(CorruptDataError):
+    """Images of a folder that cannot be decoded: all of them, as (path, reason) in `failures`;
+    `listing` names the file they are listed in, once written."""
+
+    def __init__(self, failures: list[tuple[str, str]], total: int, root, listing=None) -> None:
+        self.failures, self.total, self.root, self.listing = failures, total, root, listing
+        first, reason = failures[0]
+        where = f" (all listed in {listing})" if listing else ""
+        super().__init__(
+            f"{len(failures)} of the {total} images under {root} cannot be read{where}: first {first}: {reason}. "
+            "Fix or remove them, or pass --data.on_error skip to leave them out."
+        )
 
 
 @dataclass
@@ -61,6 +77,7 @@ class Source(ABC):
 
     name: str = ""
     classes: list[str] = []
+    channels: int = 3  # of the decoded images
     splits: tuple[str, ...] = ("train", "test")
     default_root: str | None = None
     how_to_get: str = ""
@@ -104,6 +121,7 @@ class Digits(Source):
 
     name = "digits"
     classes = [str(d) for d in range(10)]
+    channels = 1
     splits = ("train+test",)
 
     def _load(self, split: str) -> ImageSet:
@@ -136,6 +154,7 @@ class FashionMNIST(Source):
     """Fashion-MNIST (Xiao et al. 2017): 60k train + 10k test 28x28 grey images, IDX files."""
 
     name = "fashion_mnist"
+    channels = 1
     classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]  # fmt: skip
     default_root = "/usr/share/datasets/fashion-mnist"
@@ -273,11 +292,13 @@ def decode_image(path: Path, size: int, channels: int) -> np.ndarray:
 class ImageFolder(Source):
     """Any folder tree of images (ImageNet-10, ImageNet-Dogs, Tiny-ImageNet, your own photos).
 
-    Images directly under a split folder have no label (-1); images below a sub-folder take the
-    sub-folder's name as their class. A root with `train/` and `test/` (or `val/`) folders offers
-    those splits; otherwise the whole root is the train split. Images are resized (shorter side)
-    and centre-cropped to `image_size`, decoded in `num_workers` threads.
-    `on_error="skip"` reports unreadable images by path and leaves them out; "raise" stops.
+    With at least two sub-folders, each names the class of the images below it (images directly
+    under a split folder have no label, -1); a single sub-folder is no class structure, and every
+    image is unlabeled. A root with `train/` and `test/` (or `val/`) folders offers those splits;
+    otherwise the whole root is the train split. Images are resized (shorter side) and
+    centre-cropped to `image_size`, decoded in `num_workers` threads.
+    `on_error="skip"` reports unreadable images by path and leaves them out; "raise" stops, after
+    reading them all, with their number and the first of them (`CorruptDataError.failures`: all).
     """
 
     name = "image_folder"
@@ -295,6 +316,8 @@ class ImageFolder(Source):
 
     def _split_dirs(self) -> dict[str, Path]:
         self._require(self.root)
+        if not self.root.is_dir():
+            raise DataNotFoundError(f"{self.name}: {self.root} is not a folder. {self.how_to_get}")
         dirs = {"train": self.root / "train" if (self.root / "train").is_dir() else self.root}
         for name in ("test", "val"):
             if (self.root / name).is_dir():
@@ -311,7 +334,7 @@ class ImageFolder(Source):
         names = set()
         for folder in self._split_dirs().values():
             names.update(p.name for p in folder.iterdir() if p.is_dir() and p.name not in ("train", "test", "val"))
-        return sorted(names)
+        return sorted(names) if len(names) >= 2 else []  # one sub-folder is no class structure
 
     def files(self, split: str) -> list[Path]:
         folder = self._split_dirs()[split]
@@ -329,7 +352,8 @@ class ImageFolder(Source):
             return [p for paths, _ in parts for p in paths], torch.cat([labels for _, labels in parts])
         folder, index = self._split_dirs()[split], {name: i for i, name in enumerate(self.classes)}
         paths = self.files(split)
-        labels = [index[p.relative_to(folder).parts[0]] if len(p.relative_to(folder).parts) > 1 else -1 for p in paths]
+        labels = [index.get(p.relative_to(folder).parts[0], -1) if len(p.relative_to(folder).parts) > 1 else -1
+                  for p in paths]  # fmt: skip
         return paths, torch.tensor(labels, dtype=torch.long)
 
     def decode(self, path: Path) -> np.ndarray | None:
@@ -343,11 +367,23 @@ class ImageFolder(Source):
             self.skipped.append((str(path), str(err.__cause__)))
             return None
 
+    def _try_decode(self, path: Path) -> np.ndarray | str:
+        try:
+            return decode_image(path, self.image_size, self.channels)
+        except CorruptDataError as err:
+            return str(err.__cause__) or "unreadable"
+
     def _load(self, split: str) -> ImageSet:
         paths, labels = self.listing(split)
         with ThreadPoolExecutor(max(1, self.num_workers)) as pool:
-            arrays = list(pool.map(self.decode, paths))
-        kept = [i for i, a in enumerate(arrays) if a is not None]
+            arrays = list(pool.map(self._try_decode, paths))
+        failures = [(str(p), a) for p, a in zip(paths, arrays) if isinstance(a, str)]
+        if failures and self.on_error == "raise":
+            raise UnreadableImagesError(failures, len(paths), self.root)
+        for path, reason in failures:
+            warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=2)
+        self.skipped.extend(failures)
+        kept = [i for i, a in enumerate(arrays) if not isinstance(a, str)]
         if not kept:
             raise CorruptDataError(f"{self.name}: none of the {len(paths)} images of split {split} could be read")
         return ImageSet(torch.from_numpy(np.stack([arrays[i] for i in kept])), labels[kept], self.classes,

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from clusterlab import __version__
 from clusterlab.distributed import all_reduce_sum, broadcast, gather
+from clusterlab.errors import CheckpointError, DivergenceError
 from clusterlab.metrics import ClusteringMetrics
 from clusterlab.neighbors import kmeans
 from clusterlab.seeding import reseed, run_seed
@@ -37,7 +38,7 @@ OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
 LRSchedulerCallable = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(CheckpointError):
     """A checkpoint written by another method (or not by clusterlab) was given to this one."""
 
 
@@ -67,17 +68,20 @@ class ClusteringMethod(pl.LightningModule, ABC):
         self.eval_metrics = nn.ModuleList(ClusteringMetrics() for _ in range(num_heads))
         # Mean unsupervised loss of each head over the last training epoch: selects the head.
         self.register_buffer("head_loss", torch.full((num_heads,), float("nan")))
-        self._head_loss_sum = torch.zeros(num_heads)
-        self._head_loss_steps = 0
+        # The running sums of the epoch in progress are buffers too, so that a run resumed from a
+        # checkpoint inside an epoch selects the same head as an uninterrupted one.
+        self.register_buffer("head_loss_sum", torch.zeros(num_heads))
+        self.register_buffer("head_loss_steps", torch.zeros((), dtype=torch.long))
+        self.epochs_trained = 0  # completed training epochs, kept in the checkpoint's "clusterlab" entry
         self._batch_size: int | None = None
         self.eval_results: dict = {}
-        self.checkpoint_epochs: int | None = None  # epochs trained by a loaded checkpoint
         self.input_shape: list[int] | None = None  # C, H, W of the training images (for predict on a folder)
         # Label-based diagnostics of the features (neighbour label agreement, ...): reported in
         # metrics.json next to ACC / NMI / ARI, never used to choose anything.
         self.diagnostics: dict[str, float] = {}
         self.kmeans_clusters = False
         self._eval_features: list[tuple[Tensor, Tensor]] = []
+        self._cluster_counts: Tensor | None = None
 
     def init_kmeans_clusters(self, feature_dim: int, enabled: bool = True) -> None:
         """Registers the `centroids` buffer (C x feature_dim). When enabled, clusters are k-means
@@ -131,33 +135,58 @@ class ClusteringMethod(pl.LightningModule, ABC):
         self._batch_size = len(batch["index"])
 
     def objective(self, terms: dict[str, Tensor], head_losses: Tensor | None = None) -> Tensor:
-        """The total loss: the sum of the (already weighted) terms. Logs each term, stops on a
-        non-finite one, and records each head's loss for label-free head selection."""
+        """The total loss: the sum of the (already weighted) terms. Logs each term, stops the run on
+        a non-finite one, and records each head's loss for label-free head selection."""
         loss = torch.stack(list(terms.values())).sum()
         if not torch.isfinite(loss):
             bad = {name: value.item() for name, value in terms.items() if not torch.isfinite(value)}
-            raise FloatingPointError(
-                f"{type(self).__name__}: non-finite loss at epoch {self.current_epoch}, step {self.global_step}: "
-                + ", ".join(f"{name} = {value}" for name, value in bad.items())
+            raise DivergenceError(
+                f"{type(self).__name__} diverged: non-finite loss at epoch {self.current_epoch}, step {self.global_step} "
+                f"(lr {self._learning_rate()}): " + ", ".join(f"{name} = {value}" for name, value in bad.items())
                 + ". Lower the learning rate, or check the input data."
             )
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=self._batch_size)
-        self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()},
-                      on_step=False, on_epoch=True, batch_size=self._batch_size)  # fmt: skip
+        self.log_dict(
+            {f"train/{name}": value.detach() for name, value in terms.items()},
+            on_step=False,
+            on_epoch=True,
+            batch_size=self._batch_size,
+        )
         per_head = head_losses if head_losses is not None else loss.expand(self.num_heads)
-        self._head_loss_sum += per_head.detach().float()  # stays on the device: no sync per step
-        self._head_loss_steps += 1
+        self.head_loss_sum += per_head.detach().float()  # stays on the device: no sync per step
+        self.head_loss_steps += 1
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # A step can leave the loss finite and the weights or running statistics not (a huge
+        # learning rate): stop here, before anything downstream (evaluation, figures) uses them.
+        named = [(n, t.detach()) for n, t in (*self.named_parameters(), *self.named_buffers())
+                 if t.is_floating_point() and t.numel() and not n.startswith("head_loss")]  # fmt: skip
+        if named and not torch.stack([t.abs().amax() for _, t in named]).isfinite().all():
+            broken = [name for name, t in named if not t.isfinite().all()]
+            raise DivergenceError(
+                f"{type(self).__name__} diverged: parameters are no longer finite after epoch {self.current_epoch}, "
+                f"step {self.global_step} (lr {self._learning_rate()}; {', '.join(broken[:3])}"
+                + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+                + "). Lower the learning rate."
+            )
+
+    def _learning_rate(self) -> str:
+        trainer = self._trainer
+        if trainer is None or not trainer.optimizers:
+            return "unknown"
+        return ", ".join(f"{group['lr']:g}" for group in trainer.optimizers[0].param_groups[:2])
+
     def on_train_epoch_start(self) -> None:
-        self._head_loss_sum = torch.zeros(self.num_heads, device=self.device)
-        self._head_loss_steps = 0
+        self.head_loss_sum.zero_()
+        self.head_loss_steps.zero_()
 
     def on_train_epoch_end(self) -> None:
-        steps = all_reduce_sum(torch.tensor(float(self._head_loss_steps), device=self.device))
-        total = all_reduce_sum(self._head_loss_sum)
+        steps = all_reduce_sum(self.head_loss_steps.float())
+        total = all_reduce_sum(self.head_loss_sum)
         if steps > 0:
             self.head_loss.copy_(total / steps)
+        self.epochs_trained += 1
 
     @property
     def selected_head(self) -> int:
@@ -186,8 +215,16 @@ class ClusteringMethod(pl.LightningModule, ABC):
                 self._eval_features.append((self.cluster_features(self.plain(batch["image"])), batch["label"]))
             return
         probs = self.predict_proba(batch["image"])
-        for metrics, head_probs in zip(self.eval_metrics, probs):
-            metrics.update(head_probs.argmax(-1), batch["label"])
+        for h, (metrics, head_probs) in enumerate(zip(self.eval_metrics, probs)):
+            clusters = head_probs.argmax(-1)
+            metrics.update(clusters, batch["label"])
+            self._count_clusters(h, clusters)
+
+    def _count_clusters(self, head: int, clusters: Tensor) -> None:
+        """Cluster sizes of the evaluation set, per head: what the collapse check reads (no labels)."""
+        if self._cluster_counts is None or self._cluster_counts.device != clusters.device:
+            self._cluster_counts = torch.zeros(self.num_heads, self.num_clusters, dtype=torch.long, device=clusters.device)
+        self._cluster_counts[head] += torch.bincount(clusters, minlength=self.num_clusters)[: self.num_clusters]
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
@@ -202,7 +239,9 @@ class ClusteringMethod(pl.LightningModule, ABC):
             centroids = kmeans(z_all, min(self.num_clusters, len(z_all)), seed=run_seed())[1].to(self.centroids)
             self.centroids.copy_(centroids[torch.arange(self.num_clusters) % len(centroids)])
         self.centroids.copy_(broadcast(self.centroids))
-        self.eval_metrics[0].update(torch.cdist(z, self.centroids).argmin(1), labels)
+        clusters = torch.cdist(z, self.centroids).argmin(1)
+        self.eval_metrics[0].update(clusters, labels)
+        self._count_clusters(0, clusters)
         self.on_eval_features(stage, z_all, labels_all)
 
     def _report(self, stage: str) -> None:
@@ -214,7 +253,12 @@ class ClusteringMethod(pl.LightningModule, ABC):
         for metrics in self.eval_metrics:
             metrics.reset()
         selected = self.selected_head
-        self.eval_results = {"heads": heads, "selected_head": selected, **heads[selected]}
+        counts = self._cluster_counts
+        counts = torch.zeros(self.num_heads, self.num_clusters, dtype=torch.long, device=self.device) if counts is None else counts
+        sizes = all_reduce_sum(counts.to(self.device))[selected].tolist()
+        self._cluster_counts = None
+        self.eval_results = {"heads": heads, "selected_head": selected, **heads[selected], "cluster_sizes": sizes,
+                             "collapsed": collapsed(sizes)}  # fmt: skip
         for name, value in heads[selected].items():
             self.log(f"{stage}/{name}", value, prog_bar=name == "acc", sync_dist=False)
         if self.num_heads > 1:
@@ -244,6 +288,7 @@ class ClusteringMethod(pl.LightningModule, ABC):
             "method": type(self).__name__,
             "num_clusters": self.num_clusters,
             "input_shape": self.input_shape,
+            "epochs_trained": self.epochs_trained,
             "version": __version__,
         }
 
@@ -258,9 +303,18 @@ class ClusteringMethod(pl.LightningModule, ABC):
                 f"checkpoint{where} holds a {meta['method']} model; this run configures {type(self).__name__}. "
                 f"Use the config the checkpoint was trained with (its run directory has config.yaml)."
             )
-        self.checkpoint_epochs = checkpoint.get("epoch", -1) + 1
+        self.epochs_trained = meta.get("epochs_trained", checkpoint.get("epoch", -1) + 1)
         self.input_shape = meta.get("input_shape")
         if meta["num_clusters"] != self.num_clusters:
             raise CheckpointMismatchError(
                 f"checkpoint{where} has {meta['num_clusters']} clusters; this run configures {self.num_clusters}"
             )
+
+
+def collapsed(sizes: list[int], largest_share: float = 0.9) -> bool:
+    """Whether clusters collapsed, from their sizes alone (no label): the largest holds more than
+    `largest_share` of the images, or fewer than half of the clusters hold any."""
+    total = sum(sizes)
+    if total == 0:
+        return False
+    return max(sizes) > largest_share * total or sum(s > 0 for s in sizes) < len(sizes) / 2

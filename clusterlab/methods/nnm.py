@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from clusterlab.callbacks.global_neighbors import GlobalNeighbors
 from clusterlab.data.views import Views
 from clusterlab.distributed import broadcast, gather
+from clusterlab.errors import UserError
 from clusterlab.losses.nnm import class_contrastive_loss, consistency_loss, entropy_loss
 from clusterlab.methods.base import (
     CheckpointMismatchError,
@@ -35,7 +36,7 @@ from clusterlab.nn.heads import ClusterHeads
 from clusterlab.seeding import run_seed
 
 
-class PretextNotFoundError(FileNotFoundError):
+class PretextNotFoundError(UserError, FileNotFoundError):
     """No pretext checkpoint matches the path or pattern the NNM config names."""
 
 
