@@ -150,3 +150,17 @@ def test_every_stage_of_every_method_ends_under_torchrun(method, tmp_path):
         assert done.returncode == 0, f"{stage}: {done.tail()}"
         [stage_dir] = [p for p in run_dir.iterdir() if p.name.startswith(f"{stage}-")]
         assert (stage_dir / ("assignments.csv" if stage == "predict" else "metrics.json")).is_file()
+
+
+def test_the_sbatch_script_parses_and_passes_slurms_layout_to_the_trainer():
+    import subprocess
+    from pathlib import Path
+
+    from tests.launch import REPO
+
+    script = Path(REPO, "experiments", "slurm", "fit.sbatch")
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    for option in ('--trainer.num_nodes "$SLURM_NNODES"', '--trainer.devices "$SLURM_NTASKS_PER_NODE"',
+                   "--trainer.strategy ddp", "--ckpt_path last", "#SBATCH --requeue"):  # fmt: skip
+        assert option in text, option
