@@ -254,7 +254,7 @@ class ClusterLabCLI(LightningCLI):
             "num_samples": len(data.eval_set),
             "num_clusters": model.num_clusters,
             "seed": config.seed_everything,
-            "epochs": model.epochs_trained if stage == "fit" else meta.get("epochs_trained"),
+            "epochs": int(model.epochs_trained) if stage == "fit" else meta.get("epochs_trained"),
             "steps": self.trainer.global_step if stage == "fit" else meta.get("global_step"),
             "wall_time_s": round(wall_time, 1),
             "devices": self.trainer.world_size,

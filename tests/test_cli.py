@@ -164,10 +164,10 @@ def test_test_and_predict_rebuild_the_model_from_the_checkpoint(in_tmp):
 
 def test_ich_only_ablation_clusters_by_kmeans_in_the_instance_space(in_tmp):
     """cc-paper Table 5, "ICH only": no cluster head is trained; k-means centres give the clusters."""
-    run_dir = fit_tiny(in_tmp, "--model.init_args.cluster_loss", "false", "--model.init_args.cluster_entropy", "false")
+    run_dir = fit_tiny(in_tmp, "--model.init_args.use_cluster_loss", "false", "--model.init_args.use_cluster_entropy", "false")
     report = json.loads((run_dir / "metrics.json").read_text())
     assert report["acc"] > 0.3  # well above chance (0.1) after 2 tiny epochs
-    centroids = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)["state_dict"]["centroids"]
+    centroids = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)["state_dict"]["kmeans.centroids"]
     assert centroids.shape == (10, 128) and centroids.abs().sum() > 0
 
 

@@ -69,11 +69,11 @@ def test_geometric_views_draw_per_image_and_keep_size_and_range():
 
 DIGITS = str(Path(REPO, "experiments", "dccm_digits.yaml"))
 ABLATIONS = {  # dccm-paper Table 3, as config overrides
-    "M1": (["--model.init_args.local_robustness", "false", "--model.init_args.pseudo_label_loss", "false",
-            "--model.init_args.mutual_information_loss", "false"], {"pseudo_graph"}),
-    "M2": (["--model.init_args.pseudo_label_loss", "false", "--model.init_args.mutual_information_loss", "false"],
+    "M1": (["--model.init_args.use_local_robustness", "false", "--model.init_args.use_pseudo_label_loss", "false",
+            "--model.init_args.use_mutual_information_loss", "false"], {"pseudo_graph"}),
+    "M2": (["--model.init_args.use_pseudo_label_loss", "false", "--model.init_args.use_mutual_information_loss", "false"],
            {"pseudo_graph", "pseudo_graph_transformed"}),
-    "M3": (["--model.init_args.mutual_information_loss", "false"],
+    "M3": (["--model.init_args.use_mutual_information_loss", "false"],
            {"pseudo_graph", "pseudo_graph_transformed", "pseudo_label", "pseudo_label_transformed"}),
     "M4": ([], {"pseudo_graph", "pseudo_graph_transformed", "pseudo_label", "pseudo_label_transformed",
                 "mutual_information"}),

@@ -160,20 +160,26 @@ def assert_top_k(neighbors, similarity):
 
 def test_mined_neighbours_are_the_top_k_and_cached_by_checkpoint_content(tmp_path):
     images = ClusterDataModule("digits").split("train+test").images[:300]
+    batches = [{"index": rows, "image": images[rows]} for rows in torch.arange(300).split(128)]
     plain = Views().plain
     torch.manual_seed(0)
     model = SimCLR(10, tiny_cnn(), Views())
     path = tmp_path / "last.ckpt"
     save_pretext(model, path)
-    first = mine_neighbors(path, model.backbone, plain, images, 5, torch.device("cpu"))
+
+    def mine(backbone):
+        features = lambda batch: {"features": F.normalize(backbone(plain(batch["image"])), dim=1)}  # noqa: E731
+        return mine_neighbors(path, 5, backbone, batches, features, len(images))
+
+    first = mine(model.backbone)
     assert_top_k(first, _similarity(model.backbone, plain, images))
     (cache,) = tmp_path.glob("neighbors-*.pt")
     torch.save(first.flip(1), cache)  # the cache is what a second mining of the same checkpoint returns
-    assert torch.equal(mine_neighbors(path, model.backbone, plain, images, 5, torch.device("cpu")), first.flip(1))
+    assert torch.equal(mine(model.backbone), first.flip(1))
 
     retrained = SimCLR(10, tiny_cnn(), Views())  # other weights under the same path: mined again
     save_pretext(retrained, path)
-    again = mine_neighbors(path, retrained.backbone, plain, images, 5, torch.device("cpu"))
+    again = mine(retrained.backbone)
     assert len(list(tmp_path.glob("neighbors-*.pt"))) == 2
     assert_top_k(again, _similarity(retrained.backbone, plain, images))
 
@@ -244,12 +250,12 @@ def test_nnm_step_on_two_processes_equals_one_process_with_the_whole_batch(tmp_p
 
 def test_every_loss_term_can_be_switched_off_table_3(pretext):
     pl.seed_everything(0)
-    switches = {"local_loss": False, "global_loss": False, "consistency_loss": False,
-                "class_contrastive_loss": False, "entropy_loss": False}  # fmt: skip
-    expected_missing = {"local_loss": {"local_consistency", "local_class"},
-                        "global_loss": {"global_consistency", "global_class"},
-                        "consistency_loss": {"local_consistency", "global_consistency"},
-                        "class_contrastive_loss": {"local_class", "global_class"}, "entropy_loss": {"entropy"}}  # fmt: skip
+    switches = {"use_local_loss": False, "use_global_loss": False, "use_consistency_loss": False,
+                "use_class_contrastive_loss": False, "use_entropy_loss": False}  # fmt: skip
+    expected_missing = {"use_local_loss": {"local_consistency", "local_class"},
+                        "use_global_loss": {"global_consistency", "global_class"},
+                        "use_consistency_loss": {"local_consistency", "global_consistency"},
+                        "use_class_contrastive_loss": {"local_class", "global_class"}, "use_entropy_loss": {"entropy"}}  # fmt: skip
     all_terms = {"local_consistency", "local_class", "global_consistency", "global_class", "entropy"}
     for switch in switches:
         model = NNM(10, tiny_cnn(), Views(), pretext_checkpoint=pretext, num_heads=2, **{switch: False})
@@ -258,8 +264,8 @@ def test_every_loss_term_can_be_switched_off_table_3(pretext):
         logged = {k.removesuffix("_epoch") for k in logged}
         assert logged == all_terms - expected_missing[switch], switch
     with pytest.raises(ValueError, match="every loss term is switched off"):
-        NNM(10, tiny_cnn(), Views(), pretext_checkpoint=pretext, consistency_loss=False,
-            class_contrastive_loss=False, entropy_loss=False)  # fmt: skip
+        NNM(10, tiny_cnn(), Views(), pretext_checkpoint=pretext, use_consistency_loss=False,
+            use_class_contrastive_loss=False, use_entropy_loss=False)  # fmt: skip
 
 
 # -- resume -----------------------------------------------------------------------------------

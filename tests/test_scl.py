@@ -16,7 +16,7 @@ from clusterlab.data.views import SmallImageViews
 from clusterlab.methods import SCL
 from clusterlab.methods.scl import CLUSTERING, OVER, UNDER
 from clusterlab.nn import SmallCNN
-from clusterlab.nn.memory import SampleTable, SemanticMemory
+from clusterlab.nn.memory import SampleTable, KeyQueues
 from tests.helpers import REPO
 
 
@@ -38,7 +38,7 @@ def trainer(callbacks=(), **kwargs) -> pl.Trainer:
 
 def test_memory_enqueue_is_first_in_first_out_per_queue_as_if_one_key_at_a_time():
     torch.manual_seed(0)
-    fast, slow = SemanticMemory(3, 4, 2), SemanticMemory(3, 4, 2)
+    fast, slow = KeyQueues(3, 4, 2), KeyQueues(3, 4, 2)
     slow.load_state_dict(fast.state_dict())
     for step in range(5):
         n = 7 if step != 3 else 13  # step 3 brings one queue more keys than it holds
@@ -109,7 +109,7 @@ def test_every_queue_only_ever_holds_keys_of_its_own_cluster():
 
 def test_a_samples_contrastive_set_never_contains_its_own_clusters_queue():
     """Through the method: the instance loss does not see the queue of the batch's cluster."""
-    model = tiny_scl(concept_loss=False, under_clustering=False, over_clustering=False)
+    model = tiny_scl(use_concept_loss=False, under_clustering=False, over_clustering=False)
     model.sample_table.reset(1797, [10], torch.Generator().manual_seed(0))
     model.sample_table.labels[0, :32] = 3  # the whole batch in cluster 3
     batch = {"index": torch.arange(32), "image": ClusterDataModule("digits").split("train+test").images[:32]}
@@ -217,12 +217,12 @@ def test_the_imbalance_guard_refills_a_small_cluster_by_splitting_the_largest():
 
 @pytest.mark.parametrize("switches", [
     {"cross_cluster": False},                       # Fig. 3: w/o cross-cluster ID
-    {"concept_loss": False},                        # Fig. 3: w/o online CD (labels from Eq. 3)
-    {"cross_cluster": False, "concept_loss": False},  # Fig. 3: MoCo-like baseline
+    {"use_concept_loss": False},                        # Fig. 3: w/o online CD (labels from Eq. 3)
+    {"cross_cluster": False, "use_concept_loss": False},  # Fig. 3: MoCo-like baseline
     {"under_clustering": False, "over_clustering": False},  # Fig. 4: clustering only
     {"clustering_task": False, "over_clustering": False},  # Fig. 4: under-clustering only (k-means)
     {"clustering_task": False, "under_clustering": False},  # Fig. 4: over-clustering only (k-means)
-    {"hard_sample_weights": False},                 # Table 3
+    {"use_hard_sample_weights": False},                 # Table 3
     {"query_view": "plain"},
 ])  # fmt: skip
 def test_every_ablation_trains_and_evaluates(switches):
@@ -234,8 +234,8 @@ def test_every_ablation_trains_and_evaluates(switches):
 
 
 def test_an_scl_config_without_any_loss_or_task_is_refused():
-    with pytest.raises(ValueError, match="instance_loss, concept_loss or both"):
-        tiny_scl(instance_loss=False, concept_loss=False)
+    with pytest.raises(ValueError, match="use_instance_loss, use_concept_loss or both"):
+        tiny_scl(use_instance_loss=False, use_concept_loss=False)
     with pytest.raises(ValueError, match="at least one of clustering_task"):
         tiny_scl(clustering_task=False, under_clustering=False, over_clustering=False)
 

@@ -32,32 +32,33 @@ def test_simclr_reports_kmeans_clusters_of_its_features_and_the_knn_agreement():
     _trainer(max_epochs=1, limit_train_batches=3).fit(model, ClusterDataModule("digits", batch_size=128))
     assert 0.15 < model.eval_results["acc"] <= 1  # k-means on the features, not chance
     assert 0.3 < model.diagnostics["knn_agreement"] <= 1
-    assert model.centroids.abs().sum() > 0  # kept for online prediction
+    assert model.kmeans.centroids.abs().sum() > 0  # kept for online prediction
     probs = model.predict_proba(Digits().load("train+test").images[:1])
     assert probs.shape == (1, 1, 10) and torch.allclose(probs.sum(-1), torch.ones(1, 1))
 
 
 def test_knn_monitor_reports_nothing_without_labels():
     model = SimCLR(10, tiny_cnn(), Views())
-    model.on_eval_features("val", torch.randn(30, 8), torch.full((30,), -1))
+    model.knn_monitor("val", torch.randn(30, 8), torch.full((30,), -1))
     assert "knn_agreement" not in model.diagnostics
 
 
 def test_cc_ich_only_still_clusters_by_kmeans_through_the_base_class():
     pl.seed_everything(0)
-    model = CC(10, tiny_cnn(), Views(), cluster_loss=False, cluster_entropy=False)
+    model = CC(10, tiny_cnn(), Views(), use_cluster_loss=False, use_cluster_entropy=False)
     _trainer().validate(model, ClusterDataModule("digits"))
-    assert model.eval_results["acc"] > 0.15 and model.centroids.abs().sum() > 0
+    assert model.eval_results["acc"] > 0.15 and model.kmeans.centroids.abs().sum() > 0
 
 
 def test_moco_enqueues_the_gathered_keys_of_every_step():
     pl.seed_everything(0)
     model = SimCLR(10, tiny_cnn(), SmallImageViews(), queue_size=200)
-    before = model.queue.clone()
+    before = model.queue.keys[0].clone()
     _trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(model, ClusterDataModule("digits", batch_size=64))
-    assert int(model.queue_pointer) == 128
-    assert not torch.allclose(model.queue[:128], before[:128]) and torch.equal(model.queue[128:], before[128:])
-    assert "queue" in model.state_dict() and "key_backbone.net.0.weight" in model.state_dict()
+    assert int(model.queue.pointer) == 128
+    keys = model.queue.keys[0]
+    assert not torch.allclose(keys[:128], before[:128]) and torch.equal(keys[128:], before[128:])
+    assert "queue.keys" in model.state_dict() and "momentum_encoder.backbone.net.0.weight" in model.state_dict()
 
 
 def test_simclr_step_on_two_processes_equals_one_process_with_the_whole_batch(tmp_path):

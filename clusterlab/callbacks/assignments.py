@@ -20,6 +20,8 @@ import torch.distributed as dist
 from pytorch_lightning.callbacks import BasePredictionWriter
 from rich.console import Console
 
+from clusterlab.callbacks.figures import Clusterer
+from clusterlab.contracts import require
 from clusterlab.distributed import is_distributed
 
 
@@ -33,6 +35,10 @@ class Assignments(BasePredictionWriter):
     def __init__(self, sheet_images: int = 48) -> None:
         super().__init__(write_interval="batch")
         self.sheet_images = sheet_images
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "predict":
+            require(pl_module, Clusterer, self)
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module) -> None:
         folder = Path(trainer.default_root_dir)

@@ -12,35 +12,42 @@ Written as PNG files into <run dir>/figures/ and logged as images to W&B when W&
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
-from clusterlab.distributed import gather
+from clusterlab.contracts import require
+from clusterlab.passes import pass_over
 from clusterlab.metrics import contingency, evaluate, hungarian_match
 
 
-@torch.no_grad()
+@runtime_checkable
+class Clusterer(Protocol):
+    """What the figures (and `predict`'s writer) read of a method: its clusters and features."""
+
+    def assign(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cluster and its probability (B, B) of a batch of uint8 images."""
+        ...
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Features (B x D) of a batch of uint8 images, for the embedding plot."""
+        ...
+
+
 def collect_predictions(trainer: pl.Trainer, module, loader) -> dict[str, torch.Tensor]:
     """Index, cluster, confidence, features and label of every evaluation sample, on every rank,
-    in dataset order (each rank computes its shard, then the shards are gathered)."""
-    was_training = module.training
-    module.eval()
-    parts: dict[str, list[torch.Tensor]] = {"index": [], "cluster": [], "confidence": [], "features": [], "label": []}
-    for batch in loader:
-        images = batch["image"].to(module.device)
-        confidence, cluster = module.predict_proba(images)[module.selected_head].max(-1)
-        parts["index"].append(batch["index"].to(module.device))
-        parts["cluster"].append(cluster)
-        parts["confidence"].append(confidence)
-        parts["features"].append(module.embed(images).float())
-        parts["label"].append(batch["label"].to(module.device))
-    module.train(was_training)
-    out = {k: gather(torch.cat(v)).cpu() for k, v in parts.items()}
-    order = out["index"].argsort()
-    return {k: v[order] for k, v in out.items()}
+    in dataset order (`clusterlab.passes.pass_over`), on the CPU."""
+
+    def step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        cluster, confidence = module.assign(batch["image"])
+        return {"cluster": cluster, "confidence": confidence, "features": module.embed(batch["image"]).float(),
+                "label": batch["label"]}  # fmt: skip
+
+    outputs = pass_over(module, loader, step, precision=trainer.precision_plugin, description="Drawing figures")
+    return {key: value.cpu() for key, value in outputs.items()}
 
 
 class ClusterFigures(pl.Callback):
@@ -58,6 +65,10 @@ class ClusterFigures(pl.Callback):
                  max_clusters: int = 20) -> None:  # fmt: skip
         self.enabled, self.images_per_cluster = enabled, images_per_cluster
         self.embedding_points, self.max_clusters = embedding_points, max_clusters
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.enabled:
+            require(pl_module, Clusterer, self)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
         self.draw(trainer, pl_module, trainer.datamodule.val_dataloader())

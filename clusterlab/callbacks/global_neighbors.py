@@ -7,24 +7,41 @@ prediction of i's own nearest neighbour, looked up by the sample index every bat
 (The authors' code stores the rows in the shuffled loader order and indexes them by dataset index,
 which pairs samples with the wrong rows.)
 
-Under DDP every rank extracts its share of the training set, the shares are gathered and put
-back in dataset order, rank 0 searches the neighbours and broadcasts them, so the table is the
-same on every rank. It is this callback's state, so it lives in the checkpoint and a resumed run
+Under DDP every rank extracts its share of the training set (`clusterlab.passes.pass_over`), the
+shares are gathered in dataset order, rank 0 searches the neighbours and broadcasts them, so the
+table is the same on every rank. It is this callback's state, so it lives in the checkpoint and a resumed run
 continues with the table it stopped with.
 """
 
 from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clusterlab.distributed import broadcast, gather
+from clusterlab.contracts import require
+from clusterlab.distributed import broadcast
 from clusterlab.neighbors import knn
+from clusterlab.passes import pass_over
 from clusterlab.seeding import derive_seed
 
 _GLOBAL_NEIGHBOR_STREAM = 2
+
+
+@runtime_checkable
+class HasFeaturesAndLogits(Protocol):
+    """A method whose heads' predictions come from backbone features it can return with them."""
+
+    def plain(self, images: Tensor) -> Tensor:
+        """The un-augmented network input of a batch of uint8 images."""
+        ...
+
+    def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Backbone features (B x D) and every head's logits (heads x B x C) of the input."""
+        ...
 
 
 class GlobalNeighbors(pl.Callback):
@@ -33,14 +50,16 @@ class GlobalNeighbors(pl.Callback):
     Args:
         num_neighbors: neighbours searched per sample; with more than one, one of them is drawn at
             random per sample and epoch (nnm-paper Table 5; 1 in the paper's setting).
-        batch_size: images per forward pass while extracting.
     """
 
-    def __init__(self, num_neighbors: int = 1, batch_size: int = 512) -> None:
-        self.num_neighbors, self.batch_size = num_neighbors, batch_size
+    def __init__(self, num_neighbors: int = 1) -> None:
+        self.num_neighbors = num_neighbors
         self.table: Tensor | None = None  # heads x N x C, dataset order; None before the first epoch end
         self.neighbor_index: Tensor | None = None  # N: the global neighbour of each sample
         self.epoch = -1  # the epoch at whose end the table was computed
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        require(pl_module, HasFeaturesAndLogits, self)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         # The epoch's last batch, before validation and the epoch-end checkpoint (which must hold
@@ -48,33 +67,23 @@ class GlobalNeighbors(pl.Callback):
         if batch_idx + 1 >= trainer.num_training_batches:
             self.refresh(trainer, pl_module)
 
-    @torch.no_grad()
     def refresh(self, trainer: pl.Trainer, pl_module) -> None:
         data = trainer.datamodule
         if data is None or getattr(data, "train_set", None) is None:
             raise RuntimeError("GlobalNeighbors needs the training split of a ClusterDataModule (trainer.fit(model, datamodule))")
-        images = data.train_set.images
-        device = pl_module.device
-        share = torch.arange(trainer.global_rank, len(images), trainer.world_size)
-        was_training = pl_module.training
-        pl_module.eval()
-        features, predictions = [], []
-        for rows in share.split(self.batch_size):
-            f, logits = pl_module.features_and_logits(pl_module.plain(images[rows].to(device)))
-            features.append(F.normalize(f.float(), dim=1))
-            predictions.append(logits.float().softmax(-1).transpose(0, 1))  # rows first, for gather
-        pl_module.train(was_training)
-        index = gather(share.to(device))
-        order = index.argsort()  # back to dataset order
-        g = gather(torch.cat(features))[order]  # N x D
-        h = gather(torch.cat(predictions))[order].transpose(0, 1)  # heads x N x C
 
-        neighbor = torch.zeros(len(images), dtype=torch.long, device=device)
+        def step(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+            f, logits = pl_module.features_and_logits(pl_module.plain(batch["image"]))
+            return {"g": F.normalize(f.float(), dim=1), "h": logits.float().softmax(-1).transpose(0, 1)}
+
+        out = pass_over(pl_module, data.train_eval_dataloader(), step, precision=trainer.precision_plugin)
+        g, h = out["g"], out["h"].transpose(0, 1)  # N x D, heads x N x C, dataset order
+        neighbor = torch.zeros(len(g), dtype=torch.long, device=g.device)
         if trainer.global_rank == 0:
             candidates, _ = knn(g, self.num_neighbors)
             generator = torch.Generator().manual_seed(derive_seed(trainer.current_epoch, _GLOBAL_NEIGHBOR_STREAM))
             column = torch.randint(self.num_neighbors, (len(candidates),), generator=generator)
-            neighbor = candidates[torch.arange(len(candidates)), column].to(device)
+            neighbor = candidates[torch.arange(len(candidates)), column].to(g.device)
         neighbor = broadcast(neighbor)
         self.neighbor_index = neighbor.cpu()
         self.table = h[:, neighbor].cpu()

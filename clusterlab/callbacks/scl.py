@@ -1,35 +1,38 @@
-"""SCL's scheduled work (scl-paper Algorithm 1): the semantic memory's update after every step, and
-the pseudo labels and hard-sample weights refreshed once per epoch.
+"""SCL's epoch-level work (scl-paper Algorithm 1): the pseudo labels and hard-sample weights,
+refreshed once per epoch over the whole training set.
 
-Both work on the method's buffers (`semantic_memory`, `sample_table`), which are in the checkpoint.
+It works on the method's `sample_table`, a buffer module, so it is in the checkpoint. (The
+semantic memory's update after every step needs no callback: SCL enqueues the step's keys where
+it makes them.)
 """
 
 from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from clusterlab.distributed import broadcast, gather
+from clusterlab.contracts import require
+from clusterlab.distributed import broadcast
 from clusterlab.neighbors import kmeans
+from clusterlab.nn.memory import SampleTable
+from clusterlab.passes import pass_over
 from clusterlab.seeding import derive_seed
 
 
-class SemanticMemoryUpdate(pl.Callback):
-    """"After every backward pass, the representation k_i enqueues to M_{y_i} with the oldest one
-    inside removed" (Sec. 3.1).
+@runtime_checkable
+class PseudoLabelled(Protocol):
+    """A method with per-sample pseudo labels of one or more clustering tasks."""
 
-    The method leaves the keys of its step in `pl_module.pending_keys` (task -> keys, queue,
-    sample index), gathered over all ranks, so every rank enqueues the same keys in the same order
-    and the queues stay identical. With gradient accumulation every batch's backward pass enqueues
-    its keys; the momentum encoder moves once per optimizer step.
-    """
+    sample_table: SampleTable  # labels and change counts per task and training-set index
+    task_clusters: list[int]  # C_t of each task, in the order of sample_table's rows
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
-                           batch_idx: int) -> None:  # fmt: skip
-        for task, (keys, queue, index) in pl_module.pending_keys.items():
-            pl_module.semantic_memory[task].enqueue(keys, queue, index)
-        pl_module.pending_keys.clear()
+    def assignments(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """For each task (sample_table's row order): its logits (B x C_t) and the features they
+        come from (B x D), for a batch of uint8 images."""
+        ...
 
 
 class PseudoLabelRefresh(pl.Callback):
@@ -39,13 +42,9 @@ class PseudoLabelRefresh(pl.Callback):
     whatever point a checkpoint was written at (Lightning saves at validation end, before the
     epoch's end hooks), a resumed run refreshes exactly once per epoch (`sample_table.epoch`).
 
-    Each rank predicts its shard of the training set (`train_eval_dataloader`), the predictions are
-    gathered, and every rank writes the same table. The imbalance guard runs on rank 0 and its
-    result is broadcast.
-
-    Contract with the method: `pl_module.assignments(images)` returns, for each labelled task in
-    the order of `sample_table`'s rows, the task's logits (B x C_t) and the features they were
-    computed from (B x D); `pl_module.task_clusters` lists C_t per row.
+    Each rank predicts its shard of the training set (`train_eval_dataloader`, through
+    `clusterlab.passes.pass_over`), the predictions are gathered, and every rank writes the same
+    table. The imbalance guard runs on rank 0 and its result is broadcast.
 
     Args:
         imbalance_guard: refill clusters smaller than `min_cluster_fraction` x N / C by splitting
@@ -73,32 +72,23 @@ class PseudoLabelRefresh(pl.Callback):
             table.update(task, labels)  # Eq. 6: count the changes
         table.epoch.fill_(trainer.current_epoch)
 
-    @torch.no_grad()
-    def predict_training_set(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[list[Tensor], list[Tensor]]:
-        """y_i = argmax_j p_ij for every training sample (Eq. 5), per task, with the features."""
-        was_training = pl_module.training
-        pl_module.eval()
-        indices, logits, features = [], [], []
-        for batch in trainer.datamodule.train_eval_dataloader():
-            with trainer.precision_plugin.forward_context():  # the run's precision (AMP on GPUs)
-                outputs = pl_module.assignments(batch["image"].to(pl_module.device))
-            indices.append(batch["index"].to(pl_module.device))
-            logits.append([p.argmax(1) for p, _ in outputs])
-            features.append([f.float() for _, f in outputs])
-        pl_module.train(was_training)
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        require(pl_module, PseudoLabelled, self)
 
-        index = gather(torch.cat(indices)).cpu()
-        num_samples = len(pl_module.sample_table)
-        new_labels, new_features = [], []
-        for task in range(len(pl_module.task_clusters)):
-            labels = torch.empty(num_samples, dtype=torch.long)
-            labels[index] = gather(torch.cat([p[task] for p in logits])).cpu()
-            feats = gather(torch.cat([f[task] for f in features])).cpu()
-            ordered = torch.empty_like(feats)
-            ordered[index] = feats
-            new_labels.append(labels)
-            new_features.append(ordered)
-        return new_labels, new_features
+    def predict_training_set(self, trainer: pl.Trainer, pl_module) -> tuple[list[Tensor], list[Tensor]]:
+        """y_i = argmax_j p_ij for every training sample (Eq. 5), per task, with the features."""
+
+        def step(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+            outputs = pl_module.assignments(batch["image"])
+            return {
+                **{f"label{t}": logits.argmax(1) for t, (logits, _) in enumerate(outputs)},
+                **{f"features{t}": features.float() for t, (_, features) in enumerate(outputs)},
+            }
+
+        out = pass_over(pl_module, trainer.datamodule.train_eval_dataloader(), step,
+                        precision=trainer.precision_plugin, description="Refreshing pseudo labels")  # fmt: skip
+        tasks = range(len(pl_module.task_clusters))
+        return [out[f"label{t}"].cpu() for t in tasks], [out[f"features{t}"].cpu() for t in tasks]
 
 
 def split_small_clusters(labels: Tensor, features: Tensor, num_clusters: int, min_size: float, seed: int) -> Tensor:

@@ -4,35 +4,36 @@ A method subclasses `ClusteringMethod`, builds its heads, writes `training_step`
 paper's algorithm reads, and returns `self.objective(terms)`. It also says how it assigns
 clusters (`cluster_logits`). The base class does the rest, the same way for every method:
 
-- evaluation: ACC / NMI / ARI per head (torchmetrics, synced over ranks), labels used only to
-  report them; or, for a method without a trained cluster head, k-means on its features
-  (`init_kmeans_clusters`), with the centres kept for online prediction;
+- evaluation: ACC / NMI / ARI per head, from the gathered per-sample outputs of the evaluation
+  set (`clusterlab.passes.SampleOutputs`), labels used only to report them; cluster sizes and a
+  collapse check (no label involved);
 - label-free head selection: the head with the lowest unsupervised training loss (SCAN's rule);
-- online prediction: cluster and confidence of any batch, a single image included;
+- online prediction: cluster and confidence of any batch, a single image included (`assign`);
 - optimizer and schedule from the config (`optimizer`, `lr_scheduler` callables);
 - per-step reseeding, so that a resumed run repeats the same random draws (clusterlab.seeding);
-- a NaN guard that names the loss term, epoch and step;
+- a divergence guard that names the loss term, step and learning rate, or the parameter;
 - checkpoints that say which method wrote them, and refuse to load into another.
+
+A method without a trained cluster head composes a `clusterlab.nn.KMeansHead` and fits it in
+`evaluation_clusters` (SimCLR; CC's "ICH only"; SCL without its target task).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
 from clusterlab import __version__
-from clusterlab.distributed import all_reduce_sum, broadcast, gather
+from clusterlab.distributed import all_reduce_sum
 from clusterlab.errors import CheckpointError, DivergenceError
-from clusterlab.metrics import ClusteringMetrics
-from clusterlab.neighbors import kmeans
-from clusterlab.seeding import reseed, run_seed
+from clusterlab.metrics import evaluate
+from clusterlab.passes import SampleOutputs
+from clusterlab.seeding import reseed
 
 OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
 LRSchedulerCallable = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -44,6 +45,10 @@ class CheckpointMismatchError(CheckpointError):
 
 class ClusteringMethod(pl.LightningModule, ABC):
     """Base class of CC, NNM, SCL, DCCM and SimCLR.
+
+    A subclass calls `self.save_hyperparameters()` in its `__init__` (built by the CLI, that saves
+    the parsed config; the checkpoint then rebuilds the method) and reads them as
+    `self.hparams.<name>`. Loss-term switches are named `use_<term>`.
 
     Args:
         num_clusters: C, the number of clusters (linked from the data module by the CLI).
@@ -65,59 +70,26 @@ class ClusteringMethod(pl.LightningModule, ABC):
         self.num_clusters, self.num_heads = num_clusters, num_heads
         self.backbone = backbone
         self.build_optimizer, self.build_lr_scheduler = optimizer, lr_scheduler
-        self.eval_metrics = nn.ModuleList(ClusteringMetrics() for _ in range(num_heads))
-        # Mean unsupervised loss of each head over the last training epoch: selects the head.
-        self.register_buffer("head_loss", torch.full((num_heads,), float("nan")))
-        # The running sums of the epoch in progress are buffers too, so that a run resumed from a
+        # Mean unsupervised loss of each head over the last training epoch: selects the head. The
+        # running sums of the epoch in progress are buffers too, so that a run resumed from a
         # checkpoint inside an epoch selects the same head as an uninterrupted one.
+        self.register_buffer("head_loss", torch.full((num_heads,), float("nan")))
         self.register_buffer("head_loss_sum", torch.zeros(num_heads))
         self.register_buffer("head_loss_steps", torch.zeros((), dtype=torch.long))
-        self.epochs_trained = 0  # completed training epochs, kept in the checkpoint's "clusterlab" entry
+        self.register_buffer("epochs_trained", torch.zeros((), dtype=torch.long))
         self._batch_size: int | None = None
+        self._evaluation = SampleOutputs()
         self.eval_results: dict = {}
         self.input_shape: list[int] | None = None  # C, H, W of the training images (for predict on a folder)
         # Label-based diagnostics of the features (neighbour label agreement, ...): reported in
         # metrics.json next to ACC / NMI / ARI, never used to choose anything.
         self.diagnostics: dict[str, float] = {}
-        self.kmeans_clusters = False
-        self._eval_features: list[tuple[Tensor, Tensor]] = []
-        self._cluster_counts: Tensor | None = None
-
-    def init_kmeans_clusters(self, feature_dim: int, enabled: bool = True) -> None:
-        """Registers the `centroids` buffer (C x feature_dim). When enabled, clusters are k-means
-        centres of `cluster_features`, refitted on the whole evaluation set at every evaluation
-        (on rank 0, then broadcast) and kept in the checkpoint, so prediction stays online. The one
-        way a method without a trained cluster head (SimCLR, CC's "ICH only") is evaluated."""
-        self.kmeans_clusters = enabled
-        self.register_buffer("centroids", torch.zeros(self.num_clusters, feature_dim))
-
-    def save_hyperparameters(self, *args, ignore=None, frame=None, logger: bool = True) -> None:
-        """Keep the constructor's arguments in the checkpoint, so `test` and `predict` can rebuild the
-        method from the checkpoint alone. Built by the CLI, these are the parsed config (plain data);
-        built in Python, module- and callable-valued arguments are left out (the weights are in the
-        state dict)."""
-        frame = frame or inspect.currentframe().f_back
-        if _given_hyperparameters.get() is None:
-            unsaveable = [k for k, v in frame.f_locals.items() if isinstance(v, nn.Module) or callable(v)]
-            ignore = list(ignore or []) + unsaveable
-        super().save_hyperparameters(*args, ignore=ignore, frame=frame, logger=logger)
 
     # -- what a method provides -------------------------------------------------------------
 
     @abstractmethod
     def cluster_logits(self, x: Tensor) -> Tensor:
         """Cluster logits of the (float, un-augmented) input: num_heads x B x C."""
-
-    def cluster_features(self, x: Tensor) -> Tensor:
-        """The features that k-means clusters (methods that call `init_kmeans_clusters`)."""
-        raise NotImplementedError(f"{type(self).__name__} has no k-means features")
-
-    def kmeans_logits(self, x: Tensor) -> Tensor:
-        """The nearest k-means centre as logits (1 x B x C): minus the distance to each centre."""
-        return -torch.cdist(self.cluster_features(x), self.centroids)[None]
-
-    def on_eval_features(self, stage: str, features: Tensor, labels: Tensor) -> None:
-        """Called with the gathered evaluation features and labels after k-means (all ranks)."""
 
     def plain(self, images: Tensor) -> Tensor:
         """The evaluation input: the method's views without augmentation."""
@@ -186,7 +158,7 @@ class ClusteringMethod(pl.LightningModule, ABC):
         total = all_reduce_sum(self.head_loss_sum)
         if steps > 0:
             self.head_loss.copy_(total / steps)
-        self.epochs_trained += 1
+        self.epochs_trained += 1  # before the epoch's checkpoint (Lightning saves after this hook)
 
     @property
     def selected_head(self) -> int:
@@ -209,61 +181,27 @@ class ClusteringMethod(pl.LightningModule, ABC):
         """Soft assignments of a batch of uint8 images (a single image too): num_heads x B x C."""
         return self.cluster_logits(self.plain(images)).float().softmax(-1)
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        if self.kmeans_clusters:
-            with torch.no_grad():
-                self._eval_features.append((self.cluster_features(self.plain(batch["image"])), batch["label"]))
-            return
-        probs = self.predict_proba(batch["image"])
-        for h, (metrics, head_probs) in enumerate(zip(self.eval_metrics, probs)):
-            clusters = head_probs.argmax(-1)
-            metrics.update(clusters, batch["label"])
-            self._count_clusters(h, clusters)
+    @torch.no_grad()
+    def assign(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Online prediction of uint8 images: the selected head's cluster and its probability (B, B)."""
+        confidence, cluster = self.predict_proba(images)[self.selected_head].max(-1)
+        return cluster, confidence
 
-    def _count_clusters(self, head: int, clusters: Tensor) -> None:
-        """Cluster sizes of the evaluation set, per head: what the collapse check reads (no labels)."""
-        if self._cluster_counts is None or self._cluster_counts.device != clusters.device:
-            self._cluster_counts = torch.zeros(self.num_heads, self.num_clusters, dtype=torch.long, device=clusters.device)
-        self._cluster_counts[head] += torch.bincount(clusters, minlength=self.num_clusters)[: self.num_clusters]
+    def evaluation_outputs(self, images: Tensor) -> dict[str, Tensor]:
+        """What the evaluation keeps of each sample, rows first: every head's cluster (B x heads)."""
+        return {"cluster": self.predict_proba(images).argmax(-1).T}
+
+    def evaluation_clusters(self, outputs: dict[str, Tensor], stage: str) -> Tensor:
+        """Every head's cluster of every evaluation sample (N x heads), from the gathered outputs
+        (on every process). A method with a k-means head fits it here, on the whole set."""
+        return outputs["cluster"]
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        with torch.no_grad():
+            self._evaluation.add(batch["index"], label=batch["label"], **self.evaluation_outputs(batch["image"]))
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
-
-    def _fit_kmeans(self, stage: str) -> None:
-        z = torch.cat([z for z, _ in self._eval_features])
-        labels = torch.cat([y for _, y in self._eval_features])
-        self._eval_features.clear()
-        z_all, labels_all = gather(z), gather(labels)  # k-means over the whole evaluation set
-        if self.global_rank == 0:
-            # Fewer evaluation images than clusters (a smoke test's data): as many clusters as images.
-            centroids = kmeans(z_all, min(self.num_clusters, len(z_all)), seed=run_seed())[1].to(self.centroids)
-            self.centroids.copy_(centroids[torch.arange(self.num_clusters) % len(centroids)])
-        self.centroids.copy_(broadcast(self.centroids))
-        clusters = torch.cdist(z, self.centroids).argmin(1)
-        self.eval_metrics[0].update(clusters, labels)
-        self._count_clusters(0, clusters)
-        self.on_eval_features(stage, z_all, labels_all)
-
-    def _report(self, stage: str) -> None:
-        if self.kmeans_clusters and self._eval_features:
-            self._fit_kmeans(stage)
-        labelled = all_reduce_sum(torch.tensor(self.eval_metrics[0].labelled, device=self.device))
-        # No labels anywhere (a folder of photos): nothing to report, clusters are still predicted.
-        heads = [{k: float(v) for k, v in m.compute().items()} if labelled else {} for m in self.eval_metrics]
-        for metrics in self.eval_metrics:
-            metrics.reset()
-        selected = self.selected_head
-        counts = self._cluster_counts
-        counts = torch.zeros(self.num_heads, self.num_clusters, dtype=torch.long, device=self.device) if counts is None else counts
-        sizes = all_reduce_sum(counts.to(self.device))[selected].tolist()
-        self._cluster_counts = None
-        self.eval_results = {"heads": heads, "selected_head": selected, **heads[selected], "cluster_sizes": sizes,
-                             "collapsed": collapsed(sizes)}  # fmt: skip
-        for name, value in heads[selected].items():
-            self.log(f"{stage}/{name}", value, prog_bar=name == "acc", sync_dist=False)
-        if self.num_heads > 1:
-            for h, results in enumerate(heads):
-                self.log_dict({f"{stage}/head{h}/{name}": value for name, value in results.items()})
 
     def on_validation_epoch_end(self) -> None:
         self._report("val")
@@ -271,9 +209,34 @@ class ClusteringMethod(pl.LightningModule, ABC):
     def on_test_epoch_end(self) -> None:
         self._report("test")
 
+    def _report(self, stage: str) -> None:
+        """ACC / NMI / ARI of every head (labels only report), the selected head's cluster sizes
+        and whether the clusters collapsed. Every process gathers the outputs and computes the
+        same figures from them, so no process waits for another afterwards."""
+        outputs = self._evaluation.gather()
+        if not outputs:
+            return
+        clusters = self.evaluation_clusters(outputs, stage).cpu()
+        labels = outputs["label"].cpu()
+        heads = [evaluate(clusters[:, h], labels) for h in range(clusters.shape[1])]
+        selected = self.selected_head
+        sizes = torch.bincount(clusters[:, selected], minlength=self.num_clusters)[: self.num_clusters].tolist()
+        self.eval_results = {
+            "heads": heads,
+            "selected_head": selected,
+            **heads[selected],
+            "cluster_sizes": sizes,
+            "collapsed": collapsed(sizes),
+        }
+        for name, value in heads[selected].items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == "acc", sync_dist=True)  # the same on every rank
+        if len(heads) > 1:
+            for h, results in enumerate(heads):
+                self.log_dict({f"{stage}/head{h}/{name}": value for name, value in results.items()}, sync_dist=True)
+
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Online prediction: cluster (argmax of the selected head) and its probability."""
-        confidence, cluster = self.predict_proba(batch["image"])[self.selected_head].max(-1)
+        cluster, confidence = self.assign(batch["image"])
         return {"index": batch["index"], "cluster": cluster, "confidence": confidence}
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -288,7 +251,7 @@ class ClusteringMethod(pl.LightningModule, ABC):
             "method": type(self).__name__,
             "num_clusters": self.num_clusters,
             "input_shape": self.input_shape,
-            "epochs_trained": self.epochs_trained,
+            "epochs_trained": int(self.epochs_trained),
             "version": __version__,
         }
 
@@ -303,7 +266,6 @@ class ClusteringMethod(pl.LightningModule, ABC):
                 f"checkpoint{where} holds a {meta['method']} model; this run configures {type(self).__name__}. "
                 f"Use the config the checkpoint was trained with (its run directory has config.yaml)."
             )
-        self.epochs_trained = meta.get("epochs_trained", checkpoint.get("epoch", -1) + 1)
         self.input_shape = meta.get("input_shape")
         if meta["num_clusters"] != self.num_clusters:
             raise CheckpointMismatchError(

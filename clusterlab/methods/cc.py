@@ -9,7 +9,7 @@ from clusterlab.data.views import Views
 from clusterlab.distributed import gather
 from clusterlab.losses.cc import cluster_entropy, cluster_loss, instance_loss
 from clusterlab.methods.base import ClusteringMethod, LRSchedulerCallable, OptimizerCallable
-from clusterlab.nn.heads import ClusterHeads, mlp
+from clusterlab.nn.heads import ClusterHeads, KMeansHead, mlp
 
 
 class CC(ClusteringMethod):
@@ -23,9 +23,10 @@ class CC(ClusteringMethod):
         instance_dim: dimension of the row space of g_I (128 in the paper).
         instance_temperature: tau_I (0.5).
         cluster_temperature: tau_C (1.0).
-        instance_loss, cluster_loss, cluster_entropy: switch each term of Eq. 7 on or off (paper
-            Table 5: "CCH only" is instance_loss=false; "ICH only" is cluster_loss=false and
-            cluster_entropy=false, and clusters then come from k-means in the instance space).
+        use_instance_loss, use_cluster_loss, use_cluster_entropy: switch each term of Eq. 7 on or
+            off (paper Table 5: "CCH only" is use_instance_loss=false; "ICH only" is
+            use_cluster_loss=false and use_cluster_entropy=false, and clusters then come from
+            k-means in the instance space).
         optimizer: Adam, lr 3e-4, no weight decay in the paper.
         lr_scheduler: none in the paper.
     """
@@ -38,26 +39,25 @@ class CC(ClusteringMethod):
         instance_dim: int = 128,
         instance_temperature: float = 0.5,
         cluster_temperature: float = 1.0,
-        instance_loss: bool = True,
-        cluster_loss: bool = True,
-        cluster_entropy: bool = True,
+        use_instance_loss: bool = True,
+        use_cluster_loss: bool = True,
+        use_cluster_entropy: bool = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__(num_clusters, backbone, num_heads=1, optimizer=optimizer, lr_scheduler=lr_scheduler)
         self.save_hyperparameters()
-        if not (instance_loss or cluster_loss or cluster_entropy):
-            raise ValueError("CC needs at least one of instance_loss, cluster_loss, cluster_entropy")
+        if not (use_instance_loss or use_cluster_loss or use_cluster_entropy):
+            raise ValueError("CC needs at least one of use_instance_loss, use_cluster_loss, use_cluster_entropy")
         self.views = views
         dim = backbone.out_dim
         self.instance_projector = mlp(dim, dim, instance_dim)  # g_I
         self.cluster_projector = ClusterHeads(dim, num_clusters, hidden_dim=dim)  # g_C (softmax applied below)
         # "ICH only" (Table 5) has no trained cluster head: clusters are k-means centres in the
         # instance space, refitted at every evaluation and kept for online prediction.
-        self.init_kmeans_clusters(instance_dim, enabled=not (cluster_loss or cluster_entropy))
+        self.kmeans = None if use_cluster_loss or use_cluster_entropy else KMeansHead(num_clusters, instance_dim)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        hp = self.hparams
         x = batch["image"]
         n = len(x)
         if "unlabeled_image" in batch:  # STL-10: unlabeled images train the instance head only
@@ -69,25 +69,36 @@ class CC(ClusteringMethod):
         y_a, y_b = (gather(self.cluster_projector(h[:n])[0].softmax(-1)) for h in (h_a, h_b))  # y = g_C(h)
 
         terms = {}
-        if hp.instance_loss:
-            terms["instance"] = instance_loss(z_a, z_b, hp.instance_temperature)  # L_ins, Eqs. 1-3
-        if hp.cluster_loss:
-            terms["cluster"] = cluster_loss(y_a, y_b, hp.cluster_temperature)  # Eqs. 4-5, first term of Eq. 6
-        if hp.cluster_entropy:
+        if self.hparams.use_instance_loss:
+            terms["instance"] = instance_loss(z_a, z_b, self.hparams.instance_temperature)  # L_ins, Eqs. 1-3
+        if self.hparams.use_cluster_loss:
+            terms["cluster"] = cluster_loss(y_a, y_b, self.hparams.cluster_temperature)  # Eqs. 4-5, Eq. 6's 1st term
+        if self.hparams.use_cluster_entropy:
             terms["entropy"] = -cluster_entropy(y_a, y_b)  # - H(Y), second term of Eq. 6
         return self.objective(terms)  # L = L_ins + L_clu, Eq. 7
 
     def cluster_logits(self, x: Tensor) -> Tensor:
         """c = argmax g_C(f(x)) (Algorithm 1, test); "ICH only": the nearest k-means centre of g_I(f(x))."""
-        if self.kmeans_clusters:
-            return self.kmeans_logits(x)
+        if self.kmeans is not None:
+            return self.kmeans(self.instance_features(x))[None]
         return self.cluster_projector(self.backbone(x))
 
-    def cluster_features(self, x: Tensor) -> Tensor:
-        """"ICH only": k-means clusters the instance projections g_I(f(x))."""
+    def instance_features(self, x: Tensor) -> Tensor:
+        """z = g_I(f(x)), the instance space (what "ICH only" clusters by k-means)."""
         return self.instance_projector(self.backbone(x))
+
+    def evaluation_outputs(self, images: Tensor) -> dict[str, Tensor]:
+        if self.kmeans is None:
+            return super().evaluation_outputs(images)
+        return {"features": self.instance_features(self.plain(images))}
+
+    def evaluation_clusters(self, outputs: dict[str, Tensor], stage: str) -> Tensor:
+        if self.kmeans is None:
+            return super().evaluation_clusters(outputs, stage)
+        self.kmeans.fit(outputs["features"])
+        return self.kmeans(outputs["features"]).argmax(1)[:, None]
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:
         """The instance features z = g_I(f(x)), the space of the paper's t-SNE plots (Fig. 4)."""
-        return self.cluster_features(self.plain(images))
+        return self.instance_features(self.plain(images))

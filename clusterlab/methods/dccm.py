@@ -40,10 +40,11 @@ class DCCM(ClusteringMethod):
         alpha: weight of the pseudo-label terms (Eqs. 10, 12, 15), 5.
         beta: weight of the triplet mutual information (Eq. 15): 0.1 in the paper, 0.05 in the
             authors' code.
-        pseudo_graph_loss, pseudo_label_loss, local_robustness, mutual_information_loss: switch
-            each part of Eq. 15 on or off. The rows of the paper's Table 3: M1 (L_PG) has only
-            pseudo_graph_loss; M2 adds local_robustness (the same terms on the transformed
-            images); M3 adds pseudo_label_loss; M4 (the default) adds mutual_information_loss.
+        use_pseudo_graph_loss, use_pseudo_label_loss, use_local_robustness,
+            use_mutual_information_loss: switch each part of Eq. 15 on or off. The rows of the
+            paper's Table 3: M1 (L_PG) has only use_pseudo_graph_loss; M2 adds
+            use_local_robustness (the same terms on the transformed images); M3 adds
+            use_pseudo_label_loss; M4 (the default) adds use_mutual_information_loss.
         original_images: the pseudo-graph and pseudo-label terms on the original images too, as
             Eq. 15 says (L^_PG = L_PG + L'_PG). The authors' code trains on the transformed images
             only (false).
@@ -67,10 +68,10 @@ class DCCM(ClusteringMethod):
         label_threshold: float = 0.9,
         alpha: float = 5.0,
         beta: float = 0.1,
-        pseudo_graph_loss: bool = True,
-        pseudo_label_loss: bool = True,
-        local_robustness: bool = True,
-        mutual_information_loss: bool = True,
+        use_pseudo_graph_loss: bool = True,
+        use_pseudo_label_loss: bool = True,
+        use_local_robustness: bool = True,
+        use_mutual_information_loss: bool = True,
         original_images: bool = True,
         pseudo_label_criterion: Literal["cross_entropy", "bce"] = "cross_entropy",
         num_negatives: int = 2,
@@ -81,18 +82,23 @@ class DCCM(ClusteringMethod):
     ) -> None:
         super().__init__(num_clusters, backbone, num_heads=1, optimizer=optimizer, lr_scheduler=lr_scheduler)
         self.save_hyperparameters()
-        if not (pseudo_graph_loss or pseudo_label_loss or mutual_information_loss):
-            raise ValueError("DCCM needs at least one of pseudo_graph_loss, pseudo_label_loss, mutual_information_loss")
-        if (pseudo_graph_loss or pseudo_label_loss) and not (original_images or local_robustness):
-            raise ValueError("original_images=false and local_robustness=false leave the pseudo-graph and "
-                             "pseudo-label terms no images to train on")  # fmt: skip
+        if not (use_pseudo_graph_loss or use_pseudo_label_loss or use_mutual_information_loss):
+            raise ValueError(
+                "DCCM needs at least one of use_pseudo_graph_loss, use_pseudo_label_loss, use_mutual_information_loss"
+            )
+        if (use_pseudo_graph_loss or use_pseudo_label_loss) and not (original_images or use_local_robustness):
+            raise ValueError(
+                "original_images=false and use_local_robustness=false leave the pseudo-graph and "
+                "pseudo-label terms no images to train on"
+            )
         self.views = views
         # The authors' last layer: Linear(64 -> K) - BN, then the softmax of Eq. 1. No bias before
         # the BN: it would have no gradient but rounding noise, which RMSprop scales up to full steps.
         self.cluster_head = nn.Sequential(nn.Linear(backbone.out_dim, num_clusters, bias=not logit_norm),
                                           nn.BatchNorm1d(num_clusters) if logit_norm else nn.Identity())  # fmt: skip
-        self.discriminator = (LocalDiscriminator(num_clusters, backbone.shallow_dim, discriminator_dim)
-                              if mutual_information_loss else None)  # fmt: skip
+        self.discriminator = (
+            LocalDiscriminator(num_clusters, backbone.shallow_dim, discriminator_dim) if use_mutual_information_loss else None
+        )
 
     def forward_with_shallow(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Y (pre-softmax output, B x K) and the shallow feature map M of the same forward pass."""
@@ -100,34 +106,35 @@ class DCCM(ClusteringMethod):
         return self.cluster_head(features), shallow
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        hp = self.hparams
         images = batch["image"]
+        alpha, criterion = self.hparams.alpha, self.hparams.pseudo_label_criterion
         # Lines 4-5 of Algorithm 1: predictions of the original images, and from them, over the
         # global batch, the pseudo-graph W (Eq. 2) and the confident pseudo labels y, V (Eqs. 7-8).
-        train_on_original = hp.original_images or (hp.mutual_information_loss and not hp.local_robustness)
-        with torch.set_grad_enabled(train_on_original):
+        mutual_information_on_original = self.hparams.use_mutual_information_loss and not self.hparams.use_local_robustness
+        with torch.set_grad_enabled(self.hparams.original_images or mutual_information_on_original):
             logits, shallow = self.forward_with_shallow(self.views.plain(images))
         logits = gather(logits)
         probs = logits.detach().float().softmax(1)  # z, Eq. 1
-        graph = pseudo_graph(probs, hp.graph_threshold)
-        labels, confident = pseudo_labels(probs, hp.label_threshold)
+        graph = pseudo_graph(probs, self.hparams.graph_threshold)
+        labels, confident = pseudo_labels(probs, self.hparams.label_threshold)
 
         terms = {}
-        if hp.original_images:  # L_CDS = L_PG + alpha L_PL, Eq. 10
-            if hp.pseudo_graph_loss:
+        if self.hparams.original_images:  # L_CDS = L_PG + alpha L_PL, Eq. 10
+            if self.hparams.use_pseudo_graph_loss:
                 terms["pseudo_graph"] = pseudo_graph_loss(logits, graph)  # Eq. 3
-            if hp.pseudo_label_loss:
-                terms["pseudo_label"] = hp.alpha * pseudo_label_loss(logits, labels, confident, hp.pseudo_label_criterion)  # Eq. 9
-        if hp.local_robustness:  # L_LR = L'_PG + alpha L'_PL on x' = G x, with W and y, V of x, Eq. 12
+            if self.hparams.use_pseudo_label_loss:
+                terms["pseudo_label"] = alpha * pseudo_label_loss(logits, labels, confident, criterion)  # Eq. 9
+        if self.hparams.use_local_robustness:  # L_LR = L'_PG + alpha L'_PL on x' = G x, with W and y, V of x, Eq. 12
             logits, shallow = self.forward_with_shallow(self.views(images))
             logits = gather(logits)
-            if hp.pseudo_graph_loss:
+            if self.hparams.use_pseudo_graph_loss:
                 terms["pseudo_graph_transformed"] = pseudo_graph_loss(logits, graph)
-            if hp.pseudo_label_loss:
-                terms["pseudo_label_transformed"] = hp.alpha * pseudo_label_loss(logits, labels, confident, hp.pseudo_label_criterion)  # fmt: skip
-        if hp.mutual_information_loss:  # beta L_MI, Eq. 14, on the images trained on (x' when transformed)
-            terms["mutual_information"] = hp.beta * self.triplet_mutual_information(
-                logits, gather(shallow), graph, gather(batch["index"]), batch_idx)  # fmt: skip
+            if self.hparams.use_pseudo_label_loss:
+                terms["pseudo_label_transformed"] = alpha * pseudo_label_loss(logits, labels, confident, criterion)
+        if self.hparams.use_mutual_information_loss:  # beta L_MI, Eq. 14, on the images trained on (x' when transformed)
+            terms["mutual_information"] = self.hparams.beta * self.triplet_mutual_information(
+                logits, gather(shallow), graph, gather(batch["index"]), batch_idx
+            )
         self.log_diagnostics(probs, graph, confident, gather(batch["label"]))
         return self.objective(terms)  # L_DCCM, Eq. 15
 

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from clusterlab.callbacks.global_neighbors import GlobalNeighbors
 from clusterlab.data.views import Views
-from clusterlab.distributed import broadcast, gather
+from clusterlab.callbacks.global_neighbors import HasFeaturesAndLogits
+from clusterlab.distributed import broadcast, gather, rank
 from clusterlab.errors import UserError
 from clusterlab.losses.nnm import class_contrastive_loss, consistency_loss, entropy_loss
 from clusterlab.methods.base import (
@@ -33,6 +34,7 @@ from clusterlab.methods.base import (
 )
 from clusterlab.neighbors import knn, neighbor_agreement
 from clusterlab.nn.heads import ClusterHeads
+from clusterlab.passes import Step, pass_over
 from clusterlab.seeding import run_seed
 
 
@@ -40,7 +42,7 @@ class PretextNotFoundError(UserError, FileNotFoundError):
     """No pretext checkpoint matches the path or pattern the NNM config names."""
 
 
-class NNM(ClusteringMethod):
+class NNM(ClusteringMethod, HasFeaturesAndLogits):
     """Cluster heads trained to agree with each sample's pretext, local and global neighbours.
 
     Args:
@@ -56,12 +58,11 @@ class NNM(ClusteringMethod):
         global_neighbors: global neighbours searched per sample, one drawn at random (1; Table 5).
         entropy_weight: lambda of Eq. 11 (5).
         temperature: tau of the class contrastive losses (1).
-        local_loss, global_loss, consistency_loss, class_contrastive_loss, entropy_loss: the
-            ablations of Table 3 ("w/o consistent loss" turns off both consistency terms, "w/o
-            class contrastive loss" both class terms).
+        use_local_loss, use_global_loss, use_consistency_loss, use_class_contrastive_loss,
+            use_entropy_loss: the ablations of Table 3 ("w/o consistent loss" turns off both
+            consistency terms, "w/o class contrastive loss" both class terms).
         second_view: A = [p; p_aug] with a second strong view of the anchor (the authors' code);
             false: A = [p; p], Eq. 7 as printed.
-        extraction_batch_size: images per forward pass when mining and refreshing the global table.
         optimizer: Adam, lr 1e-4, weight decay 1e-4 in the paper (100 epochs, batch 200).
     """
 
@@ -76,23 +77,23 @@ class NNM(ClusteringMethod):
         global_neighbors: int = 1,
         entropy_weight: float = 5.0,
         temperature: float = 1.0,
-        local_loss: bool = True,
-        global_loss: bool = True,
-        consistency_loss: bool = True,
-        class_contrastive_loss: bool = True,
-        entropy_loss: bool = True,
+        use_local_loss: bool = True,
+        use_global_loss: bool = True,
+        use_consistency_loss: bool = True,
+        use_class_contrastive_loss: bool = True,
+        use_entropy_loss: bool = True,
         second_view: bool = True,
-        extraction_batch_size: int = 512,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__(num_clusters, backbone, num_heads=num_heads, optimizer=optimizer, lr_scheduler=lr_scheduler)
         self.save_hyperparameters()
-        if not ((local_loss or global_loss) and (consistency_loss or class_contrastive_loss) or entropy_loss):
+        matching = (use_local_loss or use_global_loss) and (use_consistency_loss or use_class_contrastive_loss)
+        if not (matching or use_entropy_loss):
             raise ValueError("NNM: every loss term is switched off; keep at least one")
         self.views = views
         self.cluster_heads = ClusterHeads(backbone.out_dim, num_clusters, num_heads)
-        self.global_neighbors = GlobalNeighbors(global_neighbors, extraction_batch_size)
+        self.global_neighbors = GlobalNeighbors(global_neighbors)
 
     def configure_callbacks(self):
         return [self.global_neighbors]
@@ -108,55 +109,57 @@ class NNM(ClusteringMethod):
         path = resolve_pretext_checkpoint(self.hparams.pretext_checkpoint)
         # A resumed run then overwrites these weights with its own checkpoint's.
         load_pretext_backbone(path, self.backbone)
-        device = self.trainer.strategy.root_device
-        if self.global_rank == 0:
-            neighbors = mine_neighbors(path, self.backbone, self.plain, data.train_set.images, self.hparams.num_neighbors,
-                                       device, self.hparams.extraction_batch_size)  # fmt: skip
-        else:
-            neighbors = torch.zeros(len(data.train_set), min(self.hparams.num_neighbors, len(data.train_set) - 1),
-                                    dtype=torch.long)  # fmt: skip
-        neighbors = broadcast(neighbors.to(device)).cpu()
+        self.to(self.trainer.strategy.root_device)  # the pass below runs on the training device
+
+        def pretext_features(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {"features": F.normalize(self.backbone(self.plain(batch["image"])).float(), dim=1)}
+
+        neighbors = mine_neighbors(path, self.hparams.num_neighbors, self, data.train_eval_dataloader(),
+                                   pretext_features, len(data.train_set))  # fmt: skip
         data.set_neighbors(neighbors)
         agreement = neighbor_agreement(neighbors, data.train_set.labels)
         if agreement is not None:
             self.diagnostics["neighbor_agreement"] = agreement
-            rank_zero_info(f"NNM: top-{neighbors.shape[1]} pretext neighbours of {len(neighbors)} training "
-                           f"images from {path}: label agreement {agreement:.4f}")  # fmt: skip
+            rank_zero_info(
+                f"NNM: top-{neighbors.shape[1]} pretext neighbours of {len(neighbors)} training "
+                f"images from {path}: label agreement {agreement:.4f}"
+            )
 
     # -- Algorithm 1, lines 5-15 --------------------------------------------------------------
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        hp = self.hparams
         if "neighbor_image" not in batch:
             raise RuntimeError("NNM: the batch has no 'neighbor_image': the mined neighbours were not handed to the data module")
         anchor = batch["image"]
         f = self.backbone(self.views(anchor))  # f: embedded features of the anchors (line 8)
         p = self._assign(f)  # p: heads x B x C
-        p_aug = self._assign(self.backbone(self.views(anchor))) if hp.second_view else p
+        p_aug = self._assign(self.backbone(self.views(anchor))) if self.hparams.second_view else p
         n_pre = self._assign(self.backbone(self.views(batch["neighbor_image"])))  # N_pre(p) (line 9)
         # Everything below is over the global batch.
         f = gather(f)
         local = knn(f.detach(), 1)[0][:, 0].to(f.device)  # N_local(f): nearest other anchor, Eq. 6
         n_local = p[:, local]  # N_local(p)
         a, positives = torch.cat([p, p_aug], 1), torch.cat([n_pre, n_local], 1)  # A and P of Eqs. 7-8
-        n_global = self.global_neighbors.predictions(gather(batch["index"])) if hp.global_loss else None
+        n_global = self.global_neighbors.predictions(gather(batch["index"])) if self.hparams.use_global_loss else None
+        consistency, class_contrast = self.hparams.use_consistency_loss, self.hparams.use_class_contrastive_loss
+        tau = self.hparams.temperature
 
         heads: list[dict[str, Tensor]] = []
         for h in range(self.num_heads):
             head = {}
-            if hp.local_loss and hp.consistency_loss:
+            if self.hparams.use_local_loss and consistency:
                 head["local_consistency"] = consistency_loss(a[h], positives[h])  # Eq. 7
-            if hp.local_loss and hp.class_contrastive_loss:
-                head["local_class"] = class_contrastive_loss(a[h], positives[h], hp.temperature)  # Eq. 8
+            if self.hparams.use_local_loss and class_contrast:
+                head["local_class"] = class_contrastive_loss(a[h], positives[h], tau)  # Eq. 8
             if n_global is not None:  # from the second epoch on (line 10)
                 samples = torch.cat([a[h], positives[h]])
                 target = n_global[h].to(samples).repeat(4, 1)  # N_global(h)_b for each of the 4 blocks
-                if hp.consistency_loss:
+                if consistency:
                     head["global_consistency"] = consistency_loss(samples, target)  # Eq. 9
-                if hp.class_contrastive_loss:
-                    head["global_class"] = class_contrastive_loss(samples, target, hp.temperature)  # Eq. 10
-            if hp.entropy_loss:
-                head["entropy"] = hp.entropy_weight * entropy_loss(a[h])  # lambda x Eq. 5
+                if class_contrast:
+                    head["global_class"] = class_contrastive_loss(samples, target, tau)  # Eq. 10
+            if self.hparams.use_entropy_loss:
+                head["entropy"] = self.hparams.entropy_weight * entropy_loss(a[h])  # lambda x Eq. 5
             heads.append(head)
         terms = {name: torch.stack([head[name] for head in heads]).sum() for name in heads[0]}  # summed over heads
         head_losses = torch.stack([torch.stack(list(head.values())).sum() for head in heads])
@@ -222,26 +225,27 @@ def checkpoint_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-@torch.no_grad()
-def mine_neighbors(path: Path, backbone: nn.Module, plain, images: Tensor, k: int, device: torch.device,
-                   batch_size: int = 512) -> Tensor:  # fmt: skip
-    """Top-k neighbours (N x k) of every image by its L2-normalised pretext backbone features
-    (Algorithm 1, line 2), through faiss. Cached beside the checkpoint under the checkpoint's
-    content hash, so a changed checkpoint is mined again."""
-    if k > len(images) - 1:
-        rank_zero_info(f"NNM: only {len(images)} training images: mining {len(images) - 1} neighbours, not {k}")
-        k = len(images) - 1
-    key = f"{checkpoint_digest(path)[:16]}-n{len(images)}-k{k}"
-    cache = path.parent / f"neighbors-{key}.pt"
-    if cache.exists():
-        rank_zero_info(f"NNM: neighbours from the cache {cache}")
-        return torch.load(cache)
-    was_training, home = backbone.training, next(backbone.parameters()).device
-    backbone.eval().to(device)
-    features = torch.cat([F.normalize(backbone(plain(images[rows].to(device))).float(), dim=1).cpu()
-                          for rows in torch.arange(len(images)).split(batch_size)])  # fmt: skip
-    backbone.train(was_training).to(home)
-    neighbors, _ = knn(features, k)
-    torch.save(neighbors, cache)
-    rank_zero_info(f"NNM: mined top-{k} neighbours of {len(images)} images, cached in {cache}")
-    return neighbors
+def mine_neighbors(path: Path, k: int, module: nn.Module, loader, features: Step, num_images: int) -> Tensor:
+    """Top-k neighbours (N x k) of every image by its L2-normalised pretext features (Algorithm
+    1, line 2), through faiss. `features(batch)` gives the features of a batch ({"features": ...});
+    every process passes over its shard of `loader` (`clusterlab.passes.pass_over`) and rank 0
+    searches and broadcasts. Cached beside the checkpoint under the checkpoint's content hash, so a
+    changed checkpoint is mined again."""
+    if k > num_images - 1:
+        rank_zero_info(f"NNM: only {num_images} training images: mining {num_images - 1} neighbours, not {k}")
+        k = num_images - 1
+    device = next(module.parameters()).device
+    cache = path.parent / f"neighbors-{checkpoint_digest(path)[:16]}-n{num_images}-k{k}.pt"
+    cached = bool(broadcast(torch.tensor(int(rank() == 0 and cache.exists()), device=device)))  # rank 0 decides
+    neighbors = torch.zeros(num_images, k, dtype=torch.long, device=device)
+    if cached:
+        if rank() == 0:
+            rank_zero_info(f"NNM: neighbours from the cache {cache}")
+            neighbors = torch.load(cache).to(device)
+    else:
+        mined = pass_over(module, loader, features, description="Mining neighbours")["features"]
+        if rank() == 0:
+            neighbors = knn(mined, k)[0].to(device)
+            torch.save(neighbors.cpu(), cache)
+            rank_zero_info(f"NNM: mined top-{k} neighbours of {num_images} images, cached in {cache}")
+    return broadcast(neighbors).cpu()

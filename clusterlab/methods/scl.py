@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from clusterlab.callbacks import MomentumEncoder, PseudoLabelRefresh, SemanticMemoryUpdate
+from clusterlab.callbacks.momentum import HasMomentumEncoder, MomentumEncoder
+from clusterlab.callbacks.scl import PseudoLabelled, PseudoLabelRefresh
 from clusterlab.data.views import Views
 from clusterlab.distributed import gather
 from clusterlab.losses.scl import (
@@ -50,13 +51,14 @@ from clusterlab.losses.scl import (
     memory_logits,
 )
 from clusterlab.methods.base import ClusteringMethod, LRSchedulerCallable, OptimizerCallable
-from clusterlab.nn.memory import SampleTable, SemanticMemory
+from clusterlab.nn.heads import KMeansHead
+from clusterlab.nn.memory import KeyQueues, SampleTable
 from clusterlab.seeding import derive_seed
 
 CLUSTERING, UNDER, OVER = "clustering", "under_clustering", "over_clustering"
 
 
-class SCL(ClusteringMethod):
+class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
     """Cross-cluster instance discrimination with a semantic memory, plus concept discrimination
     by a linear classifier that learns the memory's cluster structure; clusters are the argmax of
     the target task's classifier, so prediction is online.
@@ -76,12 +78,12 @@ class SCL(ClusteringMethod):
             Without the target task, clusters come from k-means on the backbone features, refitted
             at every evaluation (Sec. 4.2: "K-means was adopted for the models which didn't
             explicitly learn clusters in ground-truth number").
-        instance_loss: the instance discrimination term L_mi (Eqs. 1, 7).
+        use_instance_loss: the instance discrimination term L_mi (Eqs. 1, 7).
         cross_cluster: Eq. 2's contrastive set (all queues but the sample's own). False: "all the
             memory bank were concatenated as the contrastive set for every sample" (Fig. 3).
-        concept_loss: concept discrimination L_xent (Eqs. 3-4). False: no classifier; pseudo
+        use_concept_loss: concept discrimination L_xent (Eqs. 3-4). False: no classifier; pseudo
             labels and clusters are the argmax of the memory's assignment p~ (Fig. 3).
-        hard_sample_weights: Eq. 6's weights in Eq. 7; False: the plain batch mean (Table 3).
+        use_hard_sample_weights: Eq. 6's weights in Eq. 7; False: the plain batch mean (Table 3).
         imbalance_guard, min_cluster_fraction: ODC's refill of clusters smaller than this fraction
             of N / C, by splitting the largest (see `callbacks.PseudoLabelRefresh`).
         query_view: "augmented" (MoCo v2) or "plain": q from the un-augmented image (Sec. 3.1 read
@@ -103,10 +105,10 @@ class SCL(ClusteringMethod):
         clustering_task: bool = True,
         under_clustering: bool = True,
         over_clustering: bool = True,
-        instance_loss: bool = True,
+        use_instance_loss: bool = True,
         cross_cluster: bool = True,
-        concept_loss: bool = True,
-        hard_sample_weights: bool = True,
+        use_concept_loss: bool = True,
+        use_hard_sample_weights: bool = True,
         imbalance_guard: bool = True,
         min_cluster_fraction: float = 0.15,
         query_view: Literal["augmented", "plain"] = "augmented",
@@ -115,8 +117,8 @@ class SCL(ClusteringMethod):
     ) -> None:
         super().__init__(num_clusters, backbone, num_heads=1, optimizer=optimizer, lr_scheduler=lr_scheduler)
         self.save_hyperparameters()
-        if not (instance_loss or concept_loss):
-            raise ValueError("SCL needs instance_loss, concept_loss or both")
+        if not (use_instance_loss or use_concept_loss):
+            raise ValueError("SCL needs use_instance_loss, use_concept_loss or both")
         if under_clustering and num_clusters // 2 < 2:
             rank_zero_warn(f"SCL: {num_clusters} clusters leave no under-clustering task (C // 2 < 2); it is left out")
             under_clustering = False
@@ -127,8 +129,8 @@ class SCL(ClusteringMethod):
         self.tasks = [*self.task_clusters_by_name, *([OVER] if over_clustering else [])]
         if not self.tasks:
             raise ValueError("SCL needs at least one of clustering_task, under_clustering, over_clustering")
-        if not self.task_clusters_by_name and concept_loss and not instance_loss:
-            raise ValueError("concept_loss needs a clustering task (clustering_task or under_clustering)")
+        if not self.task_clusters_by_name and use_concept_loss and not use_instance_loss:
+            raise ValueError("use_concept_loss needs a clustering task (clustering_task or under_clustering)")
         self.views = views
         dim = backbone.out_dim
 
@@ -137,25 +139,25 @@ class SCL(ClusteringMethod):
         self.projections = nn.ModuleDict({t: nn.Linear(dim, projection_dim) for t in self.tasks})
         # phi = {W; B} of each clustering task (Eq. 4).
         self.classifiers = nn.ModuleDict(
-            {t: nn.Linear(projection_dim, c) for t, c in self.task_clusters_by_name.items()} if concept_loss else {}
+            {t: nn.Linear(projection_dim, c) for t, c in self.task_clusters_by_name.items()} if use_concept_loss else {}
         )
         # f_theta~: same structure, its own parameters, moved only by the momentum update.
         self.momentum_encoder = nn.ModuleDict(
             {"backbone": copy.deepcopy(backbone), "projections": copy.deepcopy(self.projections)}
         ).requires_grad_(False)
         # M = {M_1, ..., M_C'}: K / (C' - 1) keys per cluster (Eq. 2); one queue of K for instances.
-        self.semantic_memory = nn.ModuleDict({t: SemanticMemory(c, memory_size // (c - 1), projection_dim)
-                                              for t, c in self.task_clusters_by_name.items()})  # fmt: skip
+        self.semantic_memory = nn.ModuleDict(
+            {t: KeyQueues(c, memory_size // (c - 1), projection_dim) for t, c in self.task_clusters_by_name.items()}
+        )
         if over_clustering:
-            self.semantic_memory[OVER] = SemanticMemory(1, memory_size, projection_dim)
+            self.semantic_memory[OVER] = KeyQueues(1, memory_size, projection_dim)
         # y_i per clustering task and s_i (Eq. 6), keyed by training-set index; sized in setup().
         self.sample_table = SampleTable(len(self.task_clusters_by_name))
         # The weights of Eq. 6 follow the target task's label changes (the under-clustering
         # task's without it); with instance-level discrimination only, there are no labels.
         self.weight_task = 0 if self.task_clusters_by_name else None
-        self.pending_keys: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # enqueued after the step
         # Without the target task, clusters are k-means centres of the backbone features.
-        self.init_kmeans_clusters(dim, enabled=not clustering_task)
+        self.kmeans = None if clustering_task else KMeansHead(num_clusters, dim)
 
     @property
     def task_clusters(self) -> list[int]:
@@ -163,11 +165,9 @@ class SCL(ClusteringMethod):
         return list(self.task_clusters_by_name.values())
 
     def configure_callbacks(self) -> list:
-        hp = self.hparams
         return [
-            MomentumEncoder(hp.momentum, hp.final_momentum),
-            SemanticMemoryUpdate(),
-            PseudoLabelRefresh(hp.imbalance_guard, hp.min_cluster_fraction),
+            MomentumEncoder(self.hparams.momentum, self.hparams.final_momentum),
+            PseudoLabelRefresh(self.hparams.imbalance_guard, self.hparams.min_cluster_fraction),
         ]
 
     def setup(self, stage: str) -> None:
@@ -185,10 +185,9 @@ class SCL(ClusteringMethod):
     # -- training: Algorithm 1 ----------------------------------------------------------------
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        hp = self.hparams
         images = batch["image"]
         # A random mini-batch and its perturbed copy.
-        x = self.views(images) if hp.query_view == "augmented" else self.plain(images)
+        x = self.views(images) if self.hparams.query_view == "augmented" else self.plain(images)
         x_perturbed = self.views(images)
         h = self.backbone(x)
         with torch.no_grad():
@@ -197,7 +196,8 @@ class SCL(ClusteringMethod):
         # The losses are over the global batch; the table is the same on every rank.
         index = gather(batch["index"].to(self.device))
         changes = self.sample_table.changes[self.weight_task][index] if self.weight_task is not None else None
-        weights = hard_sample_weights(changes) if hp.hard_sample_weights and changes is not None else None
+        weights = hard_sample_weights(changes) if self.hparams.use_hard_sample_weights and changes is not None else None
+        tau = self.hparams.temperature
 
         terms = {}
         for row, task in enumerate(self.tasks):
@@ -211,17 +211,19 @@ class SCL(ClusteringMethod):
             else:
                 own = queue = self.sample_table.labels[row][index]  # y_i
                 memory_owner = memory.queue_of_slot()
-            if hp.instance_loss:
+            if self.hparams.use_instance_loss:
                 negatives = contrastive_set(memory_owner, own)  # Q_i, Eq. 2
-                if not hp.cross_cluster:
+                if not self.hparams.cross_cluster:
                     negatives = torch.ones_like(negatives)
-                terms[f"{task}/instance"] = instance_loss(q, k, memory.flat_keys(), negatives, hp.temperature,
-                                                          weights)  # Eqs. 1, 7  # fmt: skip
-            if hp.concept_loss and task != OVER:
-                target = memory_logits(q.detach(), memory.keys, hp.temperature).softmax(1)  # p~, Eq. 3
+                keys = memory.flat_keys()  # a copy: the memory moves on below, the loss keeps these
+                terms[f"{task}/instance"] = instance_loss(q, k, keys, negatives, tau, weights)  # Eqs. 1, 7
+            if self.hparams.use_concept_loss and task != OVER:
+                target = memory_logits(q.detach(), memory.keys, tau).softmax(1)  # p~, Eq. 3
                 logits = gather(self.classifiers[task](q_local))  # p = W^T q + B
                 terms[f"{task}/concept"] = concept_loss(logits, target)  # L_xent, Eq. 4
-            self.pending_keys[task] = (k, queue, index)  # "updating the semantic memory by k"
+            # "After every backward pass, k_i enqueues to M_{y_i} with the oldest one inside
+            # removed" (Sec. 3.1): the gathered keys, the same on every rank, in batch order.
+            memory.enqueue(k, queue, index)
         return self.objective(terms)  # L_mi + L_xent (Sec. 3.2)
 
     # -- assignments --------------------------------------------------------------------------
@@ -230,7 +232,7 @@ class SCL(ClusteringMethod):
         """p of one clustering task (Eq. 4's W^T q + B, on the representation q itself: the paper
         normalises only inside its cosine similarities); without concept discrimination, the
         memory's assignment (Eq. 3) in its place."""
-        if self.hparams.concept_loss:
+        if self.hparams.use_concept_loss:
             return self.classifiers[task](q)
         return memory_logits(q, self.semantic_memory[task].keys, self.hparams.temperature)
 
@@ -247,10 +249,21 @@ class SCL(ClusteringMethod):
     def cluster_logits(self, x: Tensor) -> Tensor:
         """The target task's assignment ("in test time, the assignments on 'clustering' tasks were
         used for evaluation"); without that task, the nearest k-means centre of the features."""
-        if self.kmeans_clusters:
-            return self.kmeans_logits(x)
+        if self.kmeans is not None:
+            return self.kmeans(self.cluster_features(x))[None]
         return self.task_logits(CLUSTERING, self.projections[CLUSTERING](self.backbone(x)))[None]
 
     def cluster_features(self, x: Tensor) -> Tensor:
         """The L2-normalised backbone features: what k-means clusters without the target task."""
         return F.normalize(self.backbone(x), dim=1)
+
+    def evaluation_outputs(self, images: Tensor) -> dict[str, Tensor]:
+        if self.kmeans is None:
+            return super().evaluation_outputs(images)
+        return {"features": self.cluster_features(self.plain(images))}
+
+    def evaluation_clusters(self, outputs: dict[str, Tensor], stage: str) -> Tensor:
+        if self.kmeans is None:
+            return super().evaluation_clusters(outputs, stage)
+        self.kmeans.fit(outputs["features"])
+        return self.kmeans(outputs["features"]).argmax(1)[:, None]

@@ -14,16 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clusterlab.callbacks.momentum import HasMomentumEncoder, MomentumEncoder
 from clusterlab.data.views import Views
 from clusterlab.distributed import gather
 from clusterlab.losses.common import nt_xent
 from clusterlab.losses.nnm import moco_loss
 from clusterlab.methods.base import ClusteringMethod, LRSchedulerCallable, OptimizerCallable
 from clusterlab.neighbors import knn, neighbor_agreement
-from clusterlab.nn.heads import mlp
+from clusterlab.nn.heads import KMeansHead, mlp
+from clusterlab.nn.memory import KeyQueues
 
 
-class SimCLR(ClusteringMethod):
+class SimCLR(ClusteringMethod, HasMomentumEncoder):
     """Contrastive pretext: two random views of every image, NT-Xent over the global batch.
 
     Args:
@@ -57,57 +59,56 @@ class SimCLR(ClusteringMethod):
         self.views = views
         dim = backbone.out_dim
         self.contrastive_head = mlp(dim, dim, projection_dim)
-        self.init_kmeans_clusters(dim)
-        if queue_size:
-            self.key_backbone = copy.deepcopy(backbone).requires_grad_(False)
-            self.key_head = copy.deepcopy(self.contrastive_head).requires_grad_(False)
-            self.register_buffer("queue", F.normalize(torch.randn(queue_size, projection_dim), dim=1))
-            self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
+        self.kmeans = KMeansHead(num_clusters, dim)  # "Pretext + K-means", nnm-paper Table 2
+        self.momentum_encoder = nn.ModuleDict()
+        if queue_size:  # MoCo: a key encoder (the moving average of the query encoder) and its queue
+            self.momentum_encoder.update(
+                {"backbone": copy.deepcopy(backbone), "contrastive_head": copy.deepcopy(self.contrastive_head)}
+            )
+            self.momentum_encoder.requires_grad_(False)
+            self.queue = KeyQueues(1, queue_size, projection_dim)
+
+    def configure_callbacks(self) -> list:
+        # MoCo's key encoder moves after every optimizer step and takes the query encoder's buffers.
+        return [MomentumEncoder(self.hparams.momentum, copy_buffers=True)] if self.hparams.queue_size else []
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        hp = self.hparams
         x = batch["image"]
         if "unlabeled_image" in batch:  # STL-10: the pretext also learns from the unlabeled split
             x = torch.cat([x, batch["unlabeled_image"]])
         u = self.contrastive_head(self.backbone(self.views(x)))  # u = g(f(s)), s a random view
-        if not hp.queue_size:
+        if not self.hparams.queue_size:
             u_prime = self.contrastive_head(self.backbone(self.views(x)))  # u' of another view s'
-            return self.objective({"simclr": nt_xent(gather(u), gather(u_prime), hp.temperature)})  # Eq. 1
+            return self.objective({"simclr": nt_xent(gather(u), gather(u_prime), self.hparams.temperature)})  # Eq. 1
         with torch.no_grad():
-            self._momentum_update()
-            keys = gather(self.key_head(self.key_backbone(self.views(x))))
-        loss = moco_loss(gather(u), keys, self.queue.clone(), hp.temperature)  # Eq. 2
-        self._enqueue(F.normalize(keys, dim=1))
+            key_encoder = self.momentum_encoder
+            keys = gather(key_encoder["contrastive_head"](key_encoder["backbone"](self.views(x))))
+        loss = moco_loss(gather(u), keys, self.queue.flat_keys(), self.hparams.temperature)  # Eq. 2
+        # The gathered keys are the same on every rank, so every rank's queue stays identical.
+        unknown = torch.full((len(keys),), -1, dtype=torch.long, device=keys.device)  # MoCo keeps no owners
+        self.queue.enqueue(F.normalize(keys, dim=1), torch.zeros_like(unknown), unknown)
         return self.objective({"moco": loss})
 
-    @torch.no_grad()
-    def _momentum_update(self) -> None:
-        m = self.hparams.momentum
-        for key, query in ((self.key_backbone, self.backbone), (self.key_head, self.contrastive_head)):
-            for k, q in zip(key.parameters(), query.parameters()):
-                k.mul_(m).add_(q.detach(), alpha=1 - m)
-            for k, q in zip(key.buffers(), query.buffers()):
-                k.copy_(q)
-
-    @torch.no_grad()
-    def _enqueue(self, keys: Tensor) -> None:
-        # The gathered keys are the same on every rank, so every rank's queue stays identical.
-        size = len(self.queue)
-        rows = (self.queue_pointer + torch.arange(len(keys), device=keys.device)) % size
-        self.queue[rows[-size:]] = keys[-size:].to(self.queue.dtype)
-        self.queue_pointer.copy_((self.queue_pointer + len(keys)) % size)
-
     def cluster_features(self, x: Tensor) -> Tensor:
-        """The L2-normalised backbone features: what NNM mines neighbours from."""
+        """The L2-normalised backbone features: what k-means clusters, and NNM mines neighbours from."""
         return F.normalize(self.backbone(x).float(), dim=1)
 
     def cluster_logits(self, x: Tensor) -> Tensor:
-        return self.kmeans_logits(x)
+        return self.kmeans(self.cluster_features(x))[None]
 
-    def on_eval_features(self, stage: str, features: Tensor, labels: Tensor) -> None:
-        """kNN monitor: label agreement of each evaluation image's top-k neighbours (labels only report)."""
+    def evaluation_outputs(self, images: Tensor) -> dict[str, Tensor]:
+        return {"features": self.cluster_features(self.plain(images))}
+
+    def evaluation_clusters(self, outputs: dict[str, Tensor], stage: str) -> Tensor:
+        features = outputs["features"]
+        self.kmeans.fit(features)
+        self.knn_monitor(stage, features, outputs["label"])
+        return self.kmeans(features).argmax(1)[:, None]
+
+    def knn_monitor(self, stage: str, features: Tensor, labels: Tensor) -> None:
+        """Label agreement of each evaluation image's top-k neighbours (labels only report)."""
         neighbors, _ = knn(features, min(self.hparams.knn_k, len(features) - 1))
         agreement = neighbor_agreement(neighbors, labels)
         if agreement is not None:
             self.diagnostics["knn_agreement"] = agreement
-            self.log(f"{stage}/knn_agreement", agreement, sync_dist=False)
+            self.log(f"{stage}/knn_agreement", agreement, sync_dist=True)  # the same on every rank

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from clusterlab.distributed import broadcast, rank
+from clusterlab.neighbors import kmeans
+from clusterlab.seeding import run_seed
+
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """Linear - ReLU - Linear: the two-layer MLP of SimCLR and CC's g_I and g_C."""
@@ -27,6 +31,34 @@ class ClusterHeads(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         return torch.stack([head(features) for head in self.heads])
+
+
+class KMeansHead(nn.Module):
+    """Clusters as the k-means centres of some features: the cluster head of a method that trains
+    none (SimCLR, CC's "ICH only", SCL without its target task), which composes one.
+
+    `fit` runs k-means on features of the whole evaluation set (gathered: the same on every
+    process) on rank 0 and broadcasts the centres; the method calls it at every evaluation. The
+    centres are a buffer, so they are in the checkpoint and prediction stays online: a sample's
+    logits are minus its distances to the centres.
+    """
+
+    def __init__(self, num_clusters: int, feature_dim: int) -> None:
+        super().__init__()
+        self.num_clusters = num_clusters
+        self.register_buffer("centroids", torch.zeros(num_clusters, feature_dim))
+
+    @torch.no_grad()
+    def fit(self, features: Tensor) -> None:
+        if rank() == 0:
+            # Fewer samples than clusters (a smoke test's data): as many clusters as samples, repeated.
+            centroids = kmeans(features, min(self.num_clusters, len(features)), seed=run_seed())[1].to(self.centroids)
+            self.centroids.copy_(centroids[torch.arange(self.num_clusters) % len(centroids)])
+        self.centroids.copy_(broadcast(self.centroids))
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Logits (B x C): minus the distance to each centre."""
+        return -torch.cdist(features.float(), self.centroids)
 
 
 class LocalDiscriminator(nn.Module):

@@ -3,8 +3,8 @@
 Being buffers, they are in every checkpoint (a fresh one included), move with the model to its
 device, and are rebuilt by `test` and `predict` from the checkpoint alone:
 
-- `SemanticMemory`: Q first-in-first-out queues of L keys each, shapes fixed at construction
-  (SCL's semantic memory: one queue per cluster; MoCo's memory bank: one queue).
+- `KeyQueues`: Q first-in-first-out queues of L keys each, shapes fixed at construction: the one
+  queue module (SCL's semantic memory: one queue per cluster; MoCo's memory bank: one queue).
 - `SampleTable`: per-sample labels and label-change counts, keyed by the sample's index in the
   training set. Its length is the training set's, known only once the data is set up: the method
   sizes it in `setup("fit")`, and loading a checkpoint sizes it from the checkpoint.
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-class SemanticMemory(nn.Module):
+class KeyQueues(nn.Module):
     """`num_queues` FIFO queues of `queue_size` L2-normalised keys.
 
     Buffers: `keys` (Q x L x D), `index` (Q x L: the training-set index of the sample each key came
@@ -43,8 +43,9 @@ class SemanticMemory(nn.Module):
         return self.keys.shape[1]
 
     def flat_keys(self) -> Tensor:
-        """All keys as one (Q * L) x D matrix, queue after queue."""
-        return self.keys.flatten(0, 1)
+        """All keys as one (Q * L) x D matrix, queue after queue: a copy, so that a loss computed
+        from it keeps its gradient when the queues move on in the same step."""
+        return self.keys.flatten(0, 1).clone()
 
     def queue_of_slot(self) -> Tensor:
         """The queue each row of `flat_keys()` belongs to: (Q * L)."""
