@@ -1,5 +1,6 @@
 # make run   set-up + CC on the embedded digits data set (a couple of minutes on a laptop CPU)
 # make test  set-up + the test suite (slow tests: make test-slow)
+# make lint  ruff check + ruff format --check (CI runs it before the tests)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -26,6 +27,7 @@ test-slow: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check clusterlab tests benchmarks
+	$(BIN)/ruff format --check clusterlab tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,6 +1,7 @@
 """Throughput of clusterlab against the plain ways, measured in one process (ratios, not absolutes).
 
-    python benchmarks/throughput.py [--device cpu|cuda] [--steps 30] [--out benchmarks/results/throughput-<device>.md]
+    python benchmarks/throughput.py [--device cpu|cuda] [--steps 30] \
+        [--out benchmarks/results/throughput-<device>.md]
 
 a) Training images/s of each method's step inside clusterlab (Lightning Trainer, the real data
    module, logging, NaN guard, per-step reseeding) against a bare PyTorch loop doing the same work
@@ -105,6 +106,7 @@ def simclr_bare_step(model, batch: dict, optimizer) -> torch.Tensor:
 
 def nnm_bare_step(model, batch: dict, optimizer) -> torch.Tensor:
     """NNM's first-epoch step (the global terms start in the second epoch, in both loops)."""
+
     def assign(images):
         return model.cluster_heads(model.backbone(model.views(images))).softmax(-1)
 
@@ -115,8 +117,12 @@ def nnm_bare_step(model, batch: dict, optimizer) -> torch.Tensor:
     n_local = p[:, knn(f.detach(), 1)[0][:, 0]]
     a, positives = torch.cat([p, p_aug], 1), torch.cat([n_pre, n_local], 1)
     hp = model.hparams
-    loss = sum(consistency_loss(a[h], positives[h]) + class_contrastive_loss(a[h], positives[h], hp.temperature)
-               + hp.entropy_weight * entropy_loss(a[h]) for h in range(len(a)))  # fmt: skip
+    loss = sum(
+        consistency_loss(a[h], positives[h])
+        + class_contrastive_loss(a[h], positives[h], hp.temperature)
+        + hp.entropy_weight * entropy_loss(a[h])
+        for h in range(len(a))
+    )
     return _update(loss, optimizer)
 
 
@@ -138,7 +144,9 @@ def scl_bare_step(model, batch: dict, optimizer) -> torch.Tensor:
         else:
             own = queue = model.sample_table.labels[row][index]
             owner = memory.queue_of_slot()
-        loss = loss + scl_instance_loss(q, k, memory.flat_keys(), contrastive_set(owner, own), hp.temperature, weights)
+        loss = loss + scl_instance_loss(
+            q, k, memory.flat_keys(), contrastive_set(owner, own), hp.temperature, weights
+        )
         if task != "over_clustering":
             target = memory_logits(q.detach(), memory.keys, hp.temperature).softmax(1)
             loss = loss + concept_loss(model.classifiers[task](q), target)
@@ -147,7 +155,9 @@ def scl_bare_step(model, batch: dict, optimizer) -> torch.Tensor:
     with torch.no_grad():
         m = hp.momentum
         for name, target in model.momentum_encoder.items():
-            torch._foreach_lerp_(list(target.parameters()), [p.detach() for p in getattr(model, name).parameters()], 1 - m)
+            torch._foreach_lerp_(
+                list(target.parameters()), [p.detach() for p in getattr(model, name).parameters()], 1 - m
+            )
         for memory, k, queue in pending:
             memory.enqueue(k, queue, index)
     return loss
@@ -184,9 +194,16 @@ def _update(loss: torch.Tensor, optimizer) -> torch.Tensor:
 def pretext_checkpoint(folder: Path) -> str:
     """An (untrained) SimCLR checkpoint for NNM to start from: throughput does not depend on its weights."""
     model, data = build("experiments/simclr_fashion_mnist.yaml", [])
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=str(folder),
-                         enable_checkpointing=False)  # fmt: skip
+    trainer = pl.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=str(folder),
+        enable_checkpointing=False,
+    )
     trainer.fit(model, data)
     path = folder / "simclr.ckpt"
     trainer.save_checkpoint(path)
@@ -208,15 +225,25 @@ def clusterlab_images_per_s(config: str, overrides: list[str], device: str, step
     torch.manual_seed(0)
     model, data = build(config, overrides)
     timer = StepTimer(warmup)
-    trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=warmup + steps,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                         callbacks=[timer])  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        max_steps=warmup + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
+    )
     trainer.fit(model, data)
     return timer.images / timer.seconds
 
 
-def bare_images_per_s(config: str, overrides: list[str], bare_step, device: str, steps: int, warmup: int) -> float:
+def bare_images_per_s(
+    config: str, overrides: list[str], bare_step, device: str, steps: int, warmup: int
+) -> float:
     torch.manual_seed(0)
     model, data = build(config, overrides)
     model = model.to(device).train()
@@ -234,8 +261,15 @@ def bare_images_per_s(config: str, overrides: list[str], bare_step, device: str,
             start = time.perf_counter()
         picks = order[step * batch : (step + 1) * batch]
         drawn = neighbors[picks, torch.randint(20, (len(picks),))]
-        bare_step(model, {"image": images[picks].to(device, non_blocking=True), "index": picks.to(device),
-                          "neighbor_image": images[drawn].to(device, non_blocking=True)}, optimizer)  # fmt: skip
+        bare_step(
+            model,
+            {
+                "image": images[picks].to(device, non_blocking=True),
+                "index": picks.to(device),
+                "neighbor_image": images[drawn].to(device, non_blocking=True),
+            },
+            optimizer,
+        )
     sync(device)
     return steps * batch / (time.perf_counter() - start)
 
@@ -250,10 +284,15 @@ class PILViews(torch.utils.data.Dataset):
         from torchvision import transforms as T
 
         self.images = images.permute(0, 2, 3, 1).numpy()
-        self.transform = T.Compose([
-            T.RandomResizedCrop(32, scale=(0.08, 1.0)), T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2), T.ToTensor(),
-        ])  # fmt: skip
+        self.transform = T.Compose(
+            [
+                T.RandomResizedCrop(32, scale=(0.08, 1.0)),
+                T.RandomHorizontalFlip(),
+                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                T.RandomGrayscale(p=0.2),
+                T.ToTensor(),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -266,8 +305,14 @@ class PILViews(torch.utils.data.Dataset):
 
 
 def pil_views_per_s(images: torch.Tensor, batch: int, workers: int, device: str) -> float:
-    loader = torch.utils.data.DataLoader(PILViews(images), batch_size=batch, shuffle=True, num_workers=workers,
-                                         drop_last=True, persistent_workers=False)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        PILViews(images),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        persistent_workers=False,
+    )
     count, start = 0, None
     for k, (a, b) in enumerate(loader):
         a, b = a.to(device), b.to(device)
@@ -286,7 +331,7 @@ def device_views_per_s(images: torch.Tensor, batch: int, device: str, rounds: in
     sync(device)
     start = time.perf_counter()
     for k in range(rounds):
-        x = data[(k * batch) % (len(data) - batch):][:batch]
+        x = data[(k * batch) % (len(data) - batch) :][:batch]
         views(x), views(x)
     sync(device)
     return rounds * batch / (time.perf_counter() - start)
@@ -310,23 +355,38 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--knn_n", type=int, default=70_000)
-    parser.add_argument("--knn_repeats", type=int, default=1, help="the search is deterministic work: one run each")
+    parser.add_argument(
+        "--knn_repeats", type=int, default=1, help="the search is deterministic work: one run each"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = args.device
     import warnings
 
     warnings.filterwarnings("ignore")
-    lines = [f"# Throughput ({device})", "", "```", "python " + shlex.join(sys.argv), "```", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-             f"{torch.cuda.get_device_name(0) if device == 'cuda' else 'no GPU'}; torch {torch.__version__}, "
-             f"torch threads {torch.get_num_threads()}. Medians of {args.repeats} alternating repeats; a ratio is "
-             "the median of the per-repeat ratios (both sides back to back), not the ratio of the medians.", ""]  # fmt: skip
+    lines = [
+        f"# Throughput ({device})",
+        "",
+        "```",
+        "python " + shlex.join(sys.argv),
+        "```",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"{torch.cuda.get_device_name(0) if device == 'cuda' else 'no GPU'}; torch {torch.__version__}, "
+        f"torch threads {torch.get_num_threads()}. Medians of {args.repeats} alternating repeats; a ratio is "
+        "the median of the per-repeat ratios (both sides back to back), not the ratio of the medians.",
+        "",
+    ]
 
-    lines += ["## a) Training step: clusterlab vs a bare PyTorch loop (same model, views, loss)", "",
-              "Each method as its experiments/<method>_fashion_mnist.yaml builds it (batch 256); timed "
-              f"over {args.steps} steps after 5 warm-up steps, inside the first epoch.", "",
-              "| method | config | clusterlab img/s | bare loop img/s | clusterlab / bare |", "|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "## a) Training step: clusterlab vs a bare PyTorch loop (same model, views, loss)",
+        "",
+        "Each method as its experiments/<method>_fashion_mnist.yaml builds it (batch 256); timed "
+        f"over {args.steps} steps after 5 warm-up steps, inside the first epoch.",
+        "",
+        "| method | config | clusterlab img/s | bare loop img/s | clusterlab / bare |",
+        "|---|---|---|---|---|",
+    ]
     import tempfile
 
     scratch = Path(tempfile.mkdtemp())
@@ -337,32 +397,53 @@ def main() -> None:
         ours, bare, ratio = median_ratio(
             lambda c=config, o=overrides: clusterlab_images_per_s(c, o, device, args.steps, 5),
             lambda c=config, o=overrides, s=bare_step: bare_images_per_s(c, o, s, device, args.steps, 5),
-            args.repeats)
+            args.repeats,
+        )
         lines.append(f"| {name} | {config} | {ours:,.0f} | {bare:,.0f} | {ratio:.3f} |")
         print(lines[-1], flush=True)
 
     images = torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8)
     workers = max(1, (os.cpu_count() or 2))
-    on_device, pil, ratio = median_ratio(lambda: device_views_per_s(images, 256, device, 12),
-                                         lambda: pil_views_per_s(images, 256, workers, device), args.repeats)  # fmt: skip
-    lines += ["", "## b) SimCLR views of 32 px colour images, two views per image", "",
-              "| views | images/s |", "|---|---|",
-              f"| on the device ({device}), batched, kornia | {on_device:,.0f} |",
-              f"| PIL transforms in {workers} DataLoader workers (the authors' style) | {pil:,.0f} |",
-              f"| **ratio** | **{ratio:.2f}x** |"]  # fmt: skip
+    on_device, pil, ratio = median_ratio(
+        lambda: device_views_per_s(images, 256, device, 12),
+        lambda: pil_views_per_s(images, 256, workers, device),
+        args.repeats,
+    )
+    lines += [
+        "",
+        "## b) SimCLR views of 32 px colour images, two views per image",
+        "",
+        "| views | images/s |",
+        "|---|---|",
+        f"| on the device ({device}), batched, kornia | {on_device:,.0f} |",
+        f"| PIL transforms in {workers} DataLoader workers (the authors' style) | {pil:,.0f} |",
+        f"| **ratio** | **{ratio:.2f}x** |",
+    ]
     print(lines[-3:], flush=True)
 
     features = torch.randn(args.knn_n, 512, generator=torch.Generator().manual_seed(0)).to(device)
-    faiss_s, torch_s, _ = median_ratio(lambda: _seconds(lambda: knn(features, 20, backend="faiss"), device),
-                                       lambda: _seconds(lambda: knn(features, 20, backend="torch"), device),
-                                       args.knn_repeats)  # fmt: skip
+    faiss_s, torch_s, _ = median_ratio(
+        lambda: _seconds(lambda: knn(features, 20, backend="faiss"), device),
+        lambda: _seconds(lambda: knn(features, 20, backend="torch"), device),
+        args.knn_repeats,
+    )
     check = features[:2000]
-    agree = (knn(check, 20, backend="faiss")[0].sort(1).values == knn(check, 20, backend="torch")[0].sort(1).values)
-    lines += ["", f"## c) kNN, k = 20, {args.knn_n:,} x 512 features", "", "| search | seconds |", "|---|---|",
-              f"| knn(backend=\"faiss\") | {faiss_s:.2f} |", f"| knn(backend=\"torch\"): matmul + topk on {device} | {torch_s:.2f} |",
-              f"| **torch / faiss** | **{torch_s / faiss_s:.2f}x** |", "",
-              f"Both find the same neighbours: {float(agree.float().mean()):.4f} of the top-20 agree on a "
-              "2,000-row check."]  # fmt: skip
+    agree = (
+        knn(check, 20, backend="faiss")[0].sort(1).values == knn(check, 20, backend="torch")[0].sort(1).values
+    )
+    lines += [
+        "",
+        f"## c) kNN, k = 20, {args.knn_n:,} x 512 features",
+        "",
+        "| search | seconds |",
+        "|---|---|",
+        f'| knn(backend="faiss") | {faiss_s:.2f} |',
+        f'| knn(backend="torch"): matmul + topk on {device} | {torch_s:.2f} |',
+        f"| **torch / faiss** | **{torch_s / faiss_s:.2f}x** |",
+        "",
+        f"Both find the same neighbours: {float(agree.float().mean()):.4f} of the top-20 agree on a "
+        "2,000-row check.",
+    ]
     print("\n".join(lines[-7:]), flush=True)
 
     text = "\n".join(lines) + "\n"

@@ -39,13 +39,28 @@ def run_stage(config: str, seed: int, extra: list[str], runs_dir: str) -> Path:
     """`clusterlab fit` of one config and seed; returns its run directory."""
     name = Path(config).stem
     started = time.time()
-    command = [sys.executable, "-m", "clusterlab", "fit", "--config", config, "--seed_everything", str(seed),
-               "--runs_dir", runs_dir, *extra]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "clusterlab",
+        "fit",
+        "--config",
+        config,
+        "--seed_everything",
+        str(seed),
+        "--runs_dir",
+        runs_dir,
+        *extra,
+    ]
     print("$", shlex.join(["clusterlab", *command[3:]]), flush=True)
     done = subprocess.run(command, env={**os.environ, "COLUMNS": "200"}, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{config} seed {seed} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    found = [p.parent for p in Path(runs_dir, name).glob(f"*-seed{seed}/metrics.json") if p.stat().st_mtime >= started]
+    found = [
+        p.parent
+        for p in Path(runs_dir, name).glob(f"*-seed{seed}/metrics.json")
+        if p.stat().st_mtime >= started
+    ]
     if not found:
         raise RuntimeError(f"{config} seed {seed}: no metrics.json written under {runs_dir}/{name}")
     return max(found, key=lambda p: p.stat().st_mtime)
@@ -60,12 +75,23 @@ def summarize(runs: dict[str, list[dict]]) -> list[dict]:
     rows = []
     first = next(iter(runs.values()))
     if all("kmeans" in r for r in first):
-        rows.append({"name": "k-means (pixels)", **{m: mean_std([r["kmeans"][m] for r in first]) for m in METRICS},
-                     "wall_time_s": None, "seeds": [r["seed"] for r in first]})  # fmt: skip
+        rows.append(
+            {
+                "name": "k-means (pixels)",
+                **{m: mean_std([r["kmeans"][m] for r in first]) for m in METRICS},
+                "wall_time_s": None,
+                "seeds": [r["seed"] for r in first],
+            }
+        )
     for name, method_runs in runs.items():
-        rows.append({"name": name, **{m: mean_std([r[m] for r in method_runs]) for m in METRICS},
-                     "wall_time_s": statistics.mean(r["wall_time_s"] for r in method_runs),
-                     "seeds": [r["seed"] for r in method_runs]})  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                **{m: mean_std([r[m] for r in method_runs]) for m in METRICS},
+                "wall_time_s": statistics.mean(r["wall_time_s"] for r in method_runs),
+                "seeds": [r["seed"] for r in method_runs],
+            }
+        )
     return rows
 
 
@@ -78,7 +104,9 @@ def markdown(suite: dict, rows: list[dict], command: str, machine: str) -> str:
         one_seed = len(row["seeds"]) == 1  # no spread to report
         cells = [f"{row[m][0]:.4f}" if one_seed else f"{row[m][0]:.4f} +- {row[m][1]:.4f}" for m in METRICS]
         wall = f"{row['wall_time_s']:.0f} s" if row["wall_time_s"] is not None else ""
-        lines.append(f"| {row['name']} | {' | '.join(cells)} | {wall} | {', '.join(map(str, row['seeds']))} |")
+        lines.append(
+            f"| {row['name']} | {' | '.join(cells)} | {wall} | {', '.join(map(str, row['seeds']))} |"
+        )
     for anchor in suite.get("anchors", []):
         cells = [f"{anchor[m]:.3f}" if anchor.get(m) is not None else "-" for m in METRICS]
         lines.append(f"| {anchor['name']} (published) | {' | '.join(cells)} | | |")
@@ -91,7 +119,11 @@ def write_block(results: Path, key: str, block: str) -> None:
     text = results.read_text() if results.exists() else "# Results\n"
     body = f"{start}\n{block}{end}"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: body, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body + "\n"
+    text = (
+        pattern.sub(lambda _: body, text)
+        if pattern.search(text)
+        else text.rstrip("\n") + "\n\n" + body + "\n"
+    )
     results.write_text(text)
 
 
@@ -103,23 +135,35 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m clusterlab.benchmark", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m clusterlab.benchmark", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("suite", help="suite file (benchmarks/suites/*.yaml)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--budget_minutes", type=float, default=None,
-                        help="stop each stage's training after this many minutes (trainer.max_time)")
+    parser.add_argument(
+        "--budget_minutes",
+        type=float,
+        default=None,
+        help="stop each stage's training after this many minutes (trainer.max_time)",
+    )
     parser.add_argument("--results", default="docs/results.md", help="markdown file to write the table into")
     parser.add_argument("--runs_dir", default="runs")
     parser.add_argument("--json_dir", default="benchmarks/results")
-    parser.add_argument("--resume", action="store_true",
-                        help="reuse the finished runs recorded in <json_dir>/<key>.progress.json")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the finished runs recorded in <json_dir>/<key>.progress.json",
+    )
     args = parser.parse_args(argv)
 
     suite = yaml.safe_load(Path(args.suite).read_text())
     extra = list(suite.get("args", []))
     if args.budget_minutes:
         seconds = int(args.budget_minutes * 60)
-        extra += ["--trainer.max_time", f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"]
+        extra += [
+            "--trainer.max_time",
+            f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}",
+        ]
     command = "python -m clusterlab.benchmark " + shlex.join(sys.argv[1:] if argv is None else argv)
     Path(args.json_dir).mkdir(parents=True, exist_ok=True)
     progress_file = Path(args.json_dir) / f"{suite['key']}.progress.json"
@@ -131,25 +175,35 @@ def main(argv: list[str] | None = None) -> dict:
             key = json.dumps([method["name"], method["stages"], method_extra, seed])
             if key in done:
                 final = done[key]
-                print(f"  {method['name']} seed {seed}: from {progress_file} ({final['run_dir']})", flush=True)
+                print(
+                    f"  {method['name']} seed {seed}: from {progress_file} ({final['run_dir']})", flush=True
+                )
             else:
                 reports = []
                 for config in method["stages"]:
                     run_dir = run_stage(config, seed, method_extra, args.runs_dir)
-                    reports.append({**json.loads((run_dir / "metrics.json").read_text()), "run_dir": str(run_dir)})
+                    reports.append(
+                        {**json.loads((run_dir / "metrics.json").read_text()), "run_dir": str(run_dir)}
+                    )
                 final = dict(reports[-1])
                 final["wall_time_s"] = sum(r["wall_time_s"] for r in reports)  # all stages of the method
                 final["stage_runs"] = [r["run_dir"] for r in reports]
                 done[key] = final
                 progress_file.write_text(json.dumps(done, indent=2) + "\n")
             runs.setdefault(method["name"], []).append(final)
-            print(f"  {method['name']} seed {seed}: " + ", ".join(f"{m} {final[m]:.4f}" for m in METRICS), flush=True)
+            print(
+                f"  {method['name']} seed {seed}: " + ", ".join(f"{m} {final[m]:.4f}" for m in METRICS),
+                flush=True,
+            )
 
     rows = summarize(runs)
     write_block(Path(args.results), suite["key"], markdown(suite, rows, command, machine()))
     record = {"suite": args.suite, "command": command, "machine": machine(), "rows": rows, "runs": runs}
     (Path(args.json_dir) / f"{suite['key']}.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"Table written to {args.results} (block {suite['key']}); runs listed in {args.json_dir}/{suite['key']}.json")
+    print(
+        f"Table written to {args.results} (block {suite['key']}); runs listed in "
+        f"{args.json_dir}/{suite['key']}.json"
+    )
     return record
 
 

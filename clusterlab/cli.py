@@ -2,7 +2,8 @@
 
     clusterlab fit --config experiments/cc_digits.yaml [--seed_everything 1] [--trainer.max_epochs 50]
     clusterlab fit --config experiments/cc_digits.yaml --ckpt_path last      # continue the latest run
-    clusterlab test --config runs/cc_digits/<run>/config.yaml --ckpt_path runs/cc_digits/<run>/checkpoints/last.ckpt
+    clusterlab test --config runs/cc_digits/<run>/config.yaml \
+        --ckpt_path runs/cc_digits/<run>/checkpoints/last.ckpt
     clusterlab fit --config experiments/cc_cifar10.yaml --print_config
 
 Each fit writes into runs/<name>/<timestamp>-seed<S>/ (clusterlab.runs): config.yaml (the resolved
@@ -59,7 +60,9 @@ class ClusterLabParser(LightningArgumentParser):
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
         known = [a.dest for a in parser._actions if a.dest and a.dest != "help"]
-        sys.stderr.write(f"{prog}: error: {explain_config_error(message, known)}\n(all options: {prog} --help)\n")
+        sys.stderr.write(
+            f"{prog}: error: {explain_config_error(message, known)}\n(all options: {prog} --help)\n"
+        )
         sys.exit(2)
 
 
@@ -123,19 +126,29 @@ class ClusterLabCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_clusters", "model.init_args.num_clusters", apply_on="instantiate")
         # The data's channels are the backbone's input channels: one setting, not two.
-        parser.link_arguments("data.input_channels", "model.init_args.backbone.init_args.in_channels", apply_on="instantiate")
+        parser.link_arguments(
+            "data.input_channels", "model.init_args.backbone.init_args.in_channels", apply_on="instantiate"
+        )
         parser.add_argument(
-            "--name", type=str | None, default=None, help="Run name: runs go to <runs_dir>/<name>/. Default: the config file's name."
+            "--name",
+            type=str | None,
+            default=None,
+            help="Run name: runs go to <runs_dir>/<name>/. Default: the config file's name.",
         )
         parser.add_argument("--runs_dir", type=str, default="runs", help="Where run directories are made.")
         parser.add_argument(
-            "--kmeans_baseline", type=bool, default=True, help="After fit, also report k-means on the pixels of the evaluation set."
+            "--kmeans_baseline",
+            type=bool,
+            default=True,
+            help="After fit, also report k-means on the pixels of the evaluation set.",
         )
         parser.add_argument(
-            "--checkpoint_every_minutes", type=float | None, default=None,
+            "--checkpoint_every_minutes",
+            type=float | None,
+            default=None,
             help="Also write last.ckpt every this many minutes inside an epoch (for long epochs); a run "
             "resumed from such a checkpoint continues with the next batch of that epoch.",
-        )  # fmt: skip
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         # last.ckpt after every training epoch, replaced atomically (clusterlab.checkpointing): a
         # kill loses at most the epoch in progress.
@@ -174,11 +187,17 @@ class ClusterLabCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config, run_dir = self._subconfig(), str(self.run_dir)
-        if self.config.get("subcommand") == "predict" and config.data.dataset == "image_folder" and self.checkpoint_meta:
+        if (
+            self.config.get("subcommand") == "predict"
+            and config.data.dataset == "image_folder"
+            and self.checkpoint_meta
+        ):
             _folder_input_from_checkpoint(config.data, self.checkpoint_meta)
         config.trainer.default_root_dir = run_dir
         config.checkpoint.dirpath = str(self.run_dir / "checkpoints")
-        loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+        loggers = (
+            config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+        )
         for logger in loggers:
             args = getattr(logger, "init_args", None)
             if args is not None and "save_dir" in args:
@@ -191,10 +210,14 @@ class ClusterLabCLI(LightningCLI):
         if minutes:  # a second writer of last.ckpt, inside epochs (Lightning's triggers exclude each other)
             self.trainer.callbacks.append(
                 ModelCheckpoint(
-                    dirpath=self.run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False,
-                    train_time_interval=timedelta(minutes=minutes), save_on_train_epoch_end=True,
+                    dirpath=self.run_dir / "checkpoints",
+                    filename="last",
+                    save_top_k=1,
+                    enable_version_counter=False,
+                    train_time_interval=timedelta(minutes=minutes),
+                    save_on_train_epoch_end=True,
                 )
-            )  # fmt: skip
+            )
 
     # -- fit report -------------------------------------------------------------------------
 
@@ -211,7 +234,11 @@ class ClusterLabCLI(LightningCLI):
         except SystemExit:  # Ctrl-C: Lightning stops gracefully, then exits with code 1
             if self.trainer.interrupted:
                 last = self.run_dir / "checkpoints" / "last.ckpt"
-                kept = f"{last} (written at the end of the last whole epoch)" if last.exists() else "no checkpoint yet"
+                kept = (
+                    f"{last} (written at the end of the last whole epoch)"
+                    if last.exists()
+                    else "no checkpoint yet"
+                )
                 rank_zero_info(
                     f"Interrupted. The run keeps {kept}; continue it with: clusterlab fit --config "
                     f"{self.run_dir / 'config.yaml'} --ckpt_path last"
@@ -319,7 +346,10 @@ def print_report(report: dict, run_dir: Path) -> None:
         table.add_column(column, justify="left" if not column else "right")
 
     def row(label: str, results: dict) -> None:
-        table.add_row(label, *(f"{results[k]:.4f}" if results.get(k) is not None else "-" for k in ("acc", "nmi", "ari")))
+        table.add_row(
+            label,
+            *(f"{results[k]:.4f}" if results.get(k) is not None else "-" for k in ("acc", "nmi", "ari")),
+        )
 
     heads = report.get("heads") or []
     for h, results in enumerate(heads):
@@ -333,7 +363,8 @@ def print_report(report: dict, run_dir: Path) -> None:
     if report.get("collapsed"):
         sizes = report["cluster_sizes"]
         console.print(
-            f"[bold red]Warning: the clusters collapsed[/bold red]: the largest holds {max(sizes)} of {sum(sizes)} "
+            f"[bold red]Warning: the clusters collapsed[/bold red]: the largest holds {max(sizes)} of "
+            f"{sum(sizes)} "
             f"images and {sum(s > 0 for s in sizes)} of {len(sizes)} clusters are used (no label involved). "
             "Lower the learning rate, or train longer.",
             highlight=False,
@@ -354,13 +385,16 @@ def _decide_run(subcommand: str, config, name: str, portable: str) -> dict:
         previous = runs.fit_runs(runs_root, seed=config.seed_everything)
         if not previous:
             raise UserError(
-                f"--ckpt_path last: no run of this name to continue (no {runs_root}/*-seed{config.seed_everything}/)"
+                "--ckpt_path last: no run of this name to continue (no "
+                f"{runs_root}/*-seed{config.seed_everything}/)"
             )
         run_dir = previous[-1]
         last = run_dir / "checkpoints" / "last.ckpt"
         ckpt_path = str(last) if last.is_file() else None
         if ckpt_path is None:
-            rank_zero_info(f"--ckpt_path last: {run_dir} was stopped before its first checkpoint; starting it again")
+            rank_zero_info(
+                f"--ckpt_path last: {run_dir} was stopped before its first checkpoint; starting it again"
+            )
     meta = None
     if ckpt_path:
         meta = runs.read_checkpoint(ckpt_path)

@@ -18,7 +18,11 @@ def members(protocol: type) -> list[str]:
         if cls is object or not getattr(cls, "_is_protocol", False):
             continue
         names.update(getattr(cls, "__annotations__", {}))
-        names.update(n for n, v in vars(cls).items() if not n.startswith("_") and (callable(v) or isinstance(v, property)))
+        names.update(
+            n
+            for n, v in vars(cls).items()
+            if not n.startswith("_") and (callable(v) or isinstance(v, property))
+        )
     return sorted(names)
 
 

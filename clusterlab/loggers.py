@@ -24,7 +24,9 @@ class CSVLogger(_CSVLogger):
     """
 
     def __init__(self, save_dir: str | None = None, flush_logs_every_n_steps: int = 1) -> None:
-        super().__init__(save_dir or ".", name="", version="", flush_logs_every_n_steps=flush_logs_every_n_steps)
+        super().__init__(
+            save_dir or ".", name="", version="", flush_logs_every_n_steps=flush_logs_every_n_steps
+        )
         self._earlier_rows: list[dict] = []
         earlier = os.path.join(self.log_dir, "metrics.csv")
         if os.path.isfile(earlier):
@@ -35,7 +37,11 @@ class CSVLogger(_CSVLogger):
     def continue_from(self, checkpoint: dict) -> None:
         """Keep the earlier rows logged before `checkpoint` (clusterlab.runs.read_checkpoint) was
         written: those of its completed epochs, and of its own epoch up to its step."""
-        completed, epoch, step = checkpoint.get("epochs_trained"), checkpoint.get("epoch"), checkpoint.get("global_step")
+        completed, epoch, step = (
+            checkpoint.get("epochs_trained"),
+            checkpoint.get("epoch"),
+            checkpoint.get("global_step"),
+        )
         if completed is None or step is None:
             return
 
@@ -93,9 +99,18 @@ class WandbLogger(_WandbLogger):
         mode = os.environ.get("WANDB_MODE")
         if offline is None:
             offline = mode in ("offline", "dryrun") or (mode is None and not wandb_logged_in())
-        super().__init__(project=project, name=name, save_dir=save_dir, offline=offline, entity=entity,
-                         group=group, tags=tags, log_model=log_model and not offline, dir=save_dir,
-                         settings=_quiet_settings())  # fmt: skip
+        super().__init__(
+            project=project,
+            name=name,
+            save_dir=save_dir,
+            offline=offline,
+            entity=entity,
+            group=group,
+            tags=tags,
+            log_model=log_model and not offline,
+            dir=save_dir,
+            settings=_quiet_settings(),
+        )
 
 
 def _quiet_settings():

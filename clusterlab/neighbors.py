@@ -22,8 +22,14 @@ def faiss_gpus() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
-def knn(features: Tensor | np.ndarray, k: int, queries: Tensor | np.ndarray | None = None,
-        metric: str = "cosine", exclude_self: bool = True, backend: str = "auto") -> tuple[Tensor, Tensor]:  # fmt: skip
+def knn(
+    features: Tensor | np.ndarray,
+    k: int,
+    queries: Tensor | np.ndarray | None = None,
+    metric: str = "cosine",
+    exclude_self: bool = True,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
     """The k nearest rows of `features` for each query (default: each row of `features`).
 
     metric: "cosine" (rows L2-normalised, inner product) or "l2" (squared distances). With
@@ -79,12 +85,20 @@ def _torch_search(features, queries, k: int, metric: str, block: int = 4096) -> 
     return torch.cat(indices), torch.cat(scores)
 
 
-def kmeans(features: Tensor | np.ndarray, k: int, seed: int = 0, n_init: int = 10, iterations: int = 100
-           ) -> tuple[Tensor, Tensor]:  # fmt: skip
+def kmeans(
+    features: Tensor | np.ndarray, k: int, seed: int = 0, n_init: int = 10, iterations: int = 100
+) -> tuple[Tensor, Tensor]:
     """k-means (best of `n_init` runs by inertia). Returns (assignments N, centroids k x D)."""
     x = _as_faiss(features)
-    model = faiss.Kmeans(x.shape[1], k, niter=iterations, nredo=n_init, seed=seed, gpu=bool(faiss_gpus()),
-                         max_points_per_centroid=max(256, len(x) // k + 1))  # fmt: skip
+    model = faiss.Kmeans(
+        x.shape[1],
+        k,
+        niter=iterations,
+        nredo=n_init,
+        seed=seed,
+        gpu=bool(faiss_gpus()),
+        max_points_per_centroid=max(256, len(x) // k + 1),
+    )
     model.train(x)
     _, assignments = model.index.search(x, 1)
     return torch.from_numpy(assignments[:, 0]).long(), torch.from_numpy(model.centroids.copy())

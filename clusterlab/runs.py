@@ -101,7 +101,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     except Exception as error:  # noqa: BLE001 - every way a file can fail to be a checkpoint
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
-            f"cannot read checkpoint {path} ({path.stat().st_size} bytes): {reason}. It is truncated or not a "
+            f"cannot read checkpoint {path} ({path.stat().st_size} bytes): {reason}. It is truncated or not "
+            "a "
             f"checkpoint; use another one (a run's checkpoints/last.ckpt)."
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
@@ -112,7 +113,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def describe_checkpoint(meta: dict) -> str:
-    """"CC (10 clusters, 1x8x8, 2 epochs)"."""
+    """ "CC (10 clusters, 1x8x8, 2 epochs)"."""
     details = []
     if meta.get("num_clusters") is not None:
         details.append(f"{meta['num_clusters']} clusters")
@@ -120,7 +121,11 @@ def describe_checkpoint(meta: dict) -> str:
         details.append("x".join(map(str, meta["input_shape"])))
     if meta.get("epochs_trained") is not None:
         details.append(f"{meta['epochs_trained']} epochs")
-    return f"{meta.get('method', 'an unknown method')} ({', '.join(details)})" if details else meta.get("method", "?")
+    return (
+        f"{meta.get('method', 'an unknown method')} ({', '.join(details)})"
+        if details
+        else meta.get("method", "?")
+    )
 
 
 # -- processes of one run agree --------------------------------------------------------------
@@ -130,7 +135,8 @@ def describe_checkpoint(meta: dict) -> str:
 class Launch:
     """How this process was started, as far as agreeing on a run directory goes."""
 
-    kind: str  # "single" (also Lightning's launcher, before it starts the others), "lightning", "torchrun", "slurm"
+    # "single" (also Lightning's launcher, before it starts the others), "lightning", "torchrun", "slurm"
+    kind: str
     rank: int = 0
     address: str | None = None
     port: int | None = None
@@ -142,9 +148,17 @@ def detect_launch() -> Launch:
     from pytorch_lightning.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
     if TorchElasticEnvironment.detect() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}.{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-        return Launch("torchrun", int(os.environ["RANK"]), os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                      agent_store=os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True", attempt=attempt)  # fmt: skip
+        attempt = (
+            f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}.{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        )
+        return Launch(
+            "torchrun",
+            int(os.environ["RANK"]),
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            agent_store=os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
+            attempt=attempt,
+        )
     if SLURMEnvironment.detect() and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         slurm = SLURMEnvironment()
         attempt = f"{os.environ.get('SLURM_JOB_ID', '')}.{os.environ.get('SLURM_STEP_ID', '')}"
@@ -191,6 +205,8 @@ def _store(launch: Launch):
         return TCPStore(launch.address, launch.port, is_master=False, timeout=timeout)
     # Rank 0 serves it where the process group will rendezvous; multi-tenant, so that the
     # process group's own store in this process shares the server instead of failing to bind.
-    store = TCPStore(launch.address, launch.port, is_master=launch.rank == 0, timeout=timeout, multi_tenant=True)
+    store = TCPStore(
+        launch.address, launch.port, is_master=launch.rank == 0, timeout=timeout, multi_tenant=True
+    )
     _STORES.append(store)
     return store

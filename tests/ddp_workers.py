@@ -38,12 +38,16 @@ class RecordFirstStep(pl.Callback):
         self.grads: dict[str, torch.Tensor] = {}
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+        self.grads = {
+            n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None
+        }
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == 0:
-            torch.save({"loss": outputs["loss"].detach(), "grads": self.grads, "batch": batch["index"]},
-                       Path(self.out) / f"rank{trainer.global_rank}.pt")  # fmt: skip
+            torch.save(
+                {"loss": outputs["loss"].detach(), "grads": self.grads, "batch": batch["index"]},
+                Path(self.out) / f"rank{trainer.global_rank}.pt",
+            )
 
 
 class RecordEvaluation(pl.Callback):
@@ -61,5 +65,10 @@ class RecordGlobalTable(pl.Callback):
         self.out = out
 
     def on_train_end(self, trainer, pl_module) -> None:
-        torch.save({"table": pl_module.global_neighbors.table, "neighbor_index": pl_module.global_neighbors.neighbor_index},
-                   Path(self.out) / f"table_rank{trainer.global_rank}.pt")  # fmt: skip
+        torch.save(
+            {
+                "table": pl_module.global_neighbors.table,
+                "neighbor_index": pl_module.global_neighbors.neighbor_index,
+            },
+            Path(self.out) / f"table_rank{trainer.global_rank}.pt",
+        )

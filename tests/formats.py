@@ -37,8 +37,12 @@ def write_cifar100(root: Path, n: int = 24, seed: int = 0) -> np.ndarray:
     coarse_train = None
     for name in ("train", "test"):
         coarse = list(rng.integers(0, 20, n))
-        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"fine_labels": list(rng.integers(0, 100, n)),
-                 b"coarse_labels": coarse, b"filenames": []}  # fmt: skip
+        batch = {
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"fine_labels": list(rng.integers(0, 100, n)),
+            b"coarse_labels": coarse,
+            b"filenames": [],
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
         coarse_train = coarse_train if coarse_train is not None else np.array(coarse)
@@ -61,7 +65,9 @@ def write_stl10(root: Path, n: int = 10, unlabeled: int = 3, seed: int = 0) -> n
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(
+        struct.pack(">I", d) for d in array.shape
+    )
     with gzip.open(path, "wb") as f:
         f.write(header + array.astype(np.uint8).tobytes())
 
@@ -77,7 +83,9 @@ def write_fashion_mnist(root: Path, n: int = 20, seed: int = 0) -> np.ndarray:
     return train
 
 
-def write_png_folder(root: Path, classes=("cat", "dog"), per_class: int = 3, size=(40, 30), seed: int = 0) -> list[Path]:
+def write_png_folder(
+    root: Path, classes=("cat", "dog"), per_class: int = 3, size=(40, 30), seed: int = 0
+) -> list[Path]:
     from PIL import Image
 
     rng = np.random.default_rng(seed)

@@ -22,7 +22,8 @@ class Finished:
     stderr: str
 
     def tail(self, chars: int = 4000) -> str:
-        return f"exit {self.returncode}\n--- stdout ---\n{self.stdout[-chars:]}\n--- stderr ---\n{self.stderr[-chars:]}"
+        out, err = self.stdout[-chars:], self.stderr[-chars:]
+        return f"exit {self.returncode}\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
 
 
 def free_port() -> int:
@@ -32,7 +33,13 @@ def free_port() -> int:
 
 
 def environment(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "COLUMNS": "200"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": REPO,
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "disabled",
+        "COLUMNS": "200",
+    }
     for key in [k for k in env if k.startswith(("SLURM_", "TORCHELASTIC_", "CLUSTERLAB_RUN"))]:
         del env[key]  # whatever launched the tests is not what the test launches
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "GROUP_RANK"):
@@ -42,14 +49,23 @@ def environment(**extra: str) -> dict[str, str]:
 
 def run(command: list[str], cwd, timeout: float, env: dict | None = None) -> Finished:
     """Run `command` in its own process group; on timeout, SIGKILL the group and fail."""
-    process = subprocess.Popen(command, cwd=cwd, env=env or environment(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env or environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        raise AssertionError(f"{' '.join(command)} did not end within {timeout} s (hung?)\n{stderr[-4000:]}") from None
+        raise AssertionError(
+            f"{' '.join(command)} did not end within {timeout} s (hung?)\n{stderr[-4000:]}"
+        ) from None
     return Finished(process.returncode, stdout, stderr)
 
 
@@ -59,7 +75,15 @@ def clusterlab(*args: str, cwd, timeout: float = 300, env: dict | None = None) -
 
 def torchrun(*args: str, cwd, processes: int = 2, timeout: float = 300) -> Finished:
     """`torchrun --nproc_per_node N -m clusterlab.cli ...`, as a cluster user types it."""
-    command = [TORCHRUN, "--nproc_per_node", str(processes), "--master_port", str(free_port()), "-m", "clusterlab.cli"]
+    command = [
+        TORCHRUN,
+        "--nproc_per_node",
+        str(processes),
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "clusterlab.cli",
+    ]
     return run([*command, *args], cwd, timeout)
 
 
@@ -70,13 +94,29 @@ def srun(*args: str, cwd, processes: int = 2, timeout: float = 300, job_id: int 
     procs = []
     for rank in range(processes):
         env = environment(
-            SLURM_NTASKS=str(processes), SLURM_NTASKS_PER_NODE=str(processes), SLURM_NNODES="1",
-            SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NODEID="0", SLURM_JOB_ID=str(job_id),
-            SLURM_STEP_ID="0", SLURM_JOB_NAME="clusterlab-test", SLURM_NODELIST="127.0.0.1", MASTER_PORT=port,
-        )  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, "-m", "clusterlab", *args], cwd=cwd, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      start_new_session=True))  # fmt: skip
+            SLURM_NTASKS=str(processes),
+            SLURM_NTASKS_PER_NODE=str(processes),
+            SLURM_NNODES="1",
+            SLURM_PROCID=str(rank),
+            SLURM_LOCALID=str(rank),
+            SLURM_NODEID="0",
+            SLURM_JOB_ID=str(job_id),
+            SLURM_STEP_ID="0",
+            SLURM_JOB_NAME="clusterlab-test",
+            SLURM_NODELIST="127.0.0.1",
+            MASTER_PORT=port,
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "clusterlab", *args],
+                cwd=cwd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        )
     outputs, hung = [], False
     for process in procs:
         try:

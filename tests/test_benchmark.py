@@ -36,7 +36,9 @@ def test_runner_writes_the_table_from_the_runs_metrics(in_tmp):
 
     # --resume takes the finished runs from the progress file: no new run directories.
     run_dirs = sorted(p.parent for p in in_tmp.glob("runs/**/metrics.json"))
-    resumed = main(["suite.yaml", "--seeds", "0", "1", "--results", "results.md", "--json_dir", "out", "--resume"])
+    resumed = main(
+        ["suite.yaml", "--seeds", "0", "1", "--results", "results.md", "--json_dir", "out", "--resume"]
+    )
     assert [r["run_dir"] for r in resumed["runs"]["CC"]] == [r["run_dir"] for r in runs]
     assert sorted(p.parent for p in in_tmp.glob("runs/**/metrics.json")) == run_dirs
 

@@ -32,7 +32,9 @@ def test_queries_against_a_base_keep_their_own_rows():
 
 def test_kmeans_recovers_well_separated_blobs():
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
-    points = centres.repeat_interleave(50, 0) + 0.1 * torch.randn(150, 2, generator=torch.Generator().manual_seed(2))
+    points = centres.repeat_interleave(50, 0) + 0.1 * torch.randn(
+        150, 2, generator=torch.Generator().manual_seed(2)
+    )
     assignments, found = kmeans(points, 3, seed=0)
     assert len(set(assignments.view(3, 50).mode(1).values.tolist())) == 3
     assert (assignments.view(3, 50) == assignments.view(3, 50)[:, :1]).all()

@@ -51,12 +51,17 @@ class Assignments(BasePredictionWriter):
         self.best: dict[int, list[tuple[float, int]]] = {}  # cluster -> min-heap of (confidence, index)
         self.written: set[int] = set()
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        for index, cluster, confidence in zip(prediction["index"].tolist(), prediction["cluster"].tolist(),
-                                              prediction["confidence"].tolist()):  # fmt: skip
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ):
+        for index, cluster, confidence in zip(
+            prediction["index"].tolist(), prediction["cluster"].tolist(), prediction["confidence"].tolist()
+        ):
             self.rows.writerow([index, self.paths[index] if self.paths else "", cluster, f"{confidence:.4f}"])
             heap = self.best.setdefault(cluster, [])
-            (heapq.heappush if len(heap) < self.sheet_images else heapq.heappushpop)(heap, (confidence, index))
+            (heapq.heappush if len(heap) < self.sheet_images else heapq.heappushpop)(
+                heap, (confidence, index)
+            )
             self.written.add(index)
         self.file.flush()
 
@@ -67,8 +72,10 @@ class Assignments(BasePredictionWriter):
         if is_distributed():
             shares = [None] * dist.get_world_size()
             dist.all_gather_object(shares, (best, written))
-            best = {c: heapq.nlargest(self.sheet_images, [x for b, _ in shares for x in b.get(c, [])])
-                    for c in {c for b, _ in shares for c in b}}  # fmt: skip
+            best = {
+                c: heapq.nlargest(self.sheet_images, [x for b, _ in shares for x in b.get(c, [])])
+                for c in {c for b, _ in shares for c in b}
+            }
             written = set().union(*(w for _, w in shares))
             if trainer.is_global_zero:
                 _merge_parts(folder, trainer.world_size)
@@ -80,13 +87,19 @@ class Assignments(BasePredictionWriter):
         sheets.mkdir(exist_ok=True)
         for cluster, heap in sorted(best.items()):
             ranked = sorted(heap, reverse=True)
-            contact_sheet(data.eval_images(torch.tensor([index for _, index in ranked])), [c for c, _ in ranked],
-                          f"cluster {cluster}: {counts[cluster]} images (the {len(ranked)} most confident)",
-                          sheets / f"cluster_{cluster:02d}.png")  # fmt: skip
+            contact_sheet(
+                data.eval_images(torch.tensor([index for _, index in ranked])),
+                [c for c, _ in ranked],
+                f"cluster {cluster}: {counts[cluster]} images (the {len(ranked)} most confident)",
+                sheets / f"cluster_{cluster:02d}.png",
+            )
         skipped = _skipped(data, written)
         console = Console()
-        console.print(f"Predicted {len(written)} images into {len(counts)} clusters: {folder / 'assignments.csv'}; "
-                      f"contact sheets in {sheets}", highlight=False)  # fmt: skip
+        console.print(
+            f"Predicted {len(written)} images into {len(counts)} clusters: {folder / 'assignments.csv'}; "
+            f"contact sheets in {sheets}",
+            highlight=False,
+        )
         if skipped:
             with open(folder / "skipped.csv", "w", newline="") as f:
                 csv.writer(f).writerows([("path", "reason"), *skipped])
@@ -108,8 +121,11 @@ def _skipped(data, written: set[int]) -> list[tuple[str, str]]:
     reasons = dict(getattr(data.source, "skipped", []))  # decoded in this process: the reason is known
     if data.predict_set is None:  # loaded whole: the loader left the unreadable ones out already
         return list(reasons.items())
-    return [(str(p), reasons.get(str(p), "unreadable (decoded in a worker; see its warning)"))
-            for i, p in enumerate(data.predict_set.paths) if i not in written]  # fmt: skip
+    return [
+        (str(p), reasons.get(str(p), "unreadable (decoded in a worker; see its warning)"))
+        for i, p in enumerate(data.predict_set.paths)
+        if i not in written
+    ]
 
 
 def _merge_parts(folder: Path, world: int) -> None:
@@ -121,10 +137,14 @@ def _merge_parts(folder: Path, world: int) -> None:
             rows += list(csv.reader(f))[1:]
         part.unlink()
     with open(folder / "assignments.csv", "w", newline="") as f:
-        csv.writer(f).writerows([["index", "path", "cluster", "confidence"], *sorted(rows, key=lambda r: int(r[0]))])
+        csv.writer(f).writerows(
+            [["index", "path", "cluster", "confidence"], *sorted(rows, key=lambda r: int(r[0]))]
+        )
 
 
-def contact_sheet(images: torch.Tensor, confidences: list[float], title: str, path: Path, columns: int = 8) -> None:
+def contact_sheet(
+    images: torch.Tensor, confidences: list[float], title: str, path: Path, columns: int = 8
+) -> None:
     from clusterlab.callbacks.figures import _as_picture, _pyplot
 
     plt = _pyplot()

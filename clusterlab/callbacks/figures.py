@@ -20,8 +20,8 @@ import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 from clusterlab.contracts import require
-from clusterlab.passes import pass_over
 from clusterlab.metrics import contingency, evaluate, hungarian_match
+from clusterlab.passes import pass_over
 
 
 @runtime_checkable
@@ -43,10 +43,16 @@ def collect_predictions(trainer: pl.Trainer, module, loader) -> dict[str, torch.
 
     def step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         cluster, confidence = module.assign(batch["image"])
-        return {"cluster": cluster, "confidence": confidence, "features": module.embed(batch["image"]).float(),
-                "label": batch["label"]}  # fmt: skip
+        return {
+            "cluster": cluster,
+            "confidence": confidence,
+            "features": module.embed(batch["image"]).float(),
+            "label": batch["label"],
+        }
 
-    outputs = pass_over(module, loader, step, precision=trainer.precision_plugin, description="Drawing figures")
+    outputs = pass_over(
+        module, loader, step, precision=trainer.precision_plugin, description="Drawing figures"
+    )
     return {key: value.cpu() for key, value in outputs.items()}
 
 
@@ -61,8 +67,13 @@ class ClusterFigures(pl.Callback):
         max_clusters: clusters shown in the image grid (the most populated ones).
     """
 
-    def __init__(self, enabled: bool = True, images_per_cluster: int = 8, embedding_points: int = 3000,
-                 max_clusters: int = 20) -> None:  # fmt: skip
+    def __init__(
+        self,
+        enabled: bool = True,
+        images_per_cluster: int = 8,
+        embedding_points: int = 3000,
+        max_clusters: int = 20,
+    ) -> None:
         self.enabled, self.images_per_cluster = enabled, images_per_cluster
         self.embedding_points, self.max_clusters = embedding_points, max_clusters
 
@@ -90,8 +101,14 @@ class ClusterFigures(pl.Callback):
         figures = []
         if (outputs["label"] >= 0).any():
             figures.append(("confusion", lambda p: confusion_figure(outputs, data.source.classes, title, p)))
-        figures.append(("confident", lambda p: confident_figure(outputs, data.eval_set.images, self.images_per_cluster,
-                                                                self.max_clusters, title, p)))  # fmt: skip
+        figures.append(
+            (
+                "confident",
+                lambda p: confident_figure(
+                    outputs, data.eval_set.images, self.images_per_cluster, self.max_clusters, title, p
+                ),
+            )
+        )
         figures.append(("embedding", lambda p: embedding_figure(outputs, self.embedding_points, title, p)))
         paths = []
         for name, draw in figures:
@@ -123,7 +140,7 @@ def confusion_figure(outputs: dict, class_names: list[str], title: str, path: Pa
     table = contingency(preds, labels).numpy().T  # rows: classes, columns: clusters
     matched = hungarian_match(preds, labels)  # cluster -> class
     # Matched clusters first, in the order of their class, then the unmatched ones.
-    order = sorted(range(table.shape[1]), key=lambda c: (matched.get(c, table.shape[0] + c)))
+    order = sorted(range(table.shape[1]), key=lambda c: matched.get(c, table.shape[0] + c))
     table = table[:, order]
     names = [class_names[i] if i < len(class_names) else str(i) for i in range(table.shape[0])]
     acc = evaluate(preds, labels)["acc"]
@@ -135,8 +152,15 @@ def confusion_figure(outputs: dict, class_names: list[str], title: str, path: Pa
             for j in range(table.shape[1]):
                 if table[i, j]:
                     share = table[i, j] / max(table[i].sum(), 1)
-                    ax.text(j, i, str(table[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if share > 0.5 else "black")  # fmt: skip
+                    ax.text(
+                        j,
+                        i,
+                        str(table[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if share > 0.5 else "black",
+                    )
     ax.set_xticks(range(table.shape[1]), [str(c) for c in order], fontsize=8)
     ax.set_yticks(range(table.shape[0]), names, fontsize=8)
     ax.set_xlabel("cluster (ordered by its Hungarian-matched class)")
@@ -154,20 +178,28 @@ def _as_picture(image: torch.Tensor) -> tuple[np.ndarray, str | None]:
     return (array[0], "gray") if array.shape[0] == 1 else (array.transpose(1, 2, 0), None)
 
 
-def confident_figure(outputs: dict, images: torch.Tensor, per_cluster: int, max_clusters: int, title: str,
-                     path: Path) -> Path:  # fmt: skip
+def confident_figure(
+    outputs: dict, images: torch.Tensor, per_cluster: int, max_clusters: int, title: str, path: Path
+) -> Path:
     plt = _pyplot()
     clusters, counts = outputs["cluster"].unique(return_counts=True)
     shown = clusters[counts.argsort(descending=True)][:max_clusters].sort().values.tolist()
     columns = 2 * per_cluster + 1  # most confident | gap | least confident
     cell = 0.9
-    fig, axes = plt.subplots(len(shown), columns, figsize=(columns * cell + 1.6, len(shown) * cell + 1.2),
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        len(shown), columns, figsize=(columns * cell + 1.6, len(shown) * cell + 1.2), squeeze=False
+    )
     for row, cluster in enumerate(shown):
         members = (outputs["cluster"] == cluster).nonzero().flatten()
         ranked = members[outputs["confidence"][members].argsort(descending=True)]
         most, least = ranked[:per_cluster], ranked.flip(0)[:per_cluster].flip(0)
-        picks = list(most) + [None] * (per_cluster - len(most)) + [None] + [None] * (per_cluster - len(least)) + list(least)
+        picks = (
+            list(most)
+            + [None] * (per_cluster - len(most))
+            + [None]
+            + [None] * (per_cluster - len(least))
+            + list(least)
+        )
         for col, pick in enumerate(picks):
             ax = axes[row, col]
             ax.set_xticks([]), ax.set_yticks([])
@@ -178,14 +210,20 @@ def confident_figure(outputs: dict, images: torch.Tensor, per_cluster: int, max_
             picture, cmap = _as_picture(images[int(outputs["index"][pick])])
             ax.imshow(picture, cmap=cmap, interpolation="nearest")
             ax.set_title(f"{float(outputs['confidence'][pick]):.2f}", fontsize=6, pad=1)
-        axes[row, 0].set_ylabel(f"cluster {cluster}\n({len(members)})", rotation=0, ha="right", va="center", fontsize=9)
+        axes[row, 0].set_ylabel(
+            f"cluster {cluster}\n({len(members)})", rotation=0, ha="right", va="center", fontsize=9
+        )
     height = len(shown) * cell + 1.2
     fig.subplots_adjust(left=0.1, right=0.99, top=1 - 0.95 / height, bottom=0.01, wspace=0.08, hspace=0.35)
     fig.suptitle(f"{title}: images per cluster (probability above each)", fontsize=11, y=1 - 0.12 / height)
-    for first, last, label in ((0, per_cluster - 1, "most confident"),
-                               (per_cluster + 1, 2 * per_cluster, "least confident")):  # fmt: skip
+    for first, last, label in (
+        (0, per_cluster - 1, "most confident"),
+        (per_cluster + 1, 2 * per_cluster, "least confident"),
+    ):
         left, right = axes[0, first].get_position(), axes[0, last].get_position()
-        fig.text((left.x0 + right.x1) / 2, left.y1 + 0.3 / height, label, ha="center", fontsize=10, weight="bold")
+        fig.text(
+            (left.x0 + right.x1) / 2, left.y1 + 0.3 / height, label, ha="center", fontsize=10, weight="bold"
+        )
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -204,15 +242,24 @@ def embedding_figure(outputs: dict, max_points: int, title: str, path: Path) -> 
     pick = rng.choice(finite, size=min(max_points, len(finite)), replace=False)
     scale = np.abs(features[pick]).max()
     chosen = features[pick] / (scale if scale > 0 else 1.0)
-    points = TSNE(n_components=2, init="pca", perplexity=min(30.0, len(pick) - 1.0), random_state=0).fit_transform(chosen)
+    points = TSNE(
+        n_components=2, init="pca", perplexity=min(30.0, len(pick) - 1.0), random_state=0
+    ).fit_transform(chosen)
     fig, ax = plt.subplots(figsize=(8, 7))
     cmap = plt.get_cmap("tab20" if clusters.max() >= 10 else "tab10")
     for cluster in np.unique(clusters[pick]):
         mine = clusters[pick] == cluster
         ax.scatter(points[mine, 0], points[mine, 1], s=6, color=cmap(cluster % cmap.N), label=str(cluster))
         centre = np.median(points[mine], axis=0)
-        ax.annotate(str(cluster), centre, fontsize=12, weight="bold", ha="center", va="center",
-                    bbox={"boxstyle": "round,pad=0.2", "fc": "white", "alpha": 0.7})  # fmt: skip
+        ax.annotate(
+            str(cluster),
+            centre,
+            fontsize=12,
+            weight="bold",
+            ha="center",
+            va="center",
+            bbox={"boxstyle": "round,pad=0.2", "fc": "white", "alpha": 0.7},
+        )
     ax.set_xlabel("t-SNE 1")
     ax.set_ylabel("t-SNE 2")
     ax.set_title(f"{title}: t-SNE of the features ({len(pick)} samples), colour = cluster")

@@ -70,7 +70,10 @@ class GlobalNeighbors(pl.Callback):
     def refresh(self, trainer: pl.Trainer, pl_module) -> None:
         data = trainer.datamodule
         if data is None or getattr(data, "train_set", None) is None:
-            raise RuntimeError("GlobalNeighbors needs the training split of a ClusterDataModule (trainer.fit(model, datamodule))")
+            raise RuntimeError(
+                "GlobalNeighbors needs the training split of a ClusterDataModule (trainer.fit(model, "
+                "datamodule))"
+            )
 
         def step(batch: dict[str, Tensor]) -> dict[str, Tensor]:
             f, logits = pl_module.features_and_logits(pl_module.plain(batch["image"]))
@@ -81,7 +84,9 @@ class GlobalNeighbors(pl.Callback):
         neighbor = torch.zeros(len(g), dtype=torch.long, device=g.device)
         if trainer.global_rank == 0:
             candidates, _ = knn(g, self.num_neighbors)
-            generator = torch.Generator().manual_seed(derive_seed(trainer.current_epoch, _GLOBAL_NEIGHBOR_STREAM))
+            generator = torch.Generator().manual_seed(
+                derive_seed(trainer.current_epoch, _GLOBAL_NEIGHBOR_STREAM)
+            )
             column = torch.randint(self.num_neighbors, (len(candidates),), generator=generator)
             neighbor = candidates[torch.arange(len(candidates)), column].to(g.device)
         neighbor = broadcast(neighbor)
@@ -90,7 +95,8 @@ class GlobalNeighbors(pl.Callback):
         self.epoch = trainer.current_epoch
 
     def predictions(self, index: Tensor) -> Tensor | None:
-        """N_global(h)_b: the stored rows of the batch's samples (heads x B x C), or None before the first epoch end."""
+        """N_global(h)_b: the stored rows of the batch's samples (heads x B x C); None before the
+        first epoch end."""
         return None if self.table is None else self.table[:, index.cpu()]
 
     def state_dict(self) -> dict:

@@ -41,7 +41,9 @@ class MomentumEncoder(pl.Callback):
             copies after each step, as MoCo's key encoder does; SCL's copies keep their own.
     """
 
-    def __init__(self, momentum: float = 0.9, final_momentum: float | None = None, copy_buffers: bool = False) -> None:
+    def __init__(
+        self, momentum: float = 0.9, final_momentum: float | None = None, copy_buffers: bool = False
+    ) -> None:
         for name, value in (("momentum", momentum), ("final_momentum", final_momentum)):
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], not {value}")
@@ -52,19 +54,27 @@ class MomentumEncoder(pl.Callback):
         require(pl_module, HasMomentumEncoder, self)
         for name in pl_module.momentum_encoder:
             if not isinstance(getattr(pl_module, name, None), nn.Module):
-                raise TypeError(f"momentum_encoder.{name} copies {type(pl_module).__name__}.{name}, which is not a submodule")
+                raise TypeError(
+                    f"momentum_encoder.{name} copies {type(pl_module).__name__}.{name}, which is not a "
+                    "submodule"
+                )
 
     def momentum_at(self, step: int, total_steps: float) -> float:
         """m after `step` optimizer steps of `total_steps`."""
         if self.final_momentum is None or not math.isfinite(total_steps) or total_steps <= 0:
             return self.momentum
         progress = min(step / total_steps, 1.0)
-        return self.final_momentum - (self.final_momentum - self.momentum) * (math.cos(math.pi * progress) + 1) / 2
+        return (
+            self.final_momentum
+            - (self.final_momentum - self.momentum) * (math.cos(math.pi * progress) + 1) / 2
+        )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._total_steps = trainer.estimated_stepping_batches
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int
+    ) -> None:
         self._steps_before_batch = trainer.global_step
 
     def on_train_batch_end(

@@ -36,7 +36,7 @@ class PseudoLabelled(Protocol):
 
 
 class PseudoLabelRefresh(pl.Callback):
-    """"Updating assignments (Eq. 5) and weights (Eq. 6)" after every epoch, over the whole training set.
+    """ "Updating assignments (Eq. 5) and weights (Eq. 6)" after every epoch, over the whole training set.
 
     Runs at the start of epochs 1, 2, ...: the same weights as the end of the epoch before, and
     whatever point a checkpoint was written at (Lightning saves at validation end, before the
@@ -66,8 +66,11 @@ class PseudoLabelRefresh(pl.Callback):
             if self.imbalance_guard:
                 min_size = self.min_cluster_fraction * len(labels) / clusters
                 seed = derive_seed(trainer.current_epoch, task) % 2**31  # faiss takes a 32-bit seed
-                guarded = split_small_clusters(labels, features[task], clusters, min_size, seed) \
-                    if trainer.global_rank == 0 else labels  # fmt: skip
+                guarded = (
+                    split_small_clusters(labels, features[task], clusters, min_size, seed)
+                    if trainer.global_rank == 0
+                    else labels
+                )
                 labels = broadcast(guarded.to(pl_module.device)).cpu()
             table.update(task, labels)  # Eq. 6: count the changes
         table.epoch.fill_(trainer.current_epoch)
@@ -85,13 +88,20 @@ class PseudoLabelRefresh(pl.Callback):
                 **{f"features{t}": features.float() for t, (_, features) in enumerate(outputs)},
             }
 
-        out = pass_over(pl_module, trainer.datamodule.train_eval_dataloader(), step,
-                        precision=trainer.precision_plugin, description="Refreshing pseudo labels")  # fmt: skip
+        out = pass_over(
+            pl_module,
+            trainer.datamodule.train_eval_dataloader(),
+            step,
+            precision=trainer.precision_plugin,
+            description="Refreshing pseudo labels",
+        )
         tasks = range(len(pl_module.task_clusters))
         return [out[f"label{t}"].cpu() for t in tasks], [out[f"features{t}"].cpu() for t in tasks]
 
 
-def split_small_clusters(labels: Tensor, features: Tensor, num_clusters: int, min_size: float, seed: int) -> Tensor:
+def split_small_clusters(
+    labels: Tensor, features: Tensor, num_clusters: int, min_size: float, seed: int
+) -> Tensor:
     """Online Deep Clustering's guard against degenerate clusters (Zhan et al., CVPR 2020, Sec. 3.3).
 
     Samples of every cluster smaller than `min_size` move to the nearest remaining cluster

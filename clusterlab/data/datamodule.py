@@ -63,8 +63,11 @@ class LazyImageFolder(Dataset):
         kept = [(i, a) for i, a in arrays if a is not None]
         index = torch.tensor([i for i, _ in kept], dtype=torch.long)
         size, channels = self.source.image_size, self.source.channels
-        images = torch.from_numpy(np.stack([a for _, a in kept])) if kept else torch.empty(0, channels, size, size,
-                                                                                           dtype=torch.uint8)
+        images = (
+            torch.from_numpy(np.stack([a for _, a in kept]))
+            if kept
+            else torch.empty(0, channels, size, size, dtype=torch.uint8)
+        )
         return {"index": index, "image": images, "label": self.labels[index]}
 
 
@@ -195,7 +198,8 @@ class ClusterDataModule(pl.LightningDataModule):
             clusters = self.source.num_classes
         else:
             raise ConfigError(
-                f"{self.source.name} at {self.source.root} has no class sub-folders (at least two) to count clusters "
+                f"{self.source.name} at {self.source.root} has no class sub-folders (at least two) to count "
+                "clusters "
                 f"from: set the number of clusters with --data.num_clusters K"
             )
         if clusters < 2:
@@ -205,7 +209,8 @@ class ClusterDataModule(pl.LightningDataModule):
     def _check_clusters_fit(self, images: ImageSet, split: str) -> None:
         if self.num_clusters > len(images):
             raise ConfigError(
-                f"{self.num_clusters} clusters for the {len(images)} images of {self.source.name} {split}: there "
+                f"{self.num_clusters} clusters for the {len(images)} images of {self.source.name} {split}: "
+                "there "
                 f"cannot be more clusters than images; lower --data.num_clusters"
             )
 
@@ -246,24 +251,35 @@ class ClusterDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def _loader(self, dataset: Dataset, batch_size: int, sampler, drop_last: bool, kind=DataLoader) -> DataLoader:
-        return kind(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                          num_workers=self.hparams.num_workers, collate_fn=_as_batch,
-                          pin_memory=torch.cuda.is_available(),
-                          persistent_workers=self.hparams.num_workers > 0)  # fmt: skip
+    def _loader(
+        self, dataset: Dataset, batch_size: int, sampler, drop_last: bool, kind=DataLoader
+    ) -> DataLoader:
+        return kind(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=self.hparams.num_workers,
+            collate_fn=_as_batch,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.hparams.num_workers > 0,
+        )
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self._world()
         dataset = IndexedImages(self.train_set)
         if len(dataset) < self.hparams.batch_size * world:
             raise ValueError(
-                f"{self.source.name} {self.hparams.train_split}: {len(dataset)} images do not fill one global batch of "
+                f"{self.source.name} {self.hparams.train_split}: {len(dataset)} images do not fill one "
+                "global batch of "
                 f"{self.hparams.batch_size} x {world} processes; lower --data.batch_size"
             )
         # Seeded by the run seed and the epoch (Lightning calls set_epoch): the same order on
         # every rank, each taking its shard, and the same order again after a resume.
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=run_seed())
-        self._train_loader = self._loader(dataset, self.hparams.batch_size, sampler, drop_last=True, kind=ResumableLoader)
+        self._train_loader = self._loader(
+            dataset, self.hparams.batch_size, sampler, drop_last=True, kind=ResumableLoader
+        )
         return self._train_loader
 
     def set_neighbors(self, neighbors: torch.Tensor) -> None:
@@ -273,12 +289,16 @@ class ClusterDataModule(pl.LightningDataModule):
         if self.train_set is None:
             raise RuntimeError("set_neighbors() needs the training split: call it after setup('fit')")
         if neighbors.ndim != 2 or len(neighbors) != len(self.train_set):
-            raise ValueError(f"neighbour table of shape {tuple(neighbors.shape)}: expected "
-                             f"{len(self.train_set)} rows (one per training image) x K")  # fmt: skip
+            raise ValueError(
+                f"neighbour table of shape {tuple(neighbors.shape)}: expected "
+                f"{len(self.train_set)} rows (one per training image) x K"
+            )
         self.neighbors = neighbors.long().cpu()
         self._columns_epoch = None
 
-    def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, torch.Tensor]:
+    def on_before_batch_transfer(
+        self, batch: dict[str, torch.Tensor], dataloader_idx: int
+    ) -> dict[str, torch.Tensor]:
         if self.trainer is None or not self.trainer.training:
             return batch
         if self._train_loader is not None:
@@ -303,21 +323,27 @@ class ClusterDataModule(pl.LightningDataModule):
         is in nor on the number of processes, and a resumed run draws it again."""
         if self._columns_epoch != epoch:
             generator = torch.Generator().manual_seed(derive_seed(epoch, _NEIGHBOR_STREAM))
-            self._columns = torch.randint(self.neighbors.shape[1], (len(self.neighbors),), generator=generator)
+            self._columns = torch.randint(
+                self.neighbors.shape[1], (len(self.neighbors),), generator=generator
+            )
             self._columns_epoch = epoch
         return self._columns
 
     def _eval_loader(self) -> DataLoader:
         world, rank = self._world()
         dataset = IndexedImages(self.eval_set)
-        return self._loader(dataset, self.hparams.eval_batch_size, ShardSampler(dataset, world, rank), drop_last=False)
+        return self._loader(
+            dataset, self.hparams.eval_batch_size, ShardSampler(dataset, world, rank), drop_last=False
+        )
 
     def train_eval_dataloader(self) -> DataLoader:
         """The training set in order, every sample once, each rank its own shard: for passes over the
         whole training set during training (SCL's epoch-end pseudo labels, neighbour mining)."""
         world, rank = self._world()
         dataset = IndexedImages(self.train_set)
-        return self._loader(dataset, self.hparams.eval_batch_size, ShardSampler(dataset, world, rank), drop_last=False)
+        return self._loader(
+            dataset, self.hparams.eval_batch_size, ShardSampler(dataset, world, rank), drop_last=False
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader()
@@ -329,8 +355,12 @@ class ClusterDataModule(pl.LightningDataModule):
         if self.predict_set is None:
             return self._eval_loader()
         world, rank = self._world()
-        return self._loader(self.predict_set, self.hparams.eval_batch_size,
-                            ShardSampler(self.predict_set, world, rank), drop_last=False)  # fmt: skip
+        return self._loader(
+            self.predict_set,
+            self.hparams.eval_batch_size,
+            ShardSampler(self.predict_set, world, rank),
+            drop_last=False,
+        )
 
     # -- what reports and figures need of the evaluation set --------------------------------
 

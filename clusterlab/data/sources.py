@@ -43,7 +43,8 @@ class UnreadableImagesError(CorruptDataError):
         first, reason = failures[0]
         where = f" (all listed in {listing})" if listing else ""
         super().__init__(
-            f"{len(failures)} of the {total} images under {root} cannot be read{where}: first {first}: {reason}. "
+            f"{len(failures)} of the {total} images under {root} cannot be read{where}: first {first}: "
+            f"{reason}. "
             "Fix or remove them, or pass --data.on_error skip to leave them out."
         )
 
@@ -68,7 +69,10 @@ class ImageSet:
         if all(p.paths is not None for p in parts):
             paths = [path for p in parts for path in p.paths]
         return ImageSet(
-            torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), parts[0].classes, paths
+            torch.cat([p.images for p in parts]),
+            torch.cat([p.labels for p in parts]),
+            parts[0].classes,
+            paths,
         )
 
 
@@ -155,11 +159,22 @@ class FashionMNIST(Source):
 
     name = "fashion_mnist"
     channels = 1
-    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]  # fmt: skip
+    classes = [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ]
     default_root = "/usr/share/datasets/fashion-mnist"
     how_to_get = (
-        "On Debian/Ubuntu: apt-get install dataset-fashion-mnist (files in /usr/share/datasets/fashion-mnist); "
+        "On Debian/Ubuntu: apt-get install dataset-fashion-mnist (files in "
+        "/usr/share/datasets/fashion-mnist); "
         "or download the four *-ubyte.gz files from https://github.com/zalandoresearch/fashion-mnist "
         "into a folder and pass it as --data.root."
     )
@@ -176,7 +191,9 @@ class FashionMNIST(Source):
         x, y = read_idx(images), read_idx(labels)
         if x.ndim != 3 or y.shape != (x.shape[0],):
             raise CorruptDataError(f"{images} and {labels} disagree: shapes {x.shape} and {y.shape}")
-        return ImageSet(torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64)), self.classes)
+        return ImageSet(
+            torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64)), self.classes
+        )
 
 
 def _unpickle(path: Path) -> dict:
@@ -215,19 +232,37 @@ class CIFAR10(Source):
                 raise CorruptDataError(f"{path} is not a {self.name} batch (keys {sorted(batch)})")
             images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(batch[self.label_key], dtype=np.int64))
-        return ImageSet(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)),
-                        self.classes)  # fmt: skip
+        return ImageSet(
+            torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)), self.classes
+        )
 
 
 class CIFAR20(CIFAR10):
     """CIFAR-100 evaluated on its 20 super-classes ("CIFAR-20"), the clustering papers' protocol."""
 
     name = "cifar20"
-    classes = ["aquatic mammals", "fish", "flowers", "food containers", "fruit and vegetables",
-               "household electrical devices", "household furniture", "insects", "large carnivores",
-               "large man-made outdoor things", "large natural outdoor scenes",
-               "large omnivores and herbivores", "medium-sized mammals", "non-insect invertebrates",
-               "people", "reptiles", "small mammals", "trees", "vehicles 1", "vehicles 2"]  # fmt: skip
+    classes = [
+        "aquatic mammals",
+        "fish",
+        "flowers",
+        "food containers",
+        "fruit and vegetables",
+        "household electrical devices",
+        "household furniture",
+        "insects",
+        "large carnivores",
+        "large man-made outdoor things",
+        "large natural outdoor scenes",
+        "large omnivores and herbivores",
+        "medium-sized mammals",
+        "non-insect invertebrates",
+        "people",
+        "reptiles",
+        "small mammals",
+        "trees",
+        "vehicles 1",
+        "vehicles 2",
+    ]
     how_to_get = (
         "Download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz and extract it "
         "(it unpacks to cifar-100-python/), then pass the folder holding it as --data.root."
@@ -265,7 +300,9 @@ class STL10(Source):
             labels = np.fromfile(labels_path, dtype=np.uint8).astype(np.int64) - 1  # 1-based on disk
             if labels.shape != (len(images),) or labels.min() < 0 or labels.max() >= 10:
                 raise CorruptDataError(f"{labels_path}: expected {len(images)} labels in 1..10")
-        return ImageSet(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels), self.classes)
+        return ImageSet(
+            torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels), self.classes
+        )
 
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -304,14 +341,25 @@ class ImageFolder(Source):
     name = "image_folder"
     how_to_get = "Point --data.root at a folder of images (class sub-folders optional)."
 
-    def __init__(self, root=None, image_size: int = 64, channels: int = 3, on_error: str = "raise",
-                 num_workers: int = 8) -> None:  # fmt: skip
+    def __init__(
+        self,
+        root=None,
+        image_size: int = 64,
+        channels: int = 3,
+        on_error: str = "raise",
+        num_workers: int = 8,
+    ) -> None:
         super().__init__(root)
         if self.root is None:
             raise DataNotFoundError(f"{self.name}: no --data.root given. {self.how_to_get}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-        self.image_size, self.channels, self.on_error, self.num_workers = image_size, channels, on_error, num_workers
+        self.image_size, self.channels, self.on_error, self.num_workers = (
+            image_size,
+            channels,
+            on_error,
+            num_workers,
+        )
         self.skipped: list[tuple[str, str]] = []
 
     def _split_dirs(self) -> dict[str, Path]:
@@ -333,7 +381,9 @@ class ImageFolder(Source):
     def classes(self) -> list[str]:  # type: ignore[override]
         names = set()
         for folder in self._split_dirs().values():
-            names.update(p.name for p in folder.iterdir() if p.is_dir() and p.name not in ("train", "test", "val"))
+            names.update(
+                p.name for p in folder.iterdir() if p.is_dir() and p.name not in ("train", "test", "val")
+            )
         return sorted(names) if len(names) >= 2 else []  # one sub-folder is no class structure
 
     def files(self, split: str) -> list[Path]:
@@ -342,7 +392,9 @@ class ImageFolder(Source):
         if folder == self.root:  # a root without split folders: don't descend into train/test/val
             found = [p for p in found if p.relative_to(folder).parts[0] not in ("train", "test", "val")]
         if not found:
-            raise DataNotFoundError(f"{self.name}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {folder}")
+            raise DataNotFoundError(
+                f"{self.name}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {folder}"
+            )
         return sorted(found)
 
     def listing(self, split: str) -> tuple[list[Path], torch.Tensor]:
@@ -352,8 +404,10 @@ class ImageFolder(Source):
             return [p for paths, _ in parts for p in paths], torch.cat([labels for _, labels in parts])
         folder, index = self._split_dirs()[split], {name: i for i, name in enumerate(self.classes)}
         paths = self.files(split)
-        labels = [index.get(p.relative_to(folder).parts[0], -1) if len(p.relative_to(folder).parts) > 1 else -1
-                  for p in paths]  # fmt: skip
+        labels = [
+            index.get(p.relative_to(folder).parts[0], -1) if len(p.relative_to(folder).parts) > 1 else -1
+            for p in paths
+        ]
         return paths, torch.tensor(labels, dtype=torch.long)
 
     def decode(self, path: Path) -> np.ndarray | None:
@@ -385,9 +439,15 @@ class ImageFolder(Source):
         self.skipped.extend(failures)
         kept = [i for i, a in enumerate(arrays) if not isinstance(a, str)]
         if not kept:
-            raise CorruptDataError(f"{self.name}: none of the {len(paths)} images of split {split} could be read")
-        return ImageSet(torch.from_numpy(np.stack([arrays[i] for i in kept])), labels[kept], self.classes,
-                        [str(paths[i]) for i in kept])  # fmt: skip
+            raise CorruptDataError(
+                f"{self.name}: none of the {len(paths)} images of split {split} could be read"
+            )
+        return ImageSet(
+            torch.from_numpy(np.stack([arrays[i] for i in kept])),
+            labels[kept],
+            self.classes,
+            [str(paths[i]) for i in kept],
+        )
 
 
 SOURCES: dict[str, type[Source]] = {

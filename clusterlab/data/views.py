@@ -41,7 +41,9 @@ class Views(nn.Module):
         self.size = size
         if (mean is None) != (std is None):
             raise ValueError("give both mean and std, or neither")
-        self.normalize = K.Normalize(torch.tensor(mean), torch.tensor(std)) if mean is not None else nn.Identity()
+        self.normalize = (
+            K.Normalize(torch.tensor(mean), torch.tensor(std)) if mean is not None else nn.Identity()
+        )
 
     def _to_float(self, images: Tensor) -> Tensor:
         return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
@@ -49,8 +51,13 @@ class Views(nn.Module):
     def _resize(self, images: Tensor) -> Tensor:
         if self.size is None or images.shape[-2:] == (self.size, self.size):
             return images
-        return F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False,
-                             antialias=images.shape[-1] > self.size)  # fmt: skip
+        return F.interpolate(
+            images,
+            size=(self.size, self.size),
+            mode="bilinear",
+            align_corners=False,
+            antialias=images.shape[-1] > self.size,
+        )
 
     def forward(self, images: Tensor) -> Tensor:
         """A random view of every image (a fresh draw per image and per call), in float32 even
@@ -183,8 +190,15 @@ class GeometricViews(Views):
     ) -> None:
         augmentations: list[nn.Module] = []
         if rotation or shift or tuple(zoom) != (1.0, 1.0):
-            augmentations.append(K.RandomAffine(degrees=rotation, translate=(shift, shift) if shift else None,
-                                                scale=(*zoom, *zoom), padding_mode=fill, p=1.0))  # fmt: skip
+            augmentations.append(
+                K.RandomAffine(
+                    degrees=rotation,
+                    translate=(shift, shift) if shift else None,
+                    scale=(*zoom, *zoom),
+                    padding_mode=fill,
+                    p=1.0,
+                )
+            )
         if flip:
             augmentations.append(K.RandomHorizontalFlip())
         if channel_shift:
@@ -230,7 +244,9 @@ def _rotate(images: Tensor, degrees: Tensor) -> Tensor:
     angle = torch.deg2rad(degrees)
     cos, sin = angle.cos(), angle.sin()
     zero = torch.zeros_like(cos)
-    return _affine(images, torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1))
+    return _affine(
+        images, torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    )
 
 
 def _shear(images: Tensor, amount: Tensor, axis: int) -> Tensor:
@@ -289,7 +305,9 @@ class RandAugment(nn.Module):
         if unknown:
             raise ValueError(f"unknown RandAugment ops {unknown}; known: {', '.join(RANDAUGMENT_OPS)}")
         self.num_ops = num_ops
-        self.ops = [(name, *(RANDAUGMENT_OPS[name][1:3] if rng is None else rng)) for name, rng in ops.items()]
+        self.ops = [
+            (name, *(RANDAUGMENT_OPS[name][1:3] if rng is None else rng)) for name, rng in ops.items()
+        ]
 
     def forward(self, images: Tensor) -> Tensor:
         n = len(images)

@@ -66,12 +66,16 @@ def pseudo_label_loss(
         per_sample = F.cross_entropy(logits, labels, reduction="none")
     else:
         one_hot = F.one_hot(labels, logits.shape[1]).float()
-        per_sample = F.binary_cross_entropy(logits.softmax(1).clamp(eps, 1 - eps), one_hot, reduction="none").mean(1)
+        per_sample = F.binary_cross_entropy(
+            logits.softmax(1).clamp(eps, 1 - eps), one_hot, reduction="none"
+        ).mean(1)
     return (confident.float() * per_sample).mean()
 
 
 @torch.no_grad()
-def triplet_pairs(graph: Tensor, scores: Tensor, num_negatives: int = 2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def triplet_pairs(
+    graph: Tensor, scores: Tensor, num_negatives: int = 2
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Algorithm 1, line 6: select positive and negative pairs based on W, for each anchor i.
 
     Positive: one j != i with W_ij = 1; negatives: `num_negatives` k with W_ik = 0. Among the

@@ -37,8 +37,14 @@ def hard_sample_weights(changes: Tensor) -> Tensor:
 
 
 @float32
-def instance_loss(q: Tensor, k: Tensor, memory: Tensor, negatives: Tensor, temperature: float = 0.1,
-                  weights: Tensor | None = None) -> Tensor:  # fmt: skip
+def instance_loss(
+    q: Tensor,
+    k: Tensor,
+    memory: Tensor,
+    negatives: Tensor,
+    temperature: float = 0.1,
+    weights: Tensor | None = None,
+) -> Tensor:
     """Cross-cluster instance discrimination, Eqs. 1 and 7: sum_i w_i (-log MI(I_i)).
 
     MI(I_i) = exp(cos(q_i, k_i) / tau) / sum over {k_i} and Q_i of exp(cos(q_i, k) / tau) (Eq. 1).

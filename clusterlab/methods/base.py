@@ -113,8 +113,10 @@ class ClusteringMethod(pl.LightningModule, ABC):
         if not torch.isfinite(loss):
             bad = {name: value.item() for name, value in terms.items() if not torch.isfinite(value)}
             raise DivergenceError(
-                f"{type(self).__name__} diverged: non-finite loss at epoch {self.current_epoch}, step {self.global_step} "
-                f"(lr {self._learning_rate()}): " + ", ".join(f"{name} = {value}" for name, value in bad.items())
+                f"{type(self).__name__} diverged: non-finite loss at epoch {self.current_epoch}, step "
+                f"{self.global_step} "
+                f"(lr {self._learning_rate()}): "
+                + ", ".join(f"{name} = {value}" for name, value in bad.items())
                 + ". Lower the learning rate, or check the input data."
             )
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=self._batch_size)
@@ -132,12 +134,16 @@ class ClusteringMethod(pl.LightningModule, ABC):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # A step can leave the loss finite and the weights or running statistics not (a huge
         # learning rate): stop here, before anything downstream (evaluation, figures) uses them.
-        named = [(n, t.detach()) for n, t in (*self.named_parameters(), *self.named_buffers())
-                 if t.is_floating_point() and t.numel() and not n.startswith("head_loss")]  # fmt: skip
+        named = [
+            (n, t.detach())
+            for n, t in (*self.named_parameters(), *self.named_buffers())
+            if t.is_floating_point() and t.numel() and not n.startswith("head_loss")
+        ]
         if named and not torch.stack([t.abs().amax() for _, t in named]).isfinite().all():
             broken = [name for name, t in named if not t.isfinite().all()]
             raise DivergenceError(
-                f"{type(self).__name__} diverged: parameters are no longer finite after epoch {self.current_epoch}, "
+                f"{type(self).__name__} diverged: parameters are no longer finite after epoch "
+                f"{self.current_epoch}, "
                 f"step {self.global_step} (lr {self._learning_rate()}; {', '.join(broken[:3])}"
                 + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
                 + "). Lower the learning rate."
@@ -198,7 +204,9 @@ class ClusteringMethod(pl.LightningModule, ABC):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         with torch.no_grad():
-            self._evaluation.add(batch["index"], label=batch["label"], **self.evaluation_outputs(batch["image"]))
+            self._evaluation.add(
+                batch["index"], label=batch["label"], **self.evaluation_outputs(batch["image"])
+            )
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
@@ -220,7 +228,9 @@ class ClusteringMethod(pl.LightningModule, ABC):
         labels = outputs["label"].cpu()
         heads = [evaluate(clusters[:, h], labels) for h in range(clusters.shape[1])]
         selected = self.selected_head
-        sizes = torch.bincount(clusters[:, selected], minlength=self.num_clusters)[: self.num_clusters].tolist()
+        sizes = torch.bincount(clusters[:, selected], minlength=self.num_clusters)[
+            : self.num_clusters
+        ].tolist()
         self.eval_results = {
             "heads": heads,
             "selected_head": selected,
@@ -229,10 +239,14 @@ class ClusteringMethod(pl.LightningModule, ABC):
             "collapsed": collapsed(sizes),
         }
         for name, value in heads[selected].items():
-            self.log(f"{stage}/{name}", value, prog_bar=name == "acc", sync_dist=True)  # the same on every rank
+            self.log(
+                f"{stage}/{name}", value, prog_bar=name == "acc", sync_dist=True
+            )  # the same on every rank
         if len(heads) > 1:
             for h, results in enumerate(heads):
-                self.log_dict({f"{stage}/head{h}/{name}": value for name, value in results.items()}, sync_dist=True)
+                self.log_dict(
+                    {f"{stage}/head{h}/{name}": value for name, value in results.items()}, sync_dist=True
+                )
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Online prediction: cluster (argmax of the selected head) and its probability."""
@@ -260,16 +274,20 @@ class ClusteringMethod(pl.LightningModule, ABC):
         where = f" {where}" if where else ""
         meta = checkpoint.get("clusterlab")
         if meta is None:
-            raise CheckpointMismatchError(f"checkpoint{where} was not written by clusterlab (no 'clusterlab' entry)")
+            raise CheckpointMismatchError(
+                f"checkpoint{where} was not written by clusterlab (no 'clusterlab' entry)"
+            )
         if meta["method"] != type(self).__name__:
             raise CheckpointMismatchError(
-                f"checkpoint{where} holds a {meta['method']} model; this run configures {type(self).__name__}. "
+                f"checkpoint{where} holds a {meta['method']} model; this run configures "
+                f"{type(self).__name__}. "
                 f"Use the config the checkpoint was trained with (its run directory has config.yaml)."
             )
         self.input_shape = meta.get("input_shape")
         if meta["num_clusters"] != self.num_clusters:
             raise CheckpointMismatchError(
-                f"checkpoint{where} has {meta['num_clusters']} clusters; this run configures {self.num_clusters}"
+                f"checkpoint{where} has {meta['num_clusters']} clusters; this run configures "
+                f"{self.num_clusters}"
             )
 
 

@@ -48,14 +48,20 @@ class CC(ClusteringMethod):
         super().__init__(num_clusters, backbone, num_heads=1, optimizer=optimizer, lr_scheduler=lr_scheduler)
         self.save_hyperparameters()
         if not (use_instance_loss or use_cluster_loss or use_cluster_entropy):
-            raise ValueError("CC needs at least one of use_instance_loss, use_cluster_loss, use_cluster_entropy")
+            raise ValueError(
+                "CC needs at least one of use_instance_loss, use_cluster_loss, use_cluster_entropy"
+            )
         self.views = views
         dim = backbone.out_dim
         self.instance_projector = mlp(dim, dim, instance_dim)  # g_I
-        self.cluster_projector = ClusterHeads(dim, num_clusters, hidden_dim=dim)  # g_C (softmax applied below)
+        self.cluster_projector = ClusterHeads(
+            dim, num_clusters, hidden_dim=dim
+        )  # g_C (softmax applied below)
         # "ICH only" (Table 5) has no trained cluster head: clusters are k-means centres in the
         # instance space, refitted at every evaluation and kept for online prediction.
-        self.kmeans = None if use_cluster_loss or use_cluster_entropy else KMeansHead(num_clusters, instance_dim)
+        self.kmeans = (
+            None if use_cluster_loss or use_cluster_entropy else KMeansHead(num_clusters, instance_dim)
+        )
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         x = batch["image"]
@@ -72,7 +78,9 @@ class CC(ClusteringMethod):
         if self.hparams.use_instance_loss:
             terms["instance"] = instance_loss(z_a, z_b, self.hparams.instance_temperature)  # L_ins, Eqs. 1-3
         if self.hparams.use_cluster_loss:
-            terms["cluster"] = cluster_loss(y_a, y_b, self.hparams.cluster_temperature)  # Eqs. 4-5, Eq. 6's 1st term
+            terms["cluster"] = cluster_loss(
+                y_a, y_b, self.hparams.cluster_temperature
+            )  # Eqs. 4-5, Eq. 6's 1st term
         if self.hparams.use_cluster_entropy:
             terms["entropy"] = -cluster_entropy(y_a, y_b)  # - H(Y), second term of Eq. 6
         return self.objective(terms)  # L = L_ins + L_clu, Eq. 7

@@ -84,7 +84,8 @@ class DCCM(ClusteringMethod):
         self.save_hyperparameters()
         if not (use_pseudo_graph_loss or use_pseudo_label_loss or use_mutual_information_loss):
             raise ValueError(
-                "DCCM needs at least one of use_pseudo_graph_loss, use_pseudo_label_loss, use_mutual_information_loss"
+                "DCCM needs at least one of use_pseudo_graph_loss, use_pseudo_label_loss, "
+                "use_mutual_information_loss"
             )
         if (use_pseudo_graph_loss or use_pseudo_label_loss) and not (original_images or use_local_robustness):
             raise ValueError(
@@ -94,10 +95,14 @@ class DCCM(ClusteringMethod):
         self.views = views
         # The authors' last layer: Linear(64 -> K) - BN, then the softmax of Eq. 1. No bias before
         # the BN: it would have no gradient but rounding noise, which RMSprop scales up to full steps.
-        self.cluster_head = nn.Sequential(nn.Linear(backbone.out_dim, num_clusters, bias=not logit_norm),
-                                          nn.BatchNorm1d(num_clusters) if logit_norm else nn.Identity())  # fmt: skip
+        self.cluster_head = nn.Sequential(
+            nn.Linear(backbone.out_dim, num_clusters, bias=not logit_norm),
+            nn.BatchNorm1d(num_clusters) if logit_norm else nn.Identity(),
+        )
         self.discriminator = (
-            LocalDiscriminator(num_clusters, backbone.shallow_dim, discriminator_dim) if use_mutual_information_loss else None
+            LocalDiscriminator(num_clusters, backbone.shallow_dim, discriminator_dim)
+            if use_mutual_information_loss
+            else None
         )
 
     def forward_with_shallow(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -110,7 +115,9 @@ class DCCM(ClusteringMethod):
         alpha, criterion = self.hparams.alpha, self.hparams.pseudo_label_criterion
         # Lines 4-5 of Algorithm 1: predictions of the original images, and from them, over the
         # global batch, the pseudo-graph W (Eq. 2) and the confident pseudo labels y, V (Eqs. 7-8).
-        mutual_information_on_original = self.hparams.use_mutual_information_loss and not self.hparams.use_local_robustness
+        mutual_information_on_original = (
+            self.hparams.use_mutual_information_loss and not self.hparams.use_local_robustness
+        )
         with torch.set_grad_enabled(self.hparams.original_images or mutual_information_on_original):
             logits, shallow = self.forward_with_shallow(self.views.plain(images))
         logits = gather(logits)
@@ -123,27 +130,37 @@ class DCCM(ClusteringMethod):
             if self.hparams.use_pseudo_graph_loss:
                 terms["pseudo_graph"] = pseudo_graph_loss(logits, graph)  # Eq. 3
             if self.hparams.use_pseudo_label_loss:
-                terms["pseudo_label"] = alpha * pseudo_label_loss(logits, labels, confident, criterion)  # Eq. 9
-        if self.hparams.use_local_robustness:  # L_LR = L'_PG + alpha L'_PL on x' = G x, with W and y, V of x, Eq. 12
+                terms["pseudo_label"] = alpha * pseudo_label_loss(
+                    logits, labels, confident, criterion
+                )  # Eq. 9
+        if (
+            self.hparams.use_local_robustness
+        ):  # L_LR = L'_PG + alpha L'_PL on x' = G x, with W and y, V of x, Eq. 12
             logits, shallow = self.forward_with_shallow(self.views(images))
             logits = gather(logits)
             if self.hparams.use_pseudo_graph_loss:
                 terms["pseudo_graph_transformed"] = pseudo_graph_loss(logits, graph)
             if self.hparams.use_pseudo_label_loss:
-                terms["pseudo_label_transformed"] = alpha * pseudo_label_loss(logits, labels, confident, criterion)
-        if self.hparams.use_mutual_information_loss:  # beta L_MI, Eq. 14, on the images trained on (x' when transformed)
+                terms["pseudo_label_transformed"] = alpha * pseudo_label_loss(
+                    logits, labels, confident, criterion
+                )
+        if (
+            self.hparams.use_mutual_information_loss
+        ):  # beta L_MI, Eq. 14, on the images trained on (x' when transformed)
             terms["mutual_information"] = self.hparams.beta * self.triplet_mutual_information(
                 logits, gather(shallow), graph, gather(batch["index"]), batch_idx
             )
         self.log_diagnostics(probs, graph, confident, gather(batch["label"]))
         return self.objective(terms)  # L_DCCM, Eq. 15
 
-    def triplet_mutual_information(self, deep: Tensor, shallow: Tensor, graph: Tensor, index: Tensor,
-                                   batch_idx: int) -> Tensor:  # fmt: skip
+    def triplet_mutual_information(
+        self, deep: Tensor, shallow: Tensor, graph: Tensor, index: Tensor, batch_idx: int
+    ) -> Tensor:
         """L_MI, Eq. 14, from sampled pairs (Sec. 3.4): joint pairs (Y_i, M_i) and (Y_i, M_j) for a
         pseudo-graph positive j; marginal pairs (Y_i, M_k) for pseudo-graph negatives k."""
         positive, positive_valid, negatives, negatives_valid = triplet_pairs(
-            graph, self.pair_scores(index, batch_idx), self.hparams.num_negatives)  # fmt: skip
+            graph, self.pair_scores(index, batch_idx), self.hparams.num_negatives
+        )
         anchor = torch.arange(len(deep), device=deep.device)
         joint = (torch.cat([anchor, anchor[positive_valid]]), torch.cat([anchor, positive[positive_valid]]))
         marginal = (anchor[:, None].expand_as(negatives)[negatives_valid], negatives[negatives_valid])
@@ -170,13 +187,22 @@ class DCCM(ClusteringMethod):
         """The paper's Figs. 5-6: share of confident predictions, pseudo-graph density and, where
         labels exist, the pseudo-graph's BCubed precision and recall. Logged, never used."""
         n = len(graph)
-        stats = {"confident": confident.float().mean(), "max_probability": probs.max(1).values.mean(),
-                 "graph_positives": (graph.sum() - n).float() / max(n * (n - 1), 1)}  # fmt: skip
+        stats = {
+            "confident": confident.float().mean(),
+            "max_probability": probs.max(1).values.mean(),
+            "graph_positives": (graph.sum() - n).float() / max(n * (n - 1), 1),
+        }
         known = labels >= 0
         if known.sum() > 1:
-            stats["graph_precision"], stats["graph_recall"] = graph_bcubed(graph[known][:, known], labels[known])
-        self.log_dict({f"train/{name}": value.float() for name, value in stats.items()}, on_step=False, on_epoch=True,
-                      batch_size=self._batch_size)  # fmt: skip
+            stats["graph_precision"], stats["graph_recall"] = graph_bcubed(
+                graph[known][:, known], labels[known]
+            )
+        self.log_dict(
+            {f"train/{name}": value.float() for name, value in stats.items()},
+            on_step=False,
+            on_epoch=True,
+            batch_size=self._batch_size,
+        )
 
     def cluster_logits(self, x: Tensor) -> Tensor:
         """y = argmax f(x) (Eq. 7): the logits of the one head, 1 x B x K."""

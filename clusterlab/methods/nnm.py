@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
-from clusterlab.callbacks.global_neighbors import GlobalNeighbors
+from clusterlab.callbacks.global_neighbors import GlobalNeighbors, HasFeaturesAndLogits
 from clusterlab.data.views import Views
-from clusterlab.callbacks.global_neighbors import HasFeaturesAndLogits
 from clusterlab.distributed import broadcast, gather, rank
 from clusterlab.errors import UserError
 from clusterlab.losses.nnm import class_contrastive_loss, consistency_loss, entropy_loss
@@ -86,9 +85,13 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(num_clusters, backbone, num_heads=num_heads, optimizer=optimizer, lr_scheduler=lr_scheduler)
+        super().__init__(
+            num_clusters, backbone, num_heads=num_heads, optimizer=optimizer, lr_scheduler=lr_scheduler
+        )
         self.save_hyperparameters()
-        matching = (use_local_loss or use_global_loss) and (use_consistency_loss or use_class_contrastive_loss)
+        matching = (use_local_loss or use_global_loss) and (
+            use_consistency_loss or use_class_contrastive_loss
+        )
         if not (matching or use_entropy_loss):
             raise ValueError("NNM: every loss term is switched off; keep at least one")
         self.views = views
@@ -105,7 +108,9 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
             return
         data = self.trainer.datamodule
         if data is None or not hasattr(data, "set_neighbors"):
-            raise RuntimeError("NNM trains from a ClusterDataModule, which delivers each sample's mined neighbour")
+            raise RuntimeError(
+                "NNM trains from a ClusterDataModule, which delivers each sample's mined neighbour"
+            )
         path = resolve_pretext_checkpoint(self.hparams.pretext_checkpoint)
         # A resumed run then overwrites these weights with its own checkpoint's.
         load_pretext_backbone(path, self.backbone)
@@ -114,8 +119,14 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
         def pretext_features(batch: dict[str, Tensor]) -> dict[str, Tensor]:
             return {"features": F.normalize(self.backbone(self.plain(batch["image"])).float(), dim=1)}
 
-        neighbors = mine_neighbors(path, self.hparams.num_neighbors, self, data.train_eval_dataloader(),
-                                   pretext_features, len(data.train_set))  # fmt: skip
+        neighbors = mine_neighbors(
+            path,
+            self.hparams.num_neighbors,
+            self,
+            data.train_eval_dataloader(),
+            pretext_features,
+            len(data.train_set),
+        )
         data.set_neighbors(neighbors)
         agreement = neighbor_agreement(neighbors, data.train_set.labels)
         if agreement is not None:
@@ -129,7 +140,10 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if "neighbor_image" not in batch:
-            raise RuntimeError("NNM: the batch has no 'neighbor_image': the mined neighbours were not handed to the data module")
+            raise RuntimeError(
+                "NNM: the batch has no 'neighbor_image': the mined neighbours were not handed to the data "
+                "module"
+            )
         anchor = batch["image"]
         f = self.backbone(self.views(anchor))  # f: embedded features of the anchors (line 8)
         p = self._assign(f)  # p: heads x B x C
@@ -140,8 +154,15 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
         local = knn(f.detach(), 1)[0][:, 0].to(f.device)  # N_local(f): nearest other anchor, Eq. 6
         n_local = p[:, local]  # N_local(p)
         a, positives = torch.cat([p, p_aug], 1), torch.cat([n_pre, n_local], 1)  # A and P of Eqs. 7-8
-        n_global = self.global_neighbors.predictions(gather(batch["index"])) if self.hparams.use_global_loss else None
-        consistency, class_contrast = self.hparams.use_consistency_loss, self.hparams.use_class_contrastive_loss
+        n_global = (
+            self.global_neighbors.predictions(gather(batch["index"]))
+            if self.hparams.use_global_loss
+            else None
+        )
+        consistency, class_contrast = (
+            self.hparams.use_consistency_loss,
+            self.hparams.use_class_contrastive_loss,
+        )
         tau = self.hparams.temperature
 
         heads: list[dict[str, Tensor]] = []
@@ -161,7 +182,9 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
             if self.hparams.use_entropy_loss:
                 head["entropy"] = self.hparams.entropy_weight * entropy_loss(a[h])  # lambda x Eq. 5
             heads.append(head)
-        terms = {name: torch.stack([head[name] for head in heads]).sum() for name in heads[0]}  # summed over heads
+        terms = {
+            name: torch.stack([head[name] for head in heads]).sum() for name in heads[0]
+        }  # summed over heads
         head_losses = torch.stack([torch.stack(list(head.values())).sum() for head in heads])
         return self.objective(terms, head_losses=head_losses)  # Eq. 11 per head, heads summed
 
@@ -191,7 +214,8 @@ def resolve_pretext_checkpoint(pattern: str) -> Path:
     matches = [m for m in glob.glob(os.path.expanduser(resolved)) if os.path.isfile(m)]
     if not matches:
         raise PretextNotFoundError(
-            f"NNM: no pretext checkpoint matches '{resolved}' (model.init_args.pretext_checkpoint = '{pattern}', "
+            f"NNM: no pretext checkpoint matches '{resolved}' (model.init_args.pretext_checkpoint = "
+            f"'{pattern}', "
             f"seed {seed}, relative to {os.getcwd()}). Train the pretext first with the same seed, e.g. "
             f"`clusterlab fit --config experiments/simclr_<dataset>.yaml --seed_everything {seed}`, or point "
             f"--model.init_args.pretext_checkpoint at a SimCLR checkpoint."
@@ -204,10 +228,16 @@ def load_pretext_backbone(path: Path, backbone: nn.Module) -> None:
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     meta = checkpoint.get("clusterlab") if isinstance(checkpoint, dict) else None
     if meta is None:
-        raise CheckpointMismatchError(f"pretext checkpoint {path} was not written by clusterlab (no 'clusterlab' entry)")
+        raise CheckpointMismatchError(
+            f"pretext checkpoint {path} was not written by clusterlab (no 'clusterlab' entry)"
+        )
     if meta["method"] != "SimCLR":
-        raise CheckpointMismatchError(f"pretext checkpoint {path} holds a {meta['method']} model; NNM needs a SimCLR one")
-    weights = {k[len("backbone."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")}
+        raise CheckpointMismatchError(
+            f"pretext checkpoint {path} holds a {meta['method']} model; NNM needs a SimCLR one"
+        )
+    weights = {
+        k[len("backbone.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")
+    }
     try:
         backbone.load_state_dict(weights)
     except RuntimeError as error:
@@ -236,7 +266,9 @@ def mine_neighbors(path: Path, k: int, module: nn.Module, loader, features: Step
         k = num_images - 1
     device = next(module.parameters()).device
     cache = path.parent / f"neighbors-{checkpoint_digest(path)[:16]}-n{num_images}-k{k}.pt"
-    cached = bool(broadcast(torch.tensor(int(rank() == 0 and cache.exists()), device=device)))  # rank 0 decides
+    cached = bool(
+        broadcast(torch.tensor(int(rank() == 0 and cache.exists()), device=device))
+    )  # rank 0 decides
     neighbors = torch.zeros(num_images, k, dtype=torch.long, device=device)
     if cached:
         if rank() == 0:

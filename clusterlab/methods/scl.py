@@ -120,7 +120,9 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
         if not (use_instance_loss or use_concept_loss):
             raise ValueError("SCL needs use_instance_loss, use_concept_loss or both")
         if under_clustering and num_clusters // 2 < 2:
-            rank_zero_warn(f"SCL: {num_clusters} clusters leave no under-clustering task (C // 2 < 2); it is left out")
+            rank_zero_warn(
+                f"SCL: {num_clusters} clusters leave no under-clustering task (C // 2 < 2); it is left out"
+            )
             under_clustering = False
         # The clustering tasks (with pseudo labels, Eq. 5) and their cluster numbers, in table order.
         clustering_tasks = {CLUSTERING: num_clusters, UNDER: num_clusters // 2}
@@ -139,7 +141,9 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
         self.projections = nn.ModuleDict({t: nn.Linear(dim, projection_dim) for t in self.tasks})
         # phi = {W; B} of each clustering task (Eq. 4).
         self.classifiers = nn.ModuleDict(
-            {t: nn.Linear(projection_dim, c) for t, c in self.task_clusters_by_name.items()} if use_concept_loss else {}
+            {t: nn.Linear(projection_dim, c) for t, c in self.task_clusters_by_name.items()}
+            if use_concept_loss
+            else {}
         )
         # f_theta~: same structure, its own parameters, moved only by the momentum update.
         self.momentum_encoder = nn.ModuleDict(
@@ -147,7 +151,10 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
         ).requires_grad_(False)
         # M = {M_1, ..., M_C'}: K / (C' - 1) keys per cluster (Eq. 2); one queue of K for instances.
         self.semantic_memory = nn.ModuleDict(
-            {t: KeyQueues(c, memory_size // (c - 1), projection_dim) for t, c in self.task_clusters_by_name.items()}
+            {
+                t: KeyQueues(c, memory_size // (c - 1), projection_dim)
+                for t, c in self.task_clusters_by_name.items()
+            }
         )
         if over_clustering:
             self.semantic_memory[OVER] = KeyQueues(1, memory_size, projection_dim)
@@ -175,8 +182,10 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
             return
         data = self.trainer.datamodule
         if getattr(data, "train_set", None) is None:
-            raise TypeError("SCL trains from a ClusterDataModule: its pseudo labels and weights are kept per "
-                            "training-set index, and refreshed over its train_eval_dataloader()")
+            raise TypeError(
+                "SCL trains from a ClusterDataModule: its pseudo labels and weights are kept per "
+                "training-set index, and refreshed over its train_eval_dataloader()"
+            )
         num_samples = len(data.train_set)
         if len(self.sample_table) != num_samples:  # a resumed run then loads the saved table over it
             generator = torch.Generator().manual_seed(derive_seed(0x5C1))
@@ -196,7 +205,11 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
         # The losses are over the global batch; the table is the same on every rank.
         index = gather(batch["index"].to(self.device))
         changes = self.sample_table.changes[self.weight_task][index] if self.weight_task is not None else None
-        weights = hard_sample_weights(changes) if self.hparams.use_hard_sample_weights and changes is not None else None
+        weights = (
+            hard_sample_weights(changes)
+            if self.hparams.use_hard_sample_weights and changes is not None
+            else None
+        )
         tau = self.hparams.temperature
 
         terms = {}

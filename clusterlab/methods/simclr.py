@@ -63,7 +63,10 @@ class SimCLR(ClusteringMethod, HasMomentumEncoder):
         self.momentum_encoder = nn.ModuleDict()
         if queue_size:  # MoCo: a key encoder (the moving average of the query encoder) and its queue
             self.momentum_encoder.update(
-                {"backbone": copy.deepcopy(backbone), "contrastive_head": copy.deepcopy(self.contrastive_head)}
+                {
+                    "backbone": copy.deepcopy(backbone),
+                    "contrastive_head": copy.deepcopy(self.contrastive_head),
+                }
             )
             self.momentum_encoder.requires_grad_(False)
             self.queue = KeyQueues(1, queue_size, projection_dim)
@@ -79,7 +82,9 @@ class SimCLR(ClusteringMethod, HasMomentumEncoder):
         u = self.contrastive_head(self.backbone(self.views(x)))  # u = g(f(s)), s a random view
         if not self.hparams.queue_size:
             u_prime = self.contrastive_head(self.backbone(self.views(x)))  # u' of another view s'
-            return self.objective({"simclr": nt_xent(gather(u), gather(u_prime), self.hparams.temperature)})  # Eq. 1
+            return self.objective(
+                {"simclr": nt_xent(gather(u), gather(u_prime), self.hparams.temperature)}
+            )  # Eq. 1
         with torch.no_grad():
             key_encoder = self.momentum_encoder
             keys = gather(key_encoder["contrastive_head"](key_encoder["backbone"](self.views(x))))

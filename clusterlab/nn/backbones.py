@@ -32,8 +32,13 @@ class ResNet(nn.Module):
 
     _stage_channels = {"layer1": 64, "layer2": 128, "layer3": 256}
 
-    def __init__(self, depth: Literal[18, 34] = 18, stem: Literal["cifar", "stl", "imagenet"] = "cifar",
-                 in_channels: int = 3, shallow: Literal["layer1", "layer2", "layer3"] = "layer2") -> None:  # fmt: skip
+    def __init__(
+        self,
+        depth: Literal[18, 34] = 18,
+        stem: Literal["cifar", "stl", "imagenet"] = "cifar",
+        in_channels: int = 3,
+        shallow: Literal["layer1", "layer2", "layer3"] = "layer2",
+    ) -> None:
         super().__init__()
         net = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34}[depth](weights=None)
         if stem in ("cifar", "stl") or in_channels != 3:
@@ -104,8 +109,11 @@ class SmallCNN(nn.Module):
         layers: list[nn.Module] = []
         channels = in_channels
         for block, (width, pool) in enumerate(zip(widths, downsample)):
-            layers += [nn.Conv2d(channels, width, 3, padding=1, bias=norm == "none"), _norm(norm, width),
-                       nn.ReLU(inplace=True)]  # fmt: skip
+            layers += [
+                nn.Conv2d(channels, width, 3, padding=1, bias=norm == "none"),
+                _norm(norm, width),
+                nn.ReLU(inplace=True),
+            ]
             if pool:
                 layers.append(nn.MaxPool2d(2))
             if block == shallow_block:
@@ -149,21 +157,29 @@ class DCCMNet(nn.Module):
         super().__init__()
 
         def conv(cin: int, cout: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, padding=padding, bias=norm == "none"), _norm(norm, cout), nn.ReLU(inplace=True)]
+            return [
+                nn.Conv2d(cin, cout, 3, padding=padding, bias=norm == "none"),
+                _norm(norm, cout),
+                nn.ReLU(inplace=True),
+            ]
 
         self.shallow_layers = nn.Sequential(*conv(in_channels, 64), *conv(64, 64), nn.MaxPool2d(2))
-        self.deep_layers = nn.Sequential(*conv(64, 128), nn.MaxPool2d(2), *conv(128, 256),
-                                         nn.AdaptiveAvgPool2d(1), nn.Flatten())  # fmt: skip
-        self.fc = nn.Sequential(nn.Linear(256, 64, bias=norm == "none"),
-                                _norm(norm, 64, dims=1), nn.ReLU(inplace=True))  # fmt: skip
+        self.deep_layers = nn.Sequential(
+            *conv(64, 128), nn.MaxPool2d(2), *conv(128, 256), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
+        self.fc = nn.Sequential(
+            nn.Linear(256, 64, bias=norm == "none"), _norm(norm, 64, dims=1), nn.ReLU(inplace=True)
+        )
         self.padding = padding
         self.out_dim = 64
         self.shallow, self.shallow_dim = "shallow_layers", 64
 
     def forward(self, x: Tensor, with_shallow: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         if self.padding == 0 and min(x.shape[-2:]) < 20:
-            raise ValueError(f"DCCMNet(padding=0) needs images of at least 20 px; got {tuple(x.shape[-2:])}: "
-                             f"use padding: 1 for small images")  # fmt: skip
+            raise ValueError(
+                f"DCCMNet(padding=0) needs images of at least 20 px; got {tuple(x.shape[-2:])}: "
+                f"use padding: 1 for small images"
+            )
         shallow = self.shallow_layers(x)
         features = self.fc(self.deep_layers(shallow))
         return (features, shallow) if with_shallow else features

@@ -14,8 +14,12 @@ def ema_update_(average: nn.Module, online: nn.Module, momentum: float, copy_buf
     online_parameters = dict(online.named_parameters())
     names = [name for name, _ in average.named_parameters()]
     if names != list(online_parameters):
-        raise RuntimeError(f"the moving average does not mirror its network: {names} vs {list(online_parameters)}")
-    torch._foreach_lerp_(list(average.parameters()), [online_parameters[n].detach() for n in names], 1.0 - momentum)
+        raise RuntimeError(
+            f"the moving average does not mirror its network: {names} vs {list(online_parameters)}"
+        )
+    torch._foreach_lerp_(
+        list(average.parameters()), [online_parameters[n].detach() for n in names], 1.0 - momentum
+    )
     if copy_buffers:
         for target, source in zip(average.buffers(), online.buffers()):
             target.copy_(source)

@@ -22,7 +22,9 @@ class ClusterHeads(nn.Module):
     The output stacks the heads: num_heads x B x C logits.
     """
 
-    def __init__(self, in_dim: int, num_clusters: int, num_heads: int = 1, hidden_dim: int | None = None) -> None:
+    def __init__(
+        self, in_dim: int, num_clusters: int, num_heads: int = 1, hidden_dim: int | None = None
+    ) -> None:
         super().__init__()
         self.heads = nn.ModuleList(
             nn.Linear(in_dim, num_clusters) if hidden_dim is None else mlp(in_dim, hidden_dim, num_clusters)
@@ -52,7 +54,9 @@ class KMeansHead(nn.Module):
     def fit(self, features: Tensor) -> None:
         if rank() == 0:
             # Fewer samples than clusters (a smoke test's data): as many clusters as samples, repeated.
-            centroids = kmeans(features, min(self.num_clusters, len(features)), seed=run_seed())[1].to(self.centroids)
+            centroids = kmeans(features, min(self.num_clusters, len(features)), seed=run_seed())[1].to(
+                self.centroids
+            )
             self.centroids.copy_(centroids[torch.arange(self.num_clusters) % len(centroids)])
         self.centroids.copy_(broadcast(self.centroids))
 
@@ -76,10 +80,12 @@ class LocalDiscriminator(nn.Module):
     def __init__(self, deep_dim: int, shallow_dim: int, hidden_dim: int = 512) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(deep_dim + shallow_dim, hidden_dim, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden_dim, hidden_dim, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(deep_dim + shallow_dim, hidden_dim, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden_dim, hidden_dim, 1),
+            nn.ReLU(inplace=True),
             nn.Conv2d(hidden_dim, 1, 1),
-        )  # fmt: skip
+        )
 
     def forward(self, deep: Tensor, shallow: Tensor) -> Tensor:
         """Scores of the pairs (deep[p], shallow[p]): P x D and P x c x h x w -> P x h x w."""

@@ -29,7 +29,9 @@ class KeyQueues(nn.Module):
     def __init__(self, num_queues: int, queue_size: int, dim: int) -> None:
         super().__init__()
         if num_queues < 1 or queue_size < 1:
-            raise ValueError(f"a memory needs at least one queue of at least one key, not {num_queues} x {queue_size}")
+            raise ValueError(
+                f"a memory needs at least one queue of at least one key, not {num_queues} x {queue_size}"
+            )
         self.register_buffer("keys", F.normalize(torch.randn(num_queues, queue_size, dim), dim=-1))
         self.register_buffer("index", torch.full((num_queues, queue_size), -1, dtype=torch.long))
         self.register_buffer("pointer", torch.zeros(num_queues, dtype=torch.long))
@@ -94,8 +96,11 @@ class SampleTable(nn.Module):
     def reset(self, num_samples: int, num_clusters: list[int], generator: torch.Generator) -> None:
         """A random balanced partition per task (sizes differ by at most one), no changes yet."""
         device = self.labels.device
-        labels = torch.stack([torch.randperm(num_samples, generator=generator) % c for c in num_clusters]) \
-            if num_clusters else torch.zeros(0, num_samples, dtype=torch.long)  # fmt: skip
+        labels = (
+            torch.stack([torch.randperm(num_samples, generator=generator) % c for c in num_clusters])
+            if num_clusters
+            else torch.zeros(0, num_samples, dtype=torch.long)
+        )
         self.labels = labels.to(device)
         self.changes = torch.zeros_like(self.labels)
         self.epoch.zero_()

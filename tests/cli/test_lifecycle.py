@@ -32,9 +32,15 @@ def write_tiny(folder: Path, **overrides: str) -> None:
 
 
 def start(folder: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "clusterlab", *args], cwd=folder, env=environment(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "clusterlab", *args],
+        cwd=folder,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def the_run(folder: Path, name: str) -> Path:
@@ -52,7 +58,12 @@ def logged(run_dir: Path) -> list[tuple[str, str, str]]:
     """(metric, epoch, step) of every value in metrics.csv."""
     with open(run_dir / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    return [(k, row["epoch"], row["step"]) for row in rows for k, v in row.items() if v and k not in ("epoch", "step")]
+    return [
+        (k, row["epoch"], row["step"])
+        for row in rows
+        for k, v in row.items()
+        if v and k not in ("epoch", "step")
+    ]
 
 
 def assert_logged_once_each(run_dir: Path, whole_dir: Path) -> None:
@@ -120,7 +131,11 @@ def test_a_checkpoint_inside_an_epoch_resumes_with_the_batch_it_would_have_train
     every_batch = ["--checkpoint_every_minutes", "0.000001"]
     whole = clusterlab(*FIT, "--name", "whole", *every_batch, cwd=tmp_path)
     assert whole.returncode == 0, whole.tail()
-    kill = ["--trainer.callbacks+=tests.helpers.KillAt", "--trainer.callbacks.epoch=2", "--trainer.callbacks.batch=2"]
+    kill = [
+        "--trainer.callbacks+=tests.helpers.KillAt",
+        "--trainer.callbacks.epoch=2",
+        "--trainer.callbacks.batch=2",
+    ]
     killed = clusterlab(*FIT, "--name", "killed", *every_batch, *kill, cwd=tmp_path)
     assert killed.returncode == -signal.SIGKILL
     at_kill = state(tmp_path / "runs" / "killed")
@@ -183,8 +198,14 @@ def user_error(capsys, *args: str) -> str:
 
 def test_a_diverging_run_stops_at_that_step_with_one_line_and_no_report(in_tmp, capsys):
     write_tiny(in_tmp)
-    line = user_error(capsys, *FIT, "--model.init_args.optimizer", "torch.optim.SGD",
-                      "--model.init_args.optimizer.init_args.lr", "1e30")  # fmt: skip
+    line = user_error(
+        capsys,
+        *FIT,
+        "--model.init_args.optimizer",
+        "torch.optim.SGD",
+        "--model.init_args.optimizer.init_args.lr",
+        "1e30",
+    )
     assert "CC diverged: non-finite loss at epoch 0, step 1 (lr 1e+30)" in line and "instance = nan" in line
     assert not list(in_tmp.glob("runs/*/*/metrics.json")) and not list(in_tmp.glob("runs/*/*/figures"))
 
@@ -217,7 +238,11 @@ def test_a_collapsed_run_ends_with_a_warning_in_the_report_and_metrics_json(in_t
 def test_collapse_is_judged_from_cluster_sizes_alone():
     from clusterlab.methods.base import collapsed
 
-    assert collapsed([1797, 0, 0, 0]) and collapsed([95, 5, 0, 0, 0, 0]) and collapsed([30, 30, 30, 0, 0, 0, 0, 0])
+    assert (
+        collapsed([1797, 0, 0, 0])
+        and collapsed([95, 5, 0, 0, 0, 0])
+        and collapsed([30, 30, 30, 0, 0, 0, 0, 0])
+    )
     assert not collapsed([50, 40, 30, 20]) and not collapsed([0, 0, 0, 0])
 
 
@@ -276,8 +301,17 @@ def test_corrupt_images_are_all_listed_with_their_count(in_tmp, capsys):
 def test_image_folders_count_classes_only_from_two_sub_folders_and_check_the_clusters(in_tmp, capsys):
     write_tiny(in_tmp, max_epochs="1", batch_size="8")
     digit_folder(in_tmp / "one_class", ["only"])
-    folder = [*FIT, "--data.dataset", "image_folder", "--data.image_size", "8", "--data.channels", "1",
-              "--data.root", "one_class"]  # fmt: skip
+    folder = [
+        *FIT,
+        "--data.dataset",
+        "image_folder",
+        "--data.image_size",
+        "8",
+        "--data.channels",
+        "1",
+        "--data.root",
+        "one_class",
+    ]
     line = user_error(capsys, *folder)
     assert "no class sub-folders" in line and "--data.num_clusters" in line
     assert "at least 2 clusters" in user_error(capsys, *folder, "--data.num_clusters", "1")
@@ -290,7 +324,18 @@ def test_image_folders_count_classes_only_from_two_sub_folders_and_check_the_clu
 def test_the_data_channels_reach_the_backbone(in_tmp):
     write_tiny(in_tmp, max_epochs="1", batch_size="8")
     digit_folder(in_tmp / "colour", ["zero", "one"])
-    main([*FIT, "--data.dataset", "image_folder", "--data.root", "colour", "--data.image_size", "8",
-          "--data.channels", "3"])  # fmt: skip
+    main(
+        [
+            *FIT,
+            "--data.dataset",
+            "image_folder",
+            "--data.root",
+            "colour",
+            "--data.image_size",
+            "8",
+            "--data.channels",
+            "3",
+        ]
+    )
     weights = state(in_tmp / "runs" / "tiny")["state_dict"]["backbone.net.0.weight"]
     assert weights.shape[1] == 3

@@ -1,5 +1,4 @@
-"""SimCLR, NNM's pretext: k-means evaluation, the kNN monitor, MoCo's queue, and NT-Xent over the
-global batch on 2 processes."""
+"""SimCLR, NNM's pretext: k-means evaluation, the kNN monitor, MoCo's queue, NT-Xent on 2 processes."""
 
 import copy
 import functools
@@ -12,24 +11,14 @@ from clusterlab.data.datamodule import ClusterDataModule
 from clusterlab.data.sources import Digits
 from clusterlab.data.views import SmallImageViews, Views
 from clusterlab.methods import CC, SimCLR
-from clusterlab.nn import SmallCNN
 from tests.ddp_workers import RecordFirstStep
-
-
-def tiny_cnn(norm: str = "batch") -> SmallCNN:
-    return SmallCNN(1, widths=(8, 16), downsample=(False, True), norm=norm)
-
-
-def _trainer(devices: int = 1, callbacks=(), **kwargs) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=0, callbacks=list(callbacks), **kwargs)  # fmt: skip
+from tests.helpers import tiny_cnn, trainer
 
 
 def test_simclr_reports_kmeans_clusters_of_its_features_and_the_knn_agreement():
     pl.seed_everything(0)
     model = SimCLR(10, tiny_cnn(), SmallImageViews())
-    _trainer(max_epochs=1, limit_train_batches=3).fit(model, ClusterDataModule("digits", batch_size=128))
+    trainer(max_epochs=1, limit_train_batches=3).fit(model, ClusterDataModule("digits", batch_size=128))
     assert 0.15 < model.eval_results["acc"] <= 1  # k-means on the features, not chance
     assert 0.3 < model.diagnostics["knn_agreement"] <= 1
     assert model.kmeans.centroids.abs().sum() > 0  # kept for online prediction
@@ -46,7 +35,7 @@ def test_knn_monitor_reports_nothing_without_labels():
 def test_cc_ich_only_still_clusters_by_kmeans_through_the_base_class():
     pl.seed_everything(0)
     model = CC(10, tiny_cnn(), Views(), use_cluster_loss=False, use_cluster_entropy=False)
-    _trainer().validate(model, ClusterDataModule("digits"))
+    trainer().validate(model, ClusterDataModule("digits"))
     assert model.eval_results["acc"] > 0.15 and model.kmeans.centroids.abs().sum() > 0
 
 
@@ -54,11 +43,15 @@ def test_moco_enqueues_the_gathered_keys_of_every_step():
     pl.seed_everything(0)
     model = SimCLR(10, tiny_cnn(), SmallImageViews(), queue_size=200)
     before = model.queue.keys[0].clone()
-    _trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(model, ClusterDataModule("digits", batch_size=64))
+    trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(
+        model, ClusterDataModule("digits", batch_size=64)
+    )
     assert int(model.queue.pointer) == 128
     keys = model.queue.keys[0]
     assert not torch.allclose(keys[:128], before[:128]) and torch.equal(keys[128:], before[128:])
-    assert "queue.keys" in model.state_dict() and "momentum_encoder.backbone.net.0.weight" in model.state_dict()
+    assert (
+        "queue.keys" in model.state_dict() and "momentum_encoder.backbone.net.0.weight" in model.state_dict()
+    )
 
 
 def test_simclr_step_on_two_processes_equals_one_process_with_the_whole_batch(tmp_path):
@@ -67,10 +60,12 @@ def test_simclr_step_on_two_processes_equals_one_process_with_the_whole_batch(tm
     model = SimCLR(10, tiny_cnn("group"), Views(), optimizer=functools.partial(torch.optim.SGD, lr=0.1))
     single_out, ddp_out = tmp_path / "single", tmp_path / "ddp"
     single_out.mkdir(), ddp_out.mkdir()
-    _trainer(2, [RecordFirstStep(str(ddp_out))], max_steps=1, limit_val_batches=0).fit(
-        copy.deepcopy(model), ClusterDataModule("digits", batch_size=32))
-    _trainer(1, [RecordFirstStep(str(single_out))], max_steps=1, limit_val_batches=0).fit(
-        copy.deepcopy(model), ClusterDataModule("digits", batch_size=64))
+    trainer(2, [RecordFirstStep(str(ddp_out))], max_steps=1, limit_val_batches=0).fit(
+        copy.deepcopy(model), ClusterDataModule("digits", batch_size=32)
+    )
+    trainer(1, [RecordFirstStep(str(single_out))], max_steps=1, limit_val_batches=0).fit(
+        copy.deepcopy(model), ClusterDataModule("digits", batch_size=64)
+    )
     single = torch.load(single_out / "rank0.pt")
     for rank in range(2):
         result = torch.load(ddp_out / f"rank{rank}.pt")

@@ -1,8 +1,17 @@
-"""Views are made on the batch's device, one random draw per image."""
+"""Views: per-image random draws on the device, and the un-augmented input."""
 
+import pytest
 import torch
 
-from clusterlab.data.views import SimCLRViews, SmallImageViews, Views
+from clusterlab.data.sources import Digits
+from clusterlab.data.views import (
+    GeometricViews,
+    RandAugment,
+    SimCLRViews,
+    SmallImageViews,
+    StrongViews,
+    Views,
+)
 
 
 def test_each_image_gets_its_own_draw():
@@ -39,5 +48,27 @@ def test_small_image_views_keep_native_size_and_range():
 
 def test_fashion_style_crop_outputs_the_configured_size():
     batch = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
-    family = SmallImageViews(rotation=0, translate=0, scale=(1.0, 1.0), crop_scale=(0.5, 1.0), flip=True, size=28)
+    family = SmallImageViews(
+        rotation=0, translate=0, scale=(1.0, 1.0), crop_scale=(0.5, 1.0), flip=True, size=28
+    )
     assert family(batch).shape == (4, 1, 28, 28)
+
+
+def test_strong_views_draw_operations_and_magnitudes_per_image():
+    image = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    views = StrongViews(size=32)(image.repeat(32, 1, 1, 1))
+    assert views.shape == (32, 3, 32, 32) and views.min() >= 0 and views.max() <= 1
+    assert len({tuple(v.flatten()[::7].tolist()) for v in views}) > 24
+    identity = RandAugment(4, {"identity": None})(image.float() / 255)
+    assert torch.equal(identity, image.float() / 255)
+    with pytest.raises(ValueError, match="unknown RandAugment ops \\['twirl'\\]"):
+        RandAugment(4, {"twirl": None})
+
+
+def test_geometric_views_draw_per_image_and_keep_size_and_range():
+    image = Digits().load("train+test").images[:1]
+    views = GeometricViews(flip=False)(image.repeat(16, 1, 1, 1))
+    assert views.shape == (16, 1, 8, 8) and views.min() >= 0 and views.max() <= 1
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 16
+    still = GeometricViews(rotation=0, shift=0, zoom=(1.0, 1.0), flip=False, channel_shift=0)
+    torch.testing.assert_close(still(image), image.float() / 255)

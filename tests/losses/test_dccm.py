@@ -1,4 +1,4 @@
-"""DCCM's losses against values computed by hand from the paper's formulas (dccm-paper Eqs. 1-15)."""
+"""DCCM's losses (dccm-paper Eqs. 1-15) against values computed by hand."""
 
 import math
 
@@ -18,9 +18,15 @@ from clusterlab.nn import LocalDiscriminator
 
 # Three predictions z (Eq. 1): the first two agree, the third is another cluster.
 Z = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9]])
+
+
 # Their cosine similarities, written out: S_12 = (.72 + .02) / sqrt(.82 * .68), ...
 S12 = 0.74 / math.sqrt(0.82 * 0.68)  # 0.99099
+
+
 S13 = 0.18 / 0.82  # 0.21951
+
+
 S23 = 0.26 / math.sqrt(0.68 * 0.82)  # 0.34818
 
 
@@ -68,13 +74,17 @@ def test_pseudo_label_loss_weights_cross_entropy_by_confidence_eq_9():
 def test_mutual_information_loss_is_the_jsd_estimator_eqs_13_14():
     joint, marginal = torch.tensor([0.0, 1.0]), torch.tensor([-1.0, 2.0])
     # E_J[sp(-T)] + E_M[sp(T)], sp(z) = log(1 + e^z)
-    expected = (math.log(2) + math.log(1 + math.exp(-1))) / 2 + (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(2))) / 2
+    expected = (math.log(2) + math.log(1 + math.exp(-1))) / 2 + (
+        math.log(1 + math.exp(-1)) + math.log(1 + math.exp(2))
+    ) / 2
     assert float(mutual_information_loss(joint, marginal)) == pytest.approx(expected, rel=1e-6)
     assert expected == pytest.approx(1.723299, rel=1e-6)
     # A discriminator that tells joint from marginal pairs apart gives a lower loss (a higher MI).
     assert mutual_information_loss(torch.full((4,), 5.0), torch.full((4,), -5.0)) < 0.02
     # No negatives in the batch: the marginal expectation contributes nothing, not a NaN.
-    assert float(mutual_information_loss(joint, torch.zeros(0))) == pytest.approx((math.log(2) + math.log(1 + math.exp(-1))) / 2)
+    assert float(mutual_information_loss(joint, torch.zeros(0))) == pytest.approx(
+        (math.log(2) + math.log(1 + math.exp(-1))) / 2
+    )
 
 
 def test_discriminator_scores_the_deep_vector_tiled_over_every_position_of_the_shallow_map():
@@ -88,7 +98,11 @@ def test_discriminator_scores_the_deep_vector_tiled_over_every_position_of_the_s
     x = torch.cat([deep[1], shallow[1, :, 1, 2]])
     with torch.no_grad():
         for layer in T.net:
-            x = torch.relu(x) if isinstance(layer, torch.nn.ReLU) else layer.weight[:, :, 0, 0] @ x + layer.bias
+            x = (
+                torch.relu(x)
+                if isinstance(layer, torch.nn.ReLU)
+                else layer.weight[:, :, 0, 0] @ x + layer.bias
+            )
     assert float(scores[1, 1, 2]) == pytest.approx(float(x), rel=1e-5)
 
 

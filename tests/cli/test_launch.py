@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.helpers import TINY_NNM, TINY_SIMCLR
+from tests.helpers import TINY_DCCM, TINY_NNM, TINY_SCL, TINY_SIMCLR
 from tests.launch import clusterlab, srun, torchrun
 
 # CC with a batch-independent network (GroupNorm) and no random views: two processes with 32
@@ -56,7 +56,11 @@ def assert_complete(run_dir, devices: int) -> dict:
     report = json.loads((run_dir / "metrics.json").read_text())
     assert report["devices"] == devices
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "config.yaml").is_file()
-    assert {p.name for p in (run_dir / "figures").iterdir()} == {"confusion.png", "confident.png", "embedding.png"}
+    assert {p.name for p in (run_dir / "figures").iterdir()} == {
+        "confusion.png",
+        "confident.png",
+        "embedding.png",
+    }
     return report
 
 
@@ -64,7 +68,9 @@ def test_torchrun_fit_and_predict_end_with_one_run_directory_and_the_one_process
     (tmp_path / "ddp_cc.yaml").write_text(DDP_CC)
     single = clusterlab("fit", "--config", "ddp_cc.yaml", "--name", "single", cwd=tmp_path)
     assert single.returncode == 0, single.tail()
-    fitted = torchrun("fit", "--config", "ddp_cc.yaml", "--name", "ddp", *TWO, "--data.batch_size", "32", cwd=tmp_path)
+    fitted = torchrun(
+        "fit", "--config", "ddp_cc.yaml", "--name", "ddp", *TWO, "--data.batch_size", "32", cwd=tmp_path
+    )
     assert fitted.returncode == 0, fitted.tail()
 
     run_dir = only_run(tmp_path / "runs" / "ddp")
@@ -77,8 +83,14 @@ def test_torchrun_fit_and_predict_end_with_one_run_directory_and_the_one_process
         assert report[key] == pytest.approx(expected[key], abs=2e-3), key
 
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    predicted = torchrun("predict", "--config", str(run_dir / "config.yaml"), "--ckpt_path",
-                         str(run_dir / "checkpoints" / "last.ckpt"), cwd=tmp_path)  # fmt: skip
+    predicted = torchrun(
+        "predict",
+        "--config",
+        str(run_dir / "config.yaml"),
+        "--ckpt_path",
+        str(run_dir / "checkpoints" / "last.ckpt"),
+        cwd=tmp_path,
+    )
     assert predicted.returncode == 0, predicted.tail()
     stages = [p for p in run_dir.iterdir() if p.name.startswith("predict-")]
     assert len(stages) == 1  # the predict's own directory, inside the run
@@ -111,8 +123,19 @@ def test_torchrun_nnm_fit_with_mining_and_global_neighbours_ends(tmp_path):
     (tmp_path / "tiny_nnm.yaml").write_text(TINY_NNM)
     pretext = clusterlab("fit", "--config", "tiny_simclr.yaml", cwd=tmp_path)
     assert pretext.returncode == 0, pretext.tail()
-    fitted = torchrun("fit", "--config", "tiny_nnm.yaml", *TWO, "--trainer.accelerator", "cpu", "--data.batch_size", "32",
-                      "--trainer.max_epochs", "2", cwd=tmp_path)  # fmt: skip
+    fitted = torchrun(
+        "fit",
+        "--config",
+        "tiny_nnm.yaml",
+        *TWO,
+        "--trainer.accelerator",
+        "cpu",
+        "--data.batch_size",
+        "32",
+        "--trainer.max_epochs",
+        "2",
+        cwd=tmp_path,
+    )
     assert fitted.returncode == 0, fitted.tail()
     run_dir = only_run(tmp_path / "runs" / "tiny_nnm")
     report = json.loads((run_dir / "metrics.json").read_text())
@@ -121,8 +144,6 @@ def test_torchrun_nnm_fit_with_mining_and_global_neighbours_ends(tmp_path):
 
 def _method_config(method: str, tmp_path) -> str:
     from tests.helpers import TINY_CC
-    from tests.test_dccm import TINY_DCCM
-    from tests.test_scl_resume import TINY_SCL
 
     if method == "nnm":
         (tmp_path / "tiny_simclr.yaml").write_text(TINY_SIMCLR)
@@ -139,14 +160,31 @@ def test_every_stage_of_every_method_ends_under_torchrun(method, tmp_path):
     """fit (with SCL's memory refresh, NNM's mining and global neighbours), then validate, test and
     predict of its checkpoint, each on 2 processes: every command ends, with exit code 0."""
     config = _method_config(method, tmp_path)
-    fitted = torchrun("fit", "--config", config, *TWO, "--trainer.accelerator", "cpu", "--data.batch_size", "32",
-                      "--trainer.max_epochs", "2", cwd=tmp_path)  # fmt: skip
+    fitted = torchrun(
+        "fit",
+        "--config",
+        config,
+        *TWO,
+        "--trainer.accelerator",
+        "cpu",
+        "--data.batch_size",
+        "32",
+        "--trainer.max_epochs",
+        "2",
+        cwd=tmp_path,
+    )
     assert fitted.returncode == 0, fitted.tail()
     run_dir = only_run(tmp_path / "runs" / method)
     assert_complete(run_dir, devices=2)
     for stage in ("validate", "test", "predict"):
-        done = torchrun(stage, "--config", str(run_dir / "config.yaml"), "--ckpt_path",
-                        str(run_dir / "checkpoints" / "last.ckpt"), cwd=tmp_path)  # fmt: skip
+        done = torchrun(
+            stage,
+            "--config",
+            str(run_dir / "config.yaml"),
+            "--ckpt_path",
+            str(run_dir / "checkpoints" / "last.ckpt"),
+            cwd=tmp_path,
+        )
         assert done.returncode == 0, f"{stage}: {done.tail()}"
         [stage_dir] = [p for p in run_dir.iterdir() if p.name.startswith(f"{stage}-")]
         assert (stage_dir / ("assignments.csv" if stage == "predict" else "metrics.json")).is_file()
@@ -161,6 +199,11 @@ def test_the_sbatch_script_parses_and_passes_slurms_layout_to_the_trainer():
     script = Path(REPO, "experiments", "slurm", "fit.sbatch")
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
-    for option in ('--trainer.num_nodes "$SLURM_NNODES"', '--trainer.devices "$SLURM_NTASKS_PER_NODE"',
-                   "--trainer.strategy ddp", "--ckpt_path last", "#SBATCH --requeue"):  # fmt: skip
+    for option in (
+        '--trainer.num_nodes "$SLURM_NNODES"',
+        '--trainer.devices "$SLURM_NTASKS_PER_NODE"',
+        "--trainer.strategy ddp",
+        "--ckpt_path last",
+        "#SBATCH --requeue",
+    ):
         assert option in text, option

@@ -1,4 +1,4 @@
-"""CC's losses against the paper's formulas, written out term by term (cc-paper Eqs. 1-7)."""
+"""CC's losses (cc-paper Eqs. 1-7) against values computed by hand."""
 
 import math
 
@@ -19,7 +19,9 @@ def reference_nt_xent(u, v, tau):
         positive = i + m if i < m else i - m
         sims = [F.cosine_similarity(rows[i], rows[j], dim=0) / tau for j in range(2 * m) if j != i]
         denominator = sum(torch.exp(s) for s in sims)
-        total += -torch.log(torch.exp(F.cosine_similarity(rows[i], rows[positive], dim=0) / tau) / denominator)
+        total += -torch.log(
+            torch.exp(F.cosine_similarity(rows[i], rows[positive], dim=0) / tau) / denominator
+        )
     return total / (2 * m)
 
 

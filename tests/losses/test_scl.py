@@ -1,4 +1,4 @@
-"""SCL's losses (scl-paper Eqs. 1-7) against values computed by hand on small tensors."""
+"""SCL's losses (scl-paper Eqs. 1-7) against values computed by hand."""
 
 import math
 
@@ -29,8 +29,10 @@ def test_contrastive_set_holds_every_queue_but_the_samples_own_cluster():
 
 def test_instance_level_contrastive_set_leaves_out_only_the_samples_own_older_keys():
     key_owner = torch.tensor([-1, 7, 3, 7])  # sample index of each stored key (-1: initial key)
-    assert torch.equal(contrastive_set(key_owner, torch.tensor([7, 3])),
-                       torch.tensor([[1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool))  # fmt: skip
+    assert torch.equal(
+        contrastive_set(key_owner, torch.tensor([7, 3])),
+        torch.tensor([[1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool),
+    )
 
 
 def test_instance_loss_eq1_by_hand():
@@ -66,13 +68,19 @@ def test_the_own_clusters_queue_does_not_change_the_instance_loss_or_receive_gra
     negatives = contrastive_set(queue_of_slot, labels)
     loss = instance_loss(q, k, memory.flatten(0, 1), negatives, 0.1)
     loss.backward()
-    assert torch.all(memory.grad[1] == 0) and torch.all(memory.grad[0] != 0) and torch.all(memory.grad[2] != 0)
+    assert (
+        torch.all(memory.grad[1] == 0) and torch.all(memory.grad[0] != 0) and torch.all(memory.grad[2] != 0)
+    )
     # Even the queries themselves in the own queue (the strongest possible pull) change nothing.
     changed = memory.detach().clone()
     changed[1, :4] = q.detach()
-    assert instance_loss(q, k, changed.flatten(0, 1), negatives, 0.1).item() == pytest.approx(loss.item(), rel=1e-6)
+    assert instance_loss(q, k, changed.flatten(0, 1), negatives, 0.1).item() == pytest.approx(
+        loss.item(), rel=1e-6
+    )
     changed[2, 0] = q.detach()[0]
-    assert instance_loss(q, k, changed.flatten(0, 1), negatives, 0.1).item() != pytest.approx(loss.item(), rel=1e-3)
+    assert instance_loss(q, k, changed.flatten(0, 1), negatives, 0.1).item() != pytest.approx(
+        loss.item(), rel=1e-3
+    )
 
 
 def test_memory_assignment_eq3_by_hand():
@@ -80,7 +88,9 @@ def test_memory_assignment_eq3_by_hand():
     memory = torch.stack([unit([1, 0], [0, 1]), unit([-1, 0], [0, -1])])  # 2 clusters x 2 keys
     p = memory_logits(q, memory, temperature=1.0).softmax(1)
     cluster0, cluster1 = E + 1, E**-1 + 1  # sum over each queue of exp(cos / tau)
-    assert p[0].tolist() == pytest.approx([cluster0 / (cluster0 + cluster1), cluster1 / (cluster0 + cluster1)], rel=1e-6)
+    assert p[0].tolist() == pytest.approx(
+        [cluster0 / (cluster0 + cluster1), cluster1 / (cluster0 + cluster1)], rel=1e-6
+    )
 
 
 def test_concept_loss_eq4_by_hand():

@@ -1,4 +1,4 @@
-"""Every source loads its real on-disk format; missing or corrupt data gives one clear message."""
+"""Every source reads its data set's real on-disk format, and says what is wrong when it cannot."""
 
 import numpy as np
 import pytest
@@ -12,7 +12,7 @@ from clusterlab.data.sources import (
     CorruptDataError,
     DataNotFoundError,
     Digits,
-    FashionMNIST,  # fmt: skip
+    FashionMNIST,
     ImageFolder,
 )
 from tests.formats import (
@@ -20,7 +20,7 @@ from tests.formats import (
     write_cifar100,
     write_fashion_mnist,
     write_png_folder,
-    write_stl10,  # fmt: skip
+    write_stl10,
 )
 
 
@@ -90,7 +90,11 @@ def test_image_folder_flat_has_unknown_labels_and_split_folders(tmp_path):
     write_png_folder(tmp_path / "split" / "val", classes=("a", "b"), per_class=1)
     source = ImageFolder(tmp_path / "split", image_size=8)
     assert source.classes == ["a", "b"]
-    assert len(source.load("train")) == 4 and len(source.load("test")) == 2 and len(source.load("train+test")) == 6
+    assert (
+        len(source.load("train")) == 4
+        and len(source.load("test")) == 2
+        and len(source.load("train+test")) == 6
+    )
 
 
 def test_missing_cifar_root_names_the_path_and_how_to_get_it(tmp_path):

@@ -1,5 +1,4 @@
-"""SCL on 2 processes: the same gradients, queues, pseudo labels and weights as one process with the
-whole batch."""
+"""SCL on 2 processes: the same loss, gradients, queues and pseudo labels as one process."""
 
 import functools
 from pathlib import Path
@@ -26,16 +25,20 @@ class RecordSCL(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.global_step == 0:
-            self.result["grads"] = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters()
-                                    if p.grad is not None}  # fmt: skip
+            self.result["grads"] = {
+                n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None
+            }
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == 1:
             self.result.setdefault("loss", outputs["loss"].detach())
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.result["state"] = {n: t.clone() for n, t in pl_module.state_dict().items()
-                                if n.startswith(("semantic_memory", "sample_table", "momentum_encoder"))}  # fmt: skip
+        self.result["state"] = {
+            n: t.clone()
+            for n, t in pl_module.state_dict().items()
+            if n.startswith(("semantic_memory", "sample_table", "momentum_encoder"))
+        }
         torch.save(self.result, Path(self.out) / f"rank{trainer.global_rank}.pt")
 
 
@@ -44,17 +47,35 @@ def _model(imbalance_guard: bool) -> SCL:
     # GroupNorm: per-sample outputs do not depend on the batch, as with SyncBatchNorm on GPUs.
     backbone = SmallCNN(1, widths=(8, 16), downsample=(False, True), norm="group")
     # No augmentation: both runs must see the same inputs (each rank draws its own views).
-    return SCL(10, backbone, Views(), memory_size=2304, optimizer=functools.partial(torch.optim.SGD, lr=0.1),
-               imbalance_guard=imbalance_guard)
+    return SCL(
+        10,
+        backbone,
+        Views(),
+        memory_size=2304,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        imbalance_guard=imbalance_guard,
+    )
 
 
 def _fit(devices: int, batch_size: int, out: Path, imbalance_guard: bool = False) -> None:
     out.mkdir()
-    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
-                         max_epochs=2, limit_train_batches=1, limit_val_batches=0, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, callbacks=[RecordSCL(str(out))])  # fmt: skip
-    trainer.fit(_model(imbalance_guard), ClusterDataModule("digits", batch_size=batch_size, eval_batch_size=500))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        max_epochs=2,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[RecordSCL(str(out))],
+    )
+    trainer.fit(
+        _model(imbalance_guard), ClusterDataModule("digits", batch_size=batch_size, eval_batch_size=500)
+    )
 
 
 def _queue_contents(keys: torch.Tensor, index: torch.Tensor) -> list[np.ndarray]:
@@ -100,12 +121,18 @@ def test_scl_on_two_processes_equals_one_process_with_the_whole_batch(tmp_path):
     for task in ("clustering", "under_clustering", "over_clustering"):
         keys, index = (state[f"semantic_memory.{task}.{n}"] for n in ("keys", "index"))
         for result in ranks:
-            got = _queue_contents(result["state"][f"semantic_memory.{task}.keys"],
-                                  result["state"][f"semantic_memory.{task}.index"])  # fmt: skip
+            got = _queue_contents(
+                result["state"][f"semantic_memory.{task}.keys"],
+                result["state"][f"semantic_memory.{task}.index"],
+            )
             for j, (g, e) in enumerate(zip(got, _queue_contents(keys, index))):
                 assert np.array_equal(g[:, 0], e[:, 0]), (task, j)
-                np.testing.assert_allclose(g[:, 1:], e[:, 1:], rtol=1e-4, atol=1e-5, err_msg=f"{task} queue {j}")
-        assert torch.equal(ranks[0]["state"][f"semantic_memory.{task}.pointer"], state[f"semantic_memory.{task}.pointer"])
+                np.testing.assert_allclose(
+                    g[:, 1:], e[:, 1:], rtol=1e-4, atol=1e-5, err_msg=f"{task} queue {j}"
+                )
+        assert torch.equal(
+            ranks[0]["state"][f"semantic_memory.{task}.pointer"], state[f"semantic_memory.{task}.pointer"]
+        )
     for name, value in state.items():
         if name.startswith("momentum_encoder"):
             torch.testing.assert_close(ranks[0]["state"][name], value, rtol=1e-4, atol=1e-6, msg=name)

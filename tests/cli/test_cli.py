@@ -22,8 +22,13 @@ def tiny_data_root(config: Path, tmp: Path) -> list[str]:
 
     data = yaml.safe_load(config.read_text())["data"]
     dataset, root = data.get("dataset", "digits"), tmp / "data"
-    writers = {"cifar10": formats.write_cifar10, "cifar20": formats.write_cifar100, "stl10": formats.write_stl10,
-               "fashion_mnist": formats.write_fashion_mnist, "image_folder": formats.write_png_folder}  # fmt: skip
+    writers = {
+        "cifar10": formats.write_cifar10,
+        "cifar20": formats.write_cifar100,
+        "stl10": formats.write_stl10,
+        "fashion_mnist": formats.write_fashion_mnist,
+        "image_folder": formats.write_png_folder,
+    }
     if dataset not in writers:
         return []
     if dataset == "image_folder":  # at least as many images as the config's clusters
@@ -58,9 +63,26 @@ def test_every_experiment_parses_and_builds_through_the_cli(config, in_tmp):
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.stem)
 def test_every_experiment_trains_a_step_on_its_real_data_format(config, in_tmp):
     """fast_dev_run through the real loaders, views, backbone and loss of each paper setting."""
-    main(["fit", "--config", str(config), *setup_args(config, in_tmp), "--trainer.fast_dev_run", "1",
-          "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--data.batch_size", "4",
-          "--trainer.logger", "false", "--kmeans_baseline", "false"])  # fmt: skip
+    main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            *setup_args(config, in_tmp),
+            "--trainer.fast_dev_run",
+            "1",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "1",
+            "--data.batch_size",
+            "4",
+            "--trainer.logger",
+            "false",
+            "--kmeans_baseline",
+            "false",
+        ]
+    )
     report = json.loads(next((in_tmp / "runs" / config.stem).glob("*/metrics.json")).read_text())
     assert report["steps"] == 1 and report["acc"] is not None
 
@@ -70,15 +92,22 @@ def test_print_config_shows_the_resolved_config(capsys):
         main(["fit", "--config", str(Path(REPO, "experiments/cc_cifar10.yaml")), "--print_config"])
     assert done.value.code == 0
     printed = capsys.readouterr().out
-    assert "class_path: clusterlab.methods.CC" in printed and "lr: 0.0003" in printed and "depth: 34" in printed
+    assert (
+        "class_path: clusterlab.methods.CC" in printed and "lr: 0.0003" in printed and "depth: 34" in printed
+    )
 
 
-@pytest.mark.parametrize("override,expected", [
-    (["--model.init_args.instance_temprature", "0.3"],
-     "unknown config key 'model.init_args.instance_temprature': clusterlab.methods.CC has no option "
-     "'instance_temprature'. Did you mean 'instance_temperature'?"),
-    (["--data.datset", "cifar10"], "unknown config key 'data.datset'. Did you mean 'data.dataset'?"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        (
+            ["--model.init_args.instance_temprature", "0.3"],
+            "unknown config key 'model.init_args.instance_temprature': clusterlab.methods.CC has no option "
+            "'instance_temprature'. Did you mean 'instance_temperature'?",
+        ),
+        (["--data.datset", "cifar10"], "unknown config key 'data.datset'. Did you mean 'data.dataset'?"),
+    ],
+)
 def test_an_unknown_config_key_is_named_in_one_message(override, expected, capsys):
     with pytest.raises(SystemExit) as done:
         main(["fit", "--config", str(Path(REPO, "experiments/cc_digits.yaml")), *override])
@@ -88,11 +117,16 @@ def test_an_unknown_config_key_is_named_in_one_message(override, expected, capsy
 
 
 def test_an_unknown_key_in_a_yaml_file_is_named_with_its_full_path(in_tmp, capsys):
-    (in_tmp / "bad.yaml").write_text("model:\n  init_args:\n    backbone:\n      init_args:\n        widht: 3\n")
+    (in_tmp / "bad.yaml").write_text(
+        "model:\n  init_args:\n    backbone:\n      init_args:\n        widht: 3\n"
+    )
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(Path(REPO, "experiments/cc_digits.yaml")), "--config", "bad.yaml"])
     err = capsys.readouterr().err
-    assert "unknown config key 'model.init_args.backbone.init_args.widht'" in err and "Did you mean 'widths'?" in err
+    assert (
+        "unknown config key 'model.init_args.backbone.init_args.widht'" in err
+        and "Did you mean 'widths'?" in err
+    )
 
 
 def fit_tiny(tmp, *args):
@@ -110,7 +144,11 @@ def test_fit_writes_config_metrics_and_checkpoint_and_prints_the_report(in_tmp, 
     assert report["kmeans"]["acc"] == pytest.approx(0.79, abs=0.02)
     assert (run_dir / "config.yaml").exists() and (run_dir / "checkpoints" / "last.ckpt").exists()
     assert (run_dir / "metrics.csv").exists()
-    assert sorted(p.name for p in (run_dir / "figures").iterdir()) == ["confident.png", "confusion.png", "embedding.png"]
+    assert sorted(p.name for p in (run_dir / "figures").iterdir()) == [
+        "confident.png",
+        "confusion.png",
+        "embedding.png",
+    ]
     out = capsys.readouterr().out
     assert "k-means (pixels)" in out and f"Run directory: {Path('runs', 'tiny', run_dir.name)}" in out
 
@@ -119,9 +157,13 @@ def test_wandb_runs_offline_without_login_or_network(in_tmp, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("HOME", str(in_tmp))
     monkeypatch.setenv("NETRC", str(in_tmp / "no-netrc"))
-    (in_tmp / "tiny.yaml").write_text(TINY_CC.replace(
-        "  logger:\n  - class_path: clusterlab.loggers.CSVLogger\n",
-        "  logger:\n  - class_path: clusterlab.loggers.CSVLogger\n  - class_path: clusterlab.loggers.WandbLogger\n"))
+    (in_tmp / "tiny.yaml").write_text(
+        TINY_CC.replace(
+            "  logger:\n  - class_path: clusterlab.loggers.CSVLogger\n",
+            "  logger:\n  - class_path: clusterlab.loggers.CSVLogger\n  - class_path: "
+            "clusterlab.loggers.WandbLogger\n",
+        )
+    )
     main(["fit", "--config", "tiny.yaml", "--trainer.max_epochs", "1"])
     run_dir = next((in_tmp / "runs" / "tiny").iterdir())
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run"
@@ -145,7 +187,9 @@ def test_a_nan_loss_stops_the_run_naming_the_term_step_and_learning_rate(in_tmp,
 
 def test_resuming_without_an_earlier_run_says_so(in_tmp, capsys):
     (in_tmp / "tiny.yaml").write_text(TINY_CC)
-    assert "no run of this name to continue" in user_error(capsys, "fit", "--config", "tiny.yaml", "--ckpt_path", "last")
+    assert "no run of this name to continue" in user_error(
+        capsys, "fit", "--config", "tiny.yaml", "--ckpt_path", "last"
+    )
 
 
 def test_test_and_predict_rebuild_the_model_from_the_checkpoint(in_tmp):
@@ -164,10 +208,18 @@ def test_test_and_predict_rebuild_the_model_from_the_checkpoint(in_tmp):
 
 def test_ich_only_ablation_clusters_by_kmeans_in_the_instance_space(in_tmp):
     """cc-paper Table 5, "ICH only": no cluster head is trained; k-means centres give the clusters."""
-    run_dir = fit_tiny(in_tmp, "--model.init_args.use_cluster_loss", "false", "--model.init_args.use_cluster_entropy", "false")
+    run_dir = fit_tiny(
+        in_tmp,
+        "--model.init_args.use_cluster_loss",
+        "false",
+        "--model.init_args.use_cluster_entropy",
+        "false",
+    )
     report = json.loads((run_dir / "metrics.json").read_text())
     assert report["acc"] > 0.3  # well above chance (0.1) after 2 tiny epochs
-    centroids = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)["state_dict"]["kmeans.centroids"]
+    centroids = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)["state_dict"][
+        "kmeans.centroids"
+    ]
     assert centroids.shape == (10, 128) and centroids.abs().sum() > 0
 
 
@@ -181,7 +233,9 @@ def test_a_checkpoint_of_another_method_is_refused_with_one_message(in_tmp, caps
     assert f"checkpoint {foreign} is NNM (10 clusters, 1x8x8, 2 epochs); the config asks for CC" in line
     del checkpoint["clusterlab"]
     torch.save(checkpoint, foreign)
-    assert "was not written by clusterlab" in user_error(capsys, "test", "--config", "tiny.yaml", "--ckpt_path", str(foreign))
+    assert "was not written by clusterlab" in user_error(
+        capsys, "test", "--config", "tiny.yaml", "--ckpt_path", str(foreign)
+    )
     # Loaded in Python without the CLI, the method itself refuses it too.
     with pytest.raises(CheckpointMismatchError, match="was not written by clusterlab"):
         CC.load_from_checkpoint(foreign)
@@ -220,9 +274,23 @@ def test_predict_on_a_folder_writes_assignments_and_contact_sheets(in_tmp, strea
     run_dir = fit_tiny(in_tmp)
     images = write_digit_pngs(in_tmp / "photos", 40)
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    cli = ClusterLabCLI(args=["predict", "--config", "tiny.yaml", "--ckpt_path", str(checkpoint),
-                              "--data.dataset", "image_folder", "--data.root", "photos", "--data.stream", stream,
-                              "--data.eval_batch_size", "16"])  # fmt: skip
+    cli = ClusterLabCLI(
+        args=[
+            "predict",
+            "--config",
+            "tiny.yaml",
+            "--ckpt_path",
+            str(checkpoint),
+            "--data.dataset",
+            "image_folder",
+            "--data.root",
+            "photos",
+            "--data.stream",
+            stream,
+            "--data.eval_batch_size",
+            "16",
+        ]
+    )
     with open(cli.run_dir / "assignments.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [row["path"] for row in rows] == [str(Path("photos", f"img_{i:03d}.png")) for i in range(40)]

@@ -1,0 +1,70 @@
+"""`fit --ckpt_path last` continues a run killed mid-epoch to the weights of an uninterrupted run,
+for every method."""
+
+import json
+
+import torch
+
+from tests.helpers import (
+    TINY_CC,
+    TINY_DCCM,
+    TINY_NNM,
+    TINY_SCL,
+    TINY_SIMCLR,
+    kill_and_resume,
+)
+from tests.launch import clusterlab
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY_CC)
+    kill_and_resume(tmp_path, "tiny.yaml")  # same epoch, step and weights as the uninterrupted run
+    assert len(list((tmp_path / "runs" / "killed").iterdir())) == 1  # it continued in the same run directory
+    run_dir = next((tmp_path / "runs" / "killed").iterdir())
+    assert (run_dir / "metrics.json").exists()
+    # The log of the killed part is kept: metrics.csv still has the rows of epochs 0 and 1.
+    epochs = {row.split(",")[0] for row in (run_dir / "metrics.csv").read_text().splitlines()[1:]}
+    assert {"0", "1", "2", "3"} <= epochs
+
+
+def test_killed_and_resumed_nnm_run_continues_with_the_same_global_table(tmp_path):
+    (tmp_path / "tiny_simclr.yaml").write_text(TINY_SIMCLR)
+    (tmp_path / "tiny_nnm.yaml").write_text(TINY_NNM)
+    pretext = clusterlab("fit", "--config", "tiny_simclr.yaml", cwd=tmp_path)
+    assert pretext.returncode == 0, pretext.tail()
+    expected, stopped, got = kill_and_resume(tmp_path, "tiny_nnm.yaml")
+    assert stopped["callbacks"]["GlobalNeighbors"]["epoch"] == 1  # epoch 1's table was saved
+    table, resumed_table = expected["callbacks"]["GlobalNeighbors"], got["callbacks"]["GlobalNeighbors"]
+    assert table["epoch"] == resumed_table["epoch"] == 3
+    assert torch.equal(table["table"], resumed_table["table"])
+    report = json.loads(next((tmp_path / "runs" / "killed").glob("*/metrics.json")).read_text())
+    assert "neighbor_agreement" in report["diagnostics"]
+
+
+# SCL on digits, small enough for a test: 8/16-channel CNN, 3 batches of 64 per epoch, queues that
+# wrap around within an epoch.
+
+
+def test_killed_and_resumed_scl_run_continues_with_the_same_state(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY_SCL)
+    expected, saved, got = kill_and_resume(tmp_path, "tiny.yaml")  # killed mid-epoch 2, after its refresh
+    # The checkpoint of epoch 1 already held the state SCL carries between epochs.
+    assert (
+        int(saved["state_dict"]["sample_table.epoch"]) == 1
+        and saved["state_dict"]["sample_table.changes"].any()
+    )
+    assert (saved["state_dict"]["semantic_memory.clustering.index"] >= 0).any()
+    names = set(expected["state_dict"])
+    for part in ("backbone.", "momentum_encoder.", "semantic_memory.", "sample_table.", "classifiers."):
+        assert any(n.startswith(part) for n in names), part
+    assert int(got["state_dict"]["sample_table.epoch"]) == 3
+
+
+def test_killed_and_resumed_dccm_run_ends_with_the_same_weights(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY_DCCM)
+    expected, _, _ = kill_and_resume(tmp_path, "tiny.yaml")
+    assert any(name.startswith("discriminator.") for name in expected["state_dict"])
+    # The mutual information had random negatives to draw: the resumed run drew the same ones.
+    log = next((tmp_path / "runs" / "whole").glob("*/metrics.csv")).read_text().splitlines()
+    column = log[0].split(",").index("train/graph_positives")
+    assert any(0 < float(row.split(",")[column]) < 1 for row in log[1:] if row.split(",")[column])

@@ -1,0 +1,136 @@
+"""DCCM: Table 3's rows as config overrides, pair draws independent of the split, 2 processes equal 1."""
+
+import copy
+import functools
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from clusterlab.cli import ClusterLabCLI
+from clusterlab.data.datamodule import ClusterDataModule
+from clusterlab.data.sources import Digits
+from clusterlab.data.views import Views
+from clusterlab.methods import DCCM
+from clusterlab.nn import SmallCNN
+from tests.ddp_workers import RecordFirstStep
+from tests.helpers import REPO, trainer
+
+DIGITS = str(Path(REPO, "experiments", "dccm_digits.yaml"))
+
+
+ABLATIONS = {  # dccm-paper Table 3, as config overrides
+    "M1": (
+        [
+            "--model.init_args.use_local_robustness",
+            "false",
+            "--model.init_args.use_pseudo_label_loss",
+            "false",
+            "--model.init_args.use_mutual_information_loss",
+            "false",
+        ],
+        {"pseudo_graph"},
+    ),
+    "M2": (
+        [
+            "--model.init_args.use_pseudo_label_loss",
+            "false",
+            "--model.init_args.use_mutual_information_loss",
+            "false",
+        ],
+        {"pseudo_graph", "pseudo_graph_transformed"},
+    ),
+    "M3": (
+        ["--model.init_args.use_mutual_information_loss", "false"],
+        {"pseudo_graph", "pseudo_graph_transformed", "pseudo_label", "pseudo_label_transformed"},
+    ),
+    "M4": (
+        [],
+        {
+            "pseudo_graph",
+            "pseudo_graph_transformed",
+            "pseudo_label",
+            "pseudo_label_transformed",
+            "mutual_information",
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("row", ABLATIONS)
+def test_table_3_rows_are_config_overrides(row, in_tmp):
+    overrides, expected_terms = ABLATIONS[row]
+    model = ClusterLabCLI(args=["--config", DIGITS, *overrides], run=False).model
+    captured = {}
+    model.objective = lambda terms, head_losses=None: captured.update(terms) or sum(terms.values())
+    model.log_diagnostics = lambda *args: None
+    images = Digits().load("train+test").images[:64]
+    batch = {"image": images, "index": torch.arange(64), "label": torch.zeros(64, dtype=torch.long)}
+    model.training_step(batch, 0).backward()
+    assert set(captured) == expected_terms
+    assert (model.discriminator is not None) == ("mutual_information" in expected_terms)
+
+
+def test_random_pairs_do_not_depend_on_how_the_batch_is_ordered_or_split():
+    model = DCCM(10, SmallCNN(1, (8, 16), (False, True)), Views())
+    index = torch.randperm(1797)[:48]
+    order = torch.randperm(48)
+    scores = model.pair_scores(index, batch_idx=5)
+    torch.testing.assert_close(model.pair_scores(index[order], batch_idx=5), scores[order][:, order])
+    assert not torch.equal(model.pair_scores(index, batch_idx=6), scores)
+
+
+def _dccm_model() -> DCCM:
+    torch.manual_seed(0)
+    # Batch-independent throughout (GroupNorm, no BatchNorm on the logits): torch has no
+    # SyncBatchNorm on CPU. Identity views: each process draws its own views. The thresholds sit
+    # at the median similarity and confidence of this freshly initialised net, so the batch has
+    # pseudo-graph positives and negatives, confident and unconfident samples.
+    backbone = SmallCNN(1, widths=(8, 16), downsample=(False, True), norm="group")
+    return DCCM(
+        10,
+        backbone,
+        Views(),
+        graph_threshold=0.9992,
+        label_threshold=0.245,
+        discriminator_dim=16,
+        logit_norm=False,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+    )
+
+
+def test_dccm_training_step_on_two_processes_equals_one_process_with_the_whole_batch(tmp_path):
+    pl.seed_everything(0)
+    model = _dccm_model()
+    single_out, ddp_out = tmp_path / "single", tmp_path / "ddp"
+    single_out.mkdir(), ddp_out.mkdir()
+
+    trainer(2, RecordFirstStep(str(ddp_out)), max_steps=1, limit_val_batches=0).fit(
+        copy.deepcopy(model), ClusterDataModule("digits", batch_size=32)
+    )
+    single_model = copy.deepcopy(model)
+    trainer(1, RecordFirstStep(str(single_out)), max_steps=1, limit_val_batches=0).fit(
+        single_model, ClusterDataModule("digits", batch_size=64)
+    )
+
+    # Every term is at work in this step: the pseudo-graph has positives and negatives, some
+    # predictions are confident, and the mutual information has pairs of both kinds.
+    logged = single_model.trainer.callback_metrics
+    assert 0.1 < logged["train/graph_positives"] < 0.9 and 0.1 < logged["train/confident"] < 0.9
+    for term in ("pseudo_graph", "pseudo_label", "pseudo_graph_transformed", "mutual_information"):
+        assert logged[f"train/{term}"] > 0, term
+
+    single = torch.load(single_out / "rank0.pt")
+    ranks = [torch.load(ddp_out / f"rank{r}.pt") for r in range(2)]
+    assert sorted(torch.cat([r["batch"] for r in ranks]).tolist()) == sorted(single["batch"].tolist())
+    for result in ranks:
+        assert float(result["loss"]) == pytest.approx(float(single["loss"]), rel=1e-5)
+        assert result["grads"].keys() == single["grads"].keys()
+        assert any(name.startswith("discriminator") for name in single["grads"])
+        for name, grad in single["grads"].items():
+            # float32 sums in another order: agreement to 1e-4 of each gradient's scale
+            scale = float(grad.abs().max())
+            torch.testing.assert_close(
+                result["grads"][name], grad, rtol=0, atol=1e-4 * scale + 1e-9, msg=name
+            )
