@@ -14,6 +14,7 @@ import glob
 import hashlib
 import os
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,12 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
             consistency terms, "w/o class contrastive loss" both class terms).
         second_view: A = [p; p_aug] with a second strong view of the anchor (the authors' code);
             false: A = [p; p], Eq. 7 as printed.
+        global_matching: what Eqs. 9-10 match with N_global(h)_b. "paper": the three blocks
+            [p; N_local(p); N_pre(p)] of Eqs. 9-10. "code": the authors' code, [A; P] =
+            [p; p_aug; N_pre(p); N_local(p)], four blocks (p twice when second_view is false).
+        mining_metric: how the pretext neighbours are mined: "cosine" (L2-normalised features,
+            inner product: SCAN's and the paper's "nearest") or "l2" (Euclidean distance on the
+            raw features, the authors' code).
         optimizer: Adam, lr 1e-4, weight decay 1e-4 in the paper (100 epochs, batch 200).
     """
 
@@ -82,6 +89,8 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
         use_class_contrastive_loss: bool = True,
         use_entropy_loss: bool = True,
         second_view: bool = True,
+        global_matching: Literal["paper", "code"] = "paper",
+        mining_metric: Literal["cosine", "l2"] = "cosine",
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -117,7 +126,12 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
         self.to(self.trainer.strategy.root_device)  # the pass below runs on the training device
 
         def pretext_features(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-            return {"features": F.normalize(self.backbone(self.plain(batch["image"])).float(), dim=1)}
+            features = self.backbone(self.plain(batch["image"])).float()
+            return {
+                "features": F.normalize(features, dim=1)
+                if self.hparams.mining_metric == "cosine"
+                else features
+            }
 
         neighbors = mine_neighbors(
             path,
@@ -126,6 +140,7 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
             data.train_eval_dataloader(),
             pretext_features,
             len(data.train_set),
+            metric=self.hparams.mining_metric,
         )
         data.set_neighbors(neighbors)
         agreement = neighbor_agreement(neighbors, data.train_set.labels)
@@ -173,8 +188,9 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
             if self.hparams.use_local_loss and class_contrast:
                 head["local_class"] = class_contrastive_loss(a[h], positives[h], tau)  # Eq. 8
             if n_global is not None:  # from the second epoch on (line 10)
-                samples = torch.cat([a[h], positives[h]])
-                target = n_global[h].to(samples).repeat(4, 1)  # N_global(h)_b for each of the 4 blocks
+                samples = global_blocks(p[h], p_aug[h], n_pre[h], n_local[h], self.hparams.global_matching)
+                blocks = len(samples) // len(p[h])
+                target = n_global[h].to(samples).repeat(blocks, 1)  # N_global(h)_b for each block
                 if consistency:
                     head["global_consistency"] = consistency_loss(samples, target)  # Eq. 9
                 if class_contrast:
@@ -202,6 +218,16 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
 
     def cluster_logits(self, x: Tensor) -> Tensor:
         return self.cluster_heads(self.backbone(x))
+
+
+def global_blocks(p: Tensor, p_aug: Tensor, n_pre: Tensor, n_local: Tensor, form: str = "paper") -> Tensor:
+    """The rows Eqs. 9-10 match with N_global(h)_b, block after block (each B x C): the paper's
+    [p; N_local(p); N_pre(p)], or the authors' code's [p; p_aug; N_pre(p); N_local(p)]."""
+    if form == "paper":
+        return torch.cat([p, n_local, n_pre])
+    if form == "code":
+        return torch.cat([p, p_aug, n_pre, n_local])
+    raise ValueError(f"global_matching must be 'paper' or 'code', not {form!r}")
 
 
 # -- the pretext hand-over ----------------------------------------------------------------------
@@ -255,17 +281,19 @@ def checkpoint_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def mine_neighbors(path: Path, k: int, module: nn.Module, loader, features: Step, num_images: int) -> Tensor:
-    """Top-k neighbours (N x k) of every image by its L2-normalised pretext features (Algorithm
-    1, line 2), through faiss. `features(batch)` gives the features of a batch ({"features": ...});
-    every process passes over its shard of `loader` (`clusterlab.passes.pass_over`) and rank 0
-    searches and broadcasts. Cached beside the checkpoint under the checkpoint's content hash, so a
-    changed checkpoint is mined again."""
+def mine_neighbors(
+    path: Path, k: int, module: nn.Module, loader, features: Step, num_images: int, metric: str = "cosine"
+) -> Tensor:
+    """Top-k neighbours (N x k) of every image by its pretext features (Algorithm 1, line 2),
+    through faiss, by `metric` ("cosine" or "l2", `clusterlab.neighbors.knn`). `features(batch)`
+    gives the features of a batch ({"features": ...}); every process passes over its shard of
+    `loader` (`clusterlab.passes.pass_over`) and rank 0 searches and broadcasts. Cached beside the
+    checkpoint under the checkpoint's content hash, so a changed checkpoint is mined again."""
     if k > num_images - 1:
         rank_zero_info(f"NNM: only {num_images} training images: mining {num_images - 1} neighbours, not {k}")
         k = num_images - 1
     device = next(module.parameters()).device
-    cache = path.parent / f"neighbors-{checkpoint_digest(path)[:16]}-n{num_images}-k{k}.pt"
+    cache = path.parent / f"neighbors-{checkpoint_digest(path)[:16]}-n{num_images}-k{k}-{metric}.pt"
     cached = bool(
         broadcast(torch.tensor(int(rank() == 0 and cache.exists()), device=device))
     )  # rank 0 decides
@@ -277,7 +305,7 @@ def mine_neighbors(path: Path, k: int, module: nn.Module, loader, features: Step
     else:
         mined = pass_over(module, loader, features, description="Mining neighbours")["features"]
         if rank() == 0:
-            neighbors = knn(mined, k)[0].to(device)
+            neighbors = knn(mined, k, metric=metric)[0].to(device)
             torch.save(neighbors.cpu(), cache)
             rank_zero_info(f"NNM: mined top-{k} neighbours of {num_images} images, cached in {cache}")
     return broadcast(neighbors).cpu()

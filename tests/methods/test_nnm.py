@@ -13,7 +13,12 @@ from clusterlab.data.datamodule import ClusterDataModule
 from clusterlab.data.views import SmallImageViews, Views
 from clusterlab.methods import CC, NNM, SimCLR
 from clusterlab.methods.base import CheckpointMismatchError
-from clusterlab.methods.nnm import PretextNotFoundError, mine_neighbors, resolve_pretext_checkpoint
+from clusterlab.methods.nnm import (
+    PretextNotFoundError,
+    global_blocks,
+    mine_neighbors,
+    resolve_pretext_checkpoint,
+)
 from tests.ddp_workers import RecordFirstStep, RecordGlobalTable
 from tests.helpers import assert_top_k, fit_digits, save_pretext, similarity, tiny_cnn
 
@@ -164,3 +169,34 @@ def test_every_loss_term_can_be_switched_off_table_3(pretext):
             use_class_contrastive_loss=False,
             use_entropy_loss=False,
         )
+
+
+def test_eqs_9_10_match_three_blocks_by_default_and_the_authors_four_on_request():
+    p, p_aug, n_pre, n_local = (torch.full((2, 3), float(v)) for v in range(4))
+    paper = global_blocks(p, p_aug, n_pre, n_local)
+    assert paper[:, 0].tolist() == [0, 0, 3, 3, 2, 2]  # [p; N_local(p); N_pre(p)]: p counted once
+    code = global_blocks(p, p_aug, n_pre, n_local, "code")
+    assert code[:, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # [p; p_aug; N_pre(p); N_local(p)]
+    assert NNM(10, tiny_cnn(), Views(), pretext_checkpoint="x").hparams.global_matching == "paper"
+
+
+def test_neighbours_can_be_mined_by_l2_distance_on_the_raw_features(tmp_path):
+    images = ClusterDataModule("digits").split("train+test").images[:200]
+    batches = [{"index": rows, "image": images[rows]} for rows in torch.arange(200).split(64)]
+    torch.manual_seed(0)
+    model = SimCLR(10, tiny_cnn(), Views())
+    path = tmp_path / "last.ckpt"
+    save_pretext(model, path)
+    model.eval()
+    with torch.no_grad():
+        raw = model.backbone(Views().plain(images))
+
+    def features(batch):
+        return {"features": model.backbone(Views().plain(batch["image"]))}
+
+    mined = mine_neighbors(path, 5, model, batches, features, len(images), metric="l2")
+    distances = torch.cdist(raw, raw).fill_diagonal_(float("inf"))
+    torch.testing.assert_close(
+        distances.gather(1, mined), distances.topk(5, largest=False).values, atol=1e-4, rtol=0
+    )
+    assert list(tmp_path.glob("neighbors-*-l2.pt"))  # cached apart from the cosine neighbours
