@@ -31,7 +31,12 @@ def test_runner_writes_the_table_from_the_runs_metrics(in_tmp):
             mean, std = (float(x) for x in column.split("+-"))
             assert mean == pytest.approx(statistics.mean(values), abs=1e-4)
             assert std == pytest.approx(statistics.stdev(values), abs=1e-4)
-    assert "| k-means (published) | 0.510 | 0.470 | - |" in text
+        accs = [m["acc"] if key is None else m[key]["acc"] for m in metrics]
+        low, seed = row.split("|")[5].split()
+        assert float(low) == pytest.approx(min(accs), abs=1e-4) and int(seed.strip("()")) == accs.index(
+            min(accs)
+        )
+    assert "| k-means (published) | 0.510 | 0.470 | - | | | |" in text
     assert "python -m clusterlab.benchmark suite.yaml --seeds 0 1" in text
 
     # --resume takes the finished runs from the progress file: no new run directories.
