@@ -117,6 +117,9 @@ class ClusterLabCLI(LightningCLI):
                     {"class_path": "clusterlab.loggers.WandbLogger"},
                 ],
                 "log_every_n_steps": 5,
+                # The data module shards every loader itself (seeded, unpadded, chunked): Lightning
+                # must not put a sampler of its own in.
+                "use_distributed_sampler": False,
                 "plugins": [{"class_path": "clusterlab.checkpointing.AtomicCheckpointIO"}],
             },
             args=args,

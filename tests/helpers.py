@@ -198,6 +198,7 @@ def trainer(devices: int = 1, callbacks=(), **kwargs) -> pl.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # as the CLI: the data module shards its loaders itself
         callbacks=callbacks,
         **kwargs,
     )

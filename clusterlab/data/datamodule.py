@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from clusterlab.data.sources import SOURCES, ImageFolder, ImageSet, Source, UnreadableImagesError
 from clusterlab.errors import ConfigError
@@ -22,6 +22,7 @@ from clusterlab.seeding import derive_seed, run_seed
 
 Split = Literal["train", "test", "train+test"]
 _NEIGHBOR_STREAM = 1  # keeps the neighbour draws apart from the other draws of an epoch
+_CHUNK_STREAM = 3  # the same for the chunked schedule's orders
 
 
 class IndexedImages(Dataset):
@@ -88,7 +89,7 @@ class ResumableLoader(DataLoader):
         self._resume: dict | None = None
 
     def _epoch(self) -> int:
-        return int(getattr(self.sampler, "epoch", 0))
+        return int(getattr(self.batch_sampler, "epoch", getattr(self.sampler, "epoch", 0)))
 
     def __iter__(self):
         return self._batches(super().__iter__())
@@ -110,6 +111,65 @@ class ResumableLoader(DataLoader):
         self._resume = dict(state_dict)
 
 
+class ChunkBatches(Sampler[list[int]]):
+    """The DCCM authors' schedule as batches: the epoch's permutation is cut into chunks of
+    `chunk_size` images; each chunk is visited `repeats` times, each time in a new order, a global
+    batch at a time, and each batch `batch_repeats` times in a row (its random views drawn anew).
+    Each process takes its share of every global batch. Every order is drawn from (seed, epoch,
+    chunk, repeat): the same on every process, and again after a resume.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        world: int,
+        rank: int,
+        chunk_size: int,
+        repeats: int,
+        batch_repeats: int,
+    ) -> None:
+        self.num_samples, self.batch_size, self.world, self.rank = num_samples, batch_size, world, rank
+        self.chunk_size, self.repeats, self.batch_repeats = chunk_size, repeats, batch_repeats
+        self.global_batch = batch_size * world
+        if not self.global_batch <= chunk_size <= num_samples:
+            raise ValueError(
+                f"chunk_size {chunk_size} must lie between the global batch ({self.global_batch}) and the "
+                f"{num_samples} training images"
+            )
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def steps_per_chunk(self) -> int:
+        return self.repeats * (self.chunk_size // self.global_batch) * self.batch_repeats
+
+    def chunk(self, number: int) -> torch.Tensor:
+        """The training-set indices of chunk `number` of this epoch (all processes' images)."""
+        generator = torch.Generator().manual_seed(derive_seed(self.epoch, _CHUNK_STREAM))
+        return torch.randperm(self.num_samples, generator=generator)[number * self.chunk_size :][
+            : self.chunk_size
+        ]
+
+    def __iter__(self):
+        for number in range(self.num_samples // self.chunk_size):
+            chunk = self.chunk(number)
+            for repeat in range(self.repeats):
+                generator = torch.Generator().manual_seed(
+                    derive_seed(self.epoch, _CHUNK_STREAM, number, repeat)
+                )
+                order = chunk[torch.randperm(len(chunk), generator=generator)]
+                for start in range(0, len(order) - self.global_batch + 1, self.global_batch):
+                    mine = order[start : start + self.global_batch][self.rank :: self.world].tolist()
+                    for _ in range(self.batch_repeats):
+                        yield mine
+
+    def __len__(self) -> int:
+        return self.num_samples // self.chunk_size * self.steps_per_chunk
+
+
 class ShardSampler(DistributedSampler):
     """Rank r gets samples r, r + W, r + 2W, ...: every sample exactly once, none repeated.
 
@@ -126,7 +186,9 @@ class ShardSampler(DistributedSampler):
 
 
 class ClusterDataModule(pl.LightningDataModule):
-    """Serves one data set for clustering.
+    """Serves one data set for clustering. Under DDP it shards every loader itself (train: a
+    seeded DistributedSampler or DCCM's ChunkBatches; evaluation: ShardSampler), so the Trainer
+    runs with `use_distributed_sampler=False` (the CLI's default).
 
     Args:
         dataset: which source: digits (embedded, no set-up), fashion_mnist, cifar10, cifar20
@@ -183,6 +245,7 @@ class ClusterDataModule(pl.LightningDataModule):
         self.neighbors: torch.Tensor | None = None  # N x K candidate neighbours (set_neighbors)
         self._columns, self._columns_epoch = torch.empty(0, dtype=torch.long), None
         self._train_loader: ResumableLoader | None = None
+        self.chunks: dict | None = None  # set_chunks: DCCM's chunked schedule
 
     @property
     def input_channels(self) -> int:
@@ -274,6 +337,17 @@ class ClusterDataModule(pl.LightningDataModule):
                 "global batch of "
                 f"{self.hparams.batch_size} x {world} processes; lower --data.batch_size"
             )
+        if self.chunks is not None:
+            batches = ChunkBatches(len(dataset), self.hparams.batch_size, world, rank, **self.chunks)
+            self._train_loader = ResumableLoader(
+                dataset,
+                batch_sampler=batches,
+                num_workers=self.hparams.num_workers,
+                collate_fn=_as_batch,
+                pin_memory=torch.cuda.is_available(),
+                persistent_workers=self.hparams.num_workers > 0,
+            )
+            return self._train_loader
         # Seeded by the run seed and the epoch (Lightning calls set_epoch): the same order on
         # every rank, each taking its shard, and the same order again after a resume.
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=run_seed())
@@ -281,6 +355,11 @@ class ClusterDataModule(pl.LightningDataModule):
             dataset, self.hparams.batch_size, sampler, drop_last=True, kind=ResumableLoader
         )
         return self._train_loader
+
+    def set_chunks(self, chunk_size: int, repeats: int, batch_repeats: int) -> None:
+        """Train in chunks (`ChunkBatches`, DCCM's authors' schedule). The first batch of every
+        chunk also carries this process's share of the chunk: "chunk_index" and "chunk_image"."""
+        self.chunks = {"chunk_size": chunk_size, "repeats": repeats, "batch_repeats": batch_repeats}
 
     def set_neighbors(self, neighbors: torch.Tensor) -> None:
         """Give every training sample its candidate neighbours (N x K indices into the training
@@ -302,6 +381,12 @@ class ClusterDataModule(pl.LightningDataModule):
         if self.trainer is None or not self.trainer.training:
             return batch
         if self._train_loader is not None:
+            batches = self._train_loader.batch_sampler
+            position = self._train_loader.batches_done
+            if isinstance(batches, ChunkBatches) and position % batches.steps_per_chunk == 0:
+                world, rank = self._world()
+                share = batches.chunk(position // batches.steps_per_chunk)[rank::world]
+                batch["chunk_index"], batch["chunk_image"] = share, self.train_set.images[share]
             self._train_loader.batches_done += 1  # this batch goes to the training step now
         # Drawn from (run seed, epoch, batch): a resumed run draws the same images again. The batch
         # is named by its first sample, which the seeded sampler fixes.

@@ -52,6 +52,11 @@ class DCCM(ClusteringMethod):
         num_negatives: pseudo-graph negatives drawn at random per anchor for the mutual
             information (the authors' code: 2).
         discriminator_dim: width of the 1x1-conv discriminator T (512 in the paper).
+        chunk_size: None: every step computes its targets (W, y, V) from its own batch, as the
+            paper's Algorithm 1. A number: the authors' schedule: the targets of a chunk of that
+            many images are computed once, without gradient, when the chunk starts; then the chunk
+            is visited `chunk_repeats` times in shuffled batches, each batch `chunk_batch_repeats`
+            times with new views (the authors' code: 1000 images, 10 visits, 2 views per batch).
         logit_norm: BatchNorm on the logits before the softmax, as the authors' net. It keeps
             the predictions from collapsing onto one cluster; turn it off where the loss must not
             depend on how the batch is split (the distributed tests on CPU).
@@ -76,6 +81,9 @@ class DCCM(ClusteringMethod):
         pseudo_label_criterion: Literal["cross_entropy", "bce"] = "cross_entropy",
         num_negatives: int = 2,
         discriminator_dim: int = 512,
+        chunk_size: int | None = None,
+        chunk_repeats: int = 10,
+        chunk_batch_repeats: int = 2,
         logit_norm: bool = True,
         optimizer: OptimizerCallable = torch.optim.RMSprop,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -99,6 +107,11 @@ class DCCM(ClusteringMethod):
             nn.Linear(backbone.out_dim, num_clusters, bias=not logit_norm),
             nn.BatchNorm1d(num_clusters) if logit_norm else nn.Identity(),
         )
+        # The current chunk's targets (chunk_size set): its training-set indices, sorted, and the
+        # predictions of its original images when it started. Buffers: a run resumed inside a
+        # chunk continues with the targets it had.
+        self.register_buffer("chunk_rows", torch.zeros(chunk_size or 0, dtype=torch.long))
+        self.register_buffer("chunk_probs", torch.zeros(chunk_size or 0, num_clusters))
         self.discriminator = (
             LocalDiscriminator(num_clusters, backbone.shallow_dim, discriminator_dim)
             if use_mutual_information_loss
@@ -110,18 +123,28 @@ class DCCM(ClusteringMethod):
         features, shallow = self.backbone(x, with_shallow=True)
         return self.cluster_head(features), shallow
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.chunk_size:
+            self.trainer.datamodule.set_chunks(
+                self.hparams.chunk_size, self.hparams.chunk_repeats, self.hparams.chunk_batch_repeats
+            )
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         images = batch["image"]
         alpha, criterion = self.hparams.alpha, self.hparams.pseudo_label_criterion
         # Lines 4-5 of Algorithm 1: predictions of the original images, and from them, over the
         # global batch, the pseudo-graph W (Eq. 2) and the confident pseudo labels y, V (Eqs. 7-8).
-        mutual_information_on_original = (
+        on_original = self.hparams.original_images or (
             self.hparams.use_mutual_information_loss and not self.hparams.use_local_robustness
         )
-        with torch.set_grad_enabled(self.hparams.original_images or mutual_information_on_original):
-            logits, shallow = self.forward_with_shallow(self.views.plain(images))
-        logits = gather(logits)
-        probs = logits.detach().float().softmax(1)  # z, Eq. 1
+        if on_original or not self.hparams.chunk_size:
+            with torch.set_grad_enabled(on_original):
+                logits, shallow = self.forward_with_shallow(self.views.plain(images))
+            logits = gather(logits)
+        if self.hparams.chunk_size:  # the authors' schedule: targets from the chunk's start
+            probs = self.chunk_targets(batch)
+        else:
+            probs = logits.detach().float().softmax(1)  # z, Eq. 1
         graph = pseudo_graph(probs, self.hparams.graph_threshold)
         labels, confident = pseudo_labels(probs, self.hparams.label_threshold)
 
@@ -133,9 +156,7 @@ class DCCM(ClusteringMethod):
                 terms["pseudo_label"] = alpha * pseudo_label_loss(
                     logits, labels, confident, criterion
                 )  # Eq. 9
-        if (
-            self.hparams.use_local_robustness
-        ):  # L_LR = L'_PG + alpha L'_PL on x' = G x, with W and y, V of x, Eq. 12
+        if self.hparams.use_local_robustness:  # L_LR = L'_PG + alpha L'_PL on x' = G x, W, y, V of x: Eq. 12
             logits, shallow = self.forward_with_shallow(self.views(images))
             logits = gather(logits)
             if self.hparams.use_pseudo_graph_loss:
@@ -144,14 +165,26 @@ class DCCM(ClusteringMethod):
                 terms["pseudo_label_transformed"] = alpha * pseudo_label_loss(
                     logits, labels, confident, criterion
                 )
-        if (
-            self.hparams.use_mutual_information_loss
-        ):  # beta L_MI, Eq. 14, on the images trained on (x' when transformed)
+        if self.hparams.use_mutual_information_loss:  # beta L_MI, Eq. 14, on the images trained on
             terms["mutual_information"] = self.hparams.beta * self.triplet_mutual_information(
                 logits, gather(shallow), graph, gather(batch["index"]), batch_idx
             )
         self.log_diagnostics(probs, graph, confident, gather(batch["label"]))
         return self.objective(terms)  # L_DCCM, Eq. 15
+
+    def chunk_targets(self, batch: dict[str, Tensor]) -> Tensor:
+        """z of the global batch's original images, as predicted when their chunk started. The
+        first batch of a chunk brings the chunk (each process its share): its predictions are
+        made then, without gradient, in training mode as the authors' code makes them."""
+        if "chunk_index" in batch:
+            with torch.no_grad():
+                logits, _ = self.forward_with_shallow(self.views.plain(batch["chunk_image"]))
+            index, probs = gather(batch["chunk_index"].to(self.device)), gather(logits.float().softmax(1))
+            order = index.argsort()
+            self.chunk_rows.copy_(index[order])
+            self.chunk_probs.copy_(probs[order])
+        index = gather(batch["index"].to(self.device))
+        return self.chunk_probs[torch.searchsorted(self.chunk_rows, index)]
 
     def triplet_mutual_information(
         self, deep: Tensor, shallow: Tensor, graph: Tensor, index: Tensor, batch_idx: int

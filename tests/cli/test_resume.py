@@ -68,3 +68,35 @@ def test_killed_and_resumed_dccm_run_ends_with_the_same_weights(tmp_path):
     log = next((tmp_path / "runs" / "whole").glob("*/metrics.csv")).read_text().splitlines()
     column = log[0].split(",").index("train/graph_positives")
     assert any(0 < float(row.split(",")[column]) < 1 for row in log[1:] if row.split(",")[column])
+
+
+def test_a_dccm_run_killed_inside_a_chunk_resumes_with_the_chunks_targets(tmp_path):
+    """The authors' chunked schedule: a checkpoint inside a chunk (here after every batch) holds
+    the targets the chunk started with; the resumed run uses them and ends as the whole run."""
+    from tests.cli.test_lifecycle import FIT, assert_same_weights, state
+
+    (tmp_path / "tiny.yaml").write_text(TINY_DCCM)
+    chunked = [
+        "--model.init_args.chunk_size",
+        "128",
+        "--model.init_args.chunk_repeats",
+        "2",
+        "--checkpoint_every_minutes",
+        "0.000001",
+    ]
+    whole = clusterlab(*FIT, "--name", "whole", *chunked, cwd=tmp_path)
+    assert whole.returncode == 0, whole.tail()
+    kill = [
+        "--trainer.callbacks+=tests.helpers.KillAt",
+        "--trainer.callbacks.epoch=2",
+        "--trainer.callbacks.batch=2",
+    ]
+    killed = clusterlab(*FIT, "--name", "killed", *chunked, *kill, cwd=tmp_path)
+    assert killed.returncode == -9, killed.tail()
+    at_kill = state(tmp_path / "runs" / "killed")
+    assert (at_kill["epoch"], at_kill["global_step"]) == (2, 8) and at_kill["state_dict"][
+        "chunk_probs"
+    ].sum() > 0
+    resumed = clusterlab(*FIT, "--name", "killed", "--ckpt_path", "last", *chunked, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.tail()
+    assert_same_weights(state(tmp_path / "runs" / "whole"), state(tmp_path / "runs" / "killed"))

@@ -38,3 +38,21 @@ def test_training_batches_carry_one_of_each_samples_neighbours_drawn_per_epoch()
     trainer.fit_loop.epoch_progress.current.completed = 1
     next_epoch = _training_batch(data, trainer, list(range(40, 72)))
     assert not torch.equal(next_epoch["neighbor_index"], neighbor)
+
+
+def test_chunked_batches_visit_each_chunk_several_times_each_batch_twice():
+    from clusterlab.data.datamodule import ChunkBatches
+
+    batches = list(ChunkBatches(40, batch_size=5, world=1, rank=0, chunk_size=20, repeats=3, batch_repeats=2))
+    assert len(batches) == 2 * 3 * 4 * 2  # chunks x visits x batches per visit x views per batch
+    first, second = batches[:24], batches[24:]
+    assert all(first[i] == first[i + 1] for i in range(0, 24, 2))  # each batch twice in a row
+    chunk = set(sum(first[:8], []))
+    assert len(chunk) == 20 and all(set(sum(first[k : k + 8], [])) == chunk for k in (8, 16))  # 3 visits
+    assert first[:8] != first[8:16]  # each visit in a new order
+    assert chunk.isdisjoint(sum(second, []))  # the next chunk: other images
+
+    shares = [list(ChunkBatches(40, 5, 2, rank, 20, 3, 2)) for rank in (0, 1)]
+    together = list(ChunkBatches(40, 10, 1, 0, 20, 3, 2))
+    for a, b, whole in zip(*shares, together):  # the two processes' shares make the global batch
+        assert sorted(a + b) == sorted(whole)

@@ -11,11 +11,11 @@ import torch
 from clusterlab.cli import ClusterLabCLI
 from clusterlab.data.datamodule import ClusterDataModule
 from clusterlab.data.sources import Digits
-from clusterlab.data.views import Views
+from clusterlab.data.views import GeometricViews, Views
 from clusterlab.methods import DCCM
 from clusterlab.nn import SmallCNN
 from tests.ddp_workers import RecordFirstStep
-from tests.helpers import REPO, trainer
+from tests.helpers import REPO, tiny_cnn, trainer
 
 DIGITS = str(Path(REPO, "experiments", "dccm_digits.yaml"))
 
@@ -81,7 +81,7 @@ def test_random_pairs_do_not_depend_on_how_the_batch_is_ordered_or_split():
     assert not torch.equal(model.pair_scores(index, batch_idx=6), scores)
 
 
-def _dccm_model() -> DCCM:
+def _dccm_model(**kwargs) -> DCCM:
     torch.manual_seed(0)
     # Batch-independent throughout (GroupNorm, no BatchNorm on the logits): torch has no
     # SyncBatchNorm on CPU. Identity views: each process draws its own views. The thresholds sit
@@ -97,12 +97,14 @@ def _dccm_model() -> DCCM:
         discriminator_dim=16,
         logit_norm=False,
         optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        **kwargs,
     )
 
 
-def test_dccm_training_step_on_two_processes_equals_one_process_with_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("chunked", [False, True], ids=["paper", "authors-chunks"])
+def test_dccm_training_step_on_two_processes_equals_one_process_with_the_whole_batch(tmp_path, chunked):
     pl.seed_everything(0)
-    model = _dccm_model()
+    model = _dccm_model(**({"chunk_size": 128, "chunk_repeats": 2} if chunked else {}))
     single_out, ddp_out = tmp_path / "single", tmp_path / "ddp"
     single_out.mkdir(), ddp_out.mkdir()
 
@@ -117,9 +119,12 @@ def test_dccm_training_step_on_two_processes_equals_one_process_with_the_whole_b
     # Every term is at work in this step: the pseudo-graph has positives and negatives, some
     # predictions are confident, and the mutual information has pairs of both kinds.
     logged = single_model.trainer.callback_metrics
-    assert 0.1 < logged["train/graph_positives"] < 0.9 and 0.1 < logged["train/confident"] < 0.9
+    if not chunked:
+        assert 0.1 < logged["train/graph_positives"] < 0.9 and 0.1 < logged["train/confident"] < 0.9
     for term in ("pseudo_graph", "pseudo_label", "pseudo_graph_transformed", "mutual_information"):
         assert logged[f"train/{term}"] > 0, term
+    if chunked:  # the chunk's targets: the same on both processes as on one
+        assert torch.equal(single_model.chunk_rows.sort().values, single_model.chunk_rows)
 
     single = torch.load(single_out / "rank0.pt")
     ranks = [torch.load(ddp_out / f"rank{r}.pt") for r in range(2)]
@@ -134,3 +139,27 @@ def test_dccm_training_step_on_two_processes_equals_one_process_with_the_whole_b
             torch.testing.assert_close(
                 result["grads"][name], grad, rtol=0, atol=1e-4 * scale + 1e-9, msg=name
             )
+
+
+def test_the_authors_chunked_schedule_computes_targets_once_per_chunk(tmp_path):
+    """chunk_size: targets from the chunk's start for all its batches (the authors' code)."""
+
+    class RecordTargets(pl.Callback):
+        def __init__(self) -> None:
+            self.targets = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.targets.append(pl_module.chunk_probs.clone())
+
+    torch.manual_seed(0)
+    model = DCCM(10, tiny_cnn(), GeometricViews(flip=False), discriminator_dim=16, chunk_size=256,
+                 chunk_repeats=2, chunk_batch_repeats=2)  # fmt: skip
+    record = RecordTargets()
+    trainer(callbacks=record, max_epochs=1, limit_train_batches=32, limit_val_batches=0).fit(
+        model, ClusterDataModule("digits", batch_size=64)
+    )
+    steps_per_chunk = 2 * (256 // 64) * 2
+    chunks = [record.targets[i : i + steps_per_chunk] for i in range(0, 32, steps_per_chunk)]
+    assert len(chunks) == 2 and all(torch.equal(t, chunk[0]) for chunk in chunks for t in chunk)
+    assert not torch.equal(chunks[0][0], chunks[1][0])  # new targets for the next chunk
+    assert torch.allclose(chunks[0][0].sum(1), torch.ones(256))

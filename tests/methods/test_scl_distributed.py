@@ -12,6 +12,7 @@ from clusterlab.data.datamodule import ClusterDataModule
 from clusterlab.data.views import Views
 from clusterlab.methods import SCL
 from clusterlab.nn import SmallCNN
+from tests.helpers import trainer
 
 
 class RecordSCL(pl.Callback):
@@ -59,23 +60,8 @@ def _model(imbalance_guard: bool) -> SCL:
 
 def _fit(devices: int, batch_size: int, out: Path, imbalance_guard: bool = False) -> None:
     out.mkdir()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
-        max_epochs=2,
-        limit_train_batches=1,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[RecordSCL(str(out))],
-    )
-    trainer.fit(
-        _model(imbalance_guard), ClusterDataModule("digits", batch_size=batch_size, eval_batch_size=500)
-    )
+    run = trainer(devices, RecordSCL(str(out)), max_epochs=2, limit_train_batches=1, limit_val_batches=0)
+    run.fit(_model(imbalance_guard), ClusterDataModule("digits", batch_size=batch_size, eval_batch_size=500))
 
 
 def _queue_contents(keys: torch.Tensor, index: torch.Tensor) -> list[np.ndarray]:
