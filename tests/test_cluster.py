@@ -80,7 +80,8 @@ def grouped(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
     folder, out = root / "photos", root / "grouped"
     write_photo_folder(folder)
-    main(["cluster", str(folder), "--out", str(out), "--minutes", "0.4", "--batch_size", "64"])
+    # Epochs, not minutes, end the training here, so that the result does not depend on the load.
+    main(["cluster", str(folder), "--out", str(out), "--epochs", "40", "--minutes", "5", "--batch_size", "40"])
     return folder, out
 
 
@@ -154,7 +155,7 @@ def test_a_rerun_into_the_same_out_replaces_the_previous_output_whole(grouped, t
     out = tmp_path / "again"
     shutil.copytree(previous, out)
     (out / "leftover.txt").write_text("from an earlier run")
-    main(["cluster", str(folder), "--out", str(out), "--num_clusters", "3", "--minutes", "0.05", "--batch_size", "64"])
+    main(["cluster", str(folder), "--out", str(out), "--num_clusters", "3", "--epochs", "2", "--batch_size", "40"])
     printed = capsys.readouterr().out
     assert "reused the cache of the previous run" in printed and f"Report: {out / 'report.html'}" in printed
     assert not (out / "leftover.txt").exists()  # nothing of the earlier run is mixed in
@@ -276,3 +277,22 @@ def test_the_recipe_config_is_the_model_trained():
     assert type(again) is type(model) and again.num_clusters == 7
     assert [tuple(p.shape) for p in again.parameters()] == [tuple(p.shape) for p in model.parameters()]
     assert resolved["init_args"]["views"]["init_args"]["standardize"] is True
+
+
+@pytest.mark.slow
+def test_two_thousand_colour_cast_digits_are_grouped_into_about_ten_clusters_within_15_minutes(tmp_path):
+    """The issue's target on a 2-core CPU: ten kinds -> K in 8..12, ACC >= 0.85, under 15 minutes."""
+    import importlib.util
+    import time
+
+    from tests.helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("make_folders", Path(REPO, "benchmarks", "make_folders.py"))
+    make_folders = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_folders)
+    make_folders.make_folder("digits-colour", tmp_path / "digits", count=2000, seed=1)
+    started = time.time()
+    main(["cluster", str(tmp_path / "digits"), "--out", str(tmp_path / "out")])
+    assert time.time() - started < 15 * 60
+    summary = json.loads((tmp_path / "out" / "cluster.json").read_text())
+    assert 8 <= summary["num_clusters"] <= 12 and summary["metrics"]["acc"] >= 0.85

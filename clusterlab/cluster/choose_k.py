@@ -8,11 +8,12 @@ with few links between them has K eigenvalues near 0 and then a jump. K is where
 lambda_{K+1} - lambda_K is largest, over K = 2..K_max. The curve shown in report.html is that
 jump for every K.
 
-Details that keep it stable: the graph is the symmetrised kNN graph with k = N / 8 neighbours,
+Details that keep it stable: the graph is the symmetrised kNN graph with k = N / 5 neighbours,
 at least 10 and at most 50. k must be a fair share of a group: with too few neighbours a group of
 images breaks into sub-groups (pose, contrast, exposure) that the graph sees as separate. On the
-features of a 120-image test folder of 4 kinds, k = 5 / 10 / 12 gave K = 9 / 6 / 6 and k = 15..40
-gave 4; on a 2,000-image folder of the 10 digits, k = 10..40 gave 11-12. At most 5,000 images are used, drawn with the seed (the eigen-solver's
+SimCLR features of the 120-image test folder of 4 kinds (tests/test_cluster.py), k = 10 / 15 gave
+K = 12 / 8 and k = 20..30 gave 4; on a 2,000-image folder of the 10 digits, k = 10..40 gave 11-12.
+At most 5,000 images are used, drawn with the seed (the eigen-solver's
 time grows with the graph; the gaps do not need more). Ties go to the smaller K.
 """
 
@@ -31,7 +32,7 @@ MAX_POINTS = 5000
 
 
 def neighbors_for(n: int) -> int:
-    return int(min(50, max(10, round(n / 8))))
+    return int(min(50, max(10, round(n / 5))))
 
 
 @dataclass

@@ -30,6 +30,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from datetime import timedelta
@@ -43,8 +44,8 @@ from clusterlab.errors import ConfigError
 
 PHASES = 7
 DEFAULT_MINUTES = 10.0
-EPOCHS = {"features": 150, "clustering": 150}  # for ~2,000 images; fewer steps per epoch, more epochs
-TARGET_STEPS = 1200  # optimizer steps per phase when the folder is small enough to afford them
+MAX_EPOCHS = 300  # per phase
+TARGET_STEPS = 2400  # optimizer steps per phase when the folder is small enough to afford them
 MAX_K = 20  # the largest K that --num_clusters auto considers (fewer for small folders)
 
 
@@ -64,11 +65,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--method", default="cc", choices=recipe.METHODS, help="clustering method (default: cc)")
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
                         help=f"training time budget in minutes, all phases (default: {DEFAULT_MINUTES:g})")  # fmt: skip
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="at most this many epochs per training phase (default: about 1,200 steps' worth, "
+                             "10 to 150); --minutes still applies")  # fmt: skip
     parser.add_argument("--image_size", type=int, default=32, help="working side in pixels (default: 32)")
     parser.add_argument("--batch_size", type=int, default=256, help="training batch (default: 256)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu (default: auto)")
     args = parser.parse_args(argv)
+    args.argv = list(argv)
     if args.num_clusters != "auto":
         try:
             args.num_clusters = int(args.num_clusters)
@@ -78,6 +83,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
             raise ConfigError(f"--num_clusters {args.num_clusters}: grouping needs at least 2 clusters (or auto)")
     if not args.minutes > 0 or not math.isfinite(args.minutes):
         raise ConfigError(f"--minutes {args.minutes:g}: the training budget must be more than 0 minutes")
+    if args.epochs is not None and args.epochs < 1:
+        raise ConfigError(f"--epochs {args.epochs}: train for at least 1 epoch")
     if args.image_size < 8:
         raise ConfigError(f"--image_size {args.image_size}: use at least 8 pixels")
     if args.batch_size < 2:
@@ -149,7 +156,7 @@ def run(args, folder: Path, out: Path, staging: Path) -> dict:
     features_model, k_curve = None, None
     auto = args.num_clusters == "auto"
     need_features = auto or args.method == "nnm"
-    epochs = _epochs(n, data.hparams.batch_size)
+    epochs = args.epochs or _epochs(n, data.hparams.batch_size)
     if need_features:
         phases.start(f"features: SimCLR on {n:,} images (up to {budget / 120:.1f} min)")
         features_model, _ = recipe.build(recipe.pretext(args.image_size, args.num_clusters if not auto else 2))
@@ -187,9 +194,11 @@ def run(args, folder: Path, out: Path, staging: Path) -> dict:
 
     phases.start(f"assigning {n:,} images")
     outputs = _assign(model, data)
-    order = torch.bincount(outputs["cluster"], minlength=num_clusters).argsort(descending=True, stable=True).tolist()
-    recipe.permute_clusters(model, order)  # cluster 0 is the largest, in the report and for predict
-    outputs = _assign(model, data)
+    order = torch.bincount(outputs["cluster"], minlength=num_clusters).argsort(descending=True, stable=True)
+    recipe.permute_clusters(model, order.tolist())  # cluster 0 is the largest, in the report and for predict
+    renumbered = torch.empty_like(order)
+    renumbered[order] = torch.arange(num_clusters)
+    outputs["cluster"] = renumbered[outputs["cluster"]]
     outputs["num_clusters"] = num_clusters
     # Renumbered: predict names the clusters as the report does.
     trainer.save_checkpoint(staging / "checkpoints" / "last.ckpt", weights_only=False)
@@ -228,7 +237,8 @@ def run(args, folder: Path, out: Path, staging: Path) -> dict:
         "metrics": metrics,
         "predict_command": (f"clusterlab predict --config {out / 'config.yaml'} --ckpt_path "
                             f"{out / 'checkpoints' / 'last.ckpt'} --data.dataset image_folder --data.root NEW_FOLDER"),
-        "command": "clusterlab cluster " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["cluster"] else sys.argv[1:]),
+        "features_epochs": features_model.epochs_trained if features_model is not None else 0,
+        "command": "clusterlab cluster " + shlex.join(args.argv),
     }  # fmt: skip
     summary["total_minutes"] = (time.time() - phases.started) / 60
     report.write_html(staging / "report.html", summary, views, figures, metrics)
@@ -282,7 +292,7 @@ def _epochs(n: int, batch: int) -> int:
     """Epochs per phase: enough optimizer steps for a small folder, at least 10 passes for a large
     one (the time budget then usually ends the phase first)."""
     steps_per_epoch = max(1, n // batch)
-    return max(10, min(EPOCHS["features"], math.ceil(TARGET_STEPS / steps_per_epoch)))
+    return max(10, min(MAX_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch)))
 
 
 def _train(model, data, folder: Path, epochs: int, seconds: float, args):
@@ -321,7 +331,7 @@ def _assign(model, data) -> dict:
     from clusterlab.callbacks.figures import collect_predictions
 
     model.eval()
-    return collect_predictions(None, model, data._eval_loader())
+    return collect_predictions(None, model, data.val_dataloader())
 
 
 def _metrics(outputs: dict, classes: list[str]) -> dict | None:
@@ -338,6 +348,10 @@ def _config(model: dict, folder: Path, args, num_clusters: int, epochs: int) -> 
     """config.yaml: the model trained, on this folder, loadable by `clusterlab predict / fit / test`."""
     import yaml
 
+    # The CLI links these from the data (data.num_clusters, data.input_channels): not set twice.
+    model = json.loads(json.dumps(model))
+    model["init_args"].pop("num_clusters", None)
+    model["init_args"]["backbone"]["init_args"].pop("in_channels", None)
     config = {
         "seed_everything": args.seed,
         "trainer": {"max_epochs": epochs, "accelerator": "auto", "devices": 1, "num_sanity_val_steps": 0,

@@ -17,6 +17,10 @@ class CachedFolderData(ClusterDataModule):
     def __init__(self, images: ImageSet, root: Path, image_size: int, num_clusters: int, batch_size: int) -> None:
         super().__init__("image_folder", root=str(root), image_size=image_size, channels=3, num_clusters=num_clusters,
                          batch_size=batch_size, eval_batch_size=512)  # fmt: skip
+        # Lightning records the constructor's arguments in every checkpoint: the images are the
+        # cache's, not a setting, and the folder is a path string (checkpoints load weights_only).
+        self.hparams.pop("images", None)
+        self.hparams["root"] = str(root)
         self.images = images
 
     def split(self, name: str) -> ImageSet:

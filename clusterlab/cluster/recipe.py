@@ -94,13 +94,18 @@ def _parser():
 
 def build(model: dict) -> tuple[ClusteringMethod, dict]:
     """The model a config describes, built as `clusterlab fit` builds it, and the config with
-    every default filled in (what config.yaml records)."""
+    every default filled in (what config.yaml records). Its checkpoint's hyperparameters are
+    the CLI's too (the class path and every init arg), which `clusterlab predict --ckpt_path`
+    reads back."""
     import yaml
+    from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters_context
 
     parser = _parser()
     namespace = parser.parse_object({"model": model})
     resolved = yaml.safe_load(parser.dump(namespace))["model"]
-    return parser.instantiate_classes(namespace).model, resolved
+    hparams = {"_class_path": resolved["class_path"], **resolved.get("init_args", {})}
+    with _given_hyperparameters_context(hparams=hparams, instantiator="pytorch_lightning.cli.instantiate_module"):
+        return parser.instantiate_classes(namespace).model, resolved
 
 
 def warm_start(model: ClusteringMethod, source: ClusteringMethod) -> None:

@@ -123,7 +123,7 @@ h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.2em; margin: 1.
 table { border-collapse: collapse; margin: 0.5em 0; } td, th { border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 .figures { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
-.figures figure { margin: 0; } .figures img { max-width: 100%; border: 1px solid #ddd; }
+.figures figure { margin: 0; flex: 1 1 440px; max-width: 520px; } .figures img { width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: 0.85em; color: #555; max-width: 540px; }
 nav a { margin-right: 0.6em; white-space: nowrap; }
 .cluster { border-top: 1px solid #ddd; }
@@ -141,7 +141,7 @@ def _e(text) -> str:
 
 def _thumbs(items: list[tuple[str, str, float]]) -> str:
     return "".join(
-        f'<figure><img src="{_e(thumb)}" alt="{_e(source)}" title="{_e(source)}" loading="lazy">'
+        f'<figure><img src="{_e(thumb)}" alt="{_e(source)}" title="{_e(source)}">'
         f"<figcaption>{confidence:.2f}</figcaption></figure>"
         for thumb, source, confidence in items
     )
@@ -162,8 +162,9 @@ def write_html(path: Path, summary: dict, clusters: list[ClusterView], figures: 
         f"<title>clusterlab: {_e(s['folder'])} in {s['num_clusters']} clusters</title>",
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>{_e(s['folder'])}: {s['images']:,} images in {s['num_clusters']} clusters</h1>",
-        f'<p class="summary">{k_line}. Method {_e(s["method"])}, {s["epochs"]} epochs in '
-        f"{s['train_minutes']:.1f} min of training, {s['total_minutes']:.1f} min in all{skipped}. "
+        f'<p class="summary">{k_line}. Method {_e(s["method"])}, {s["epochs"]} epochs'
+        + (f" after {s['features_epochs']} epochs of SimCLR features" if s.get("features_epochs") else "")
+        + f", {s['train_minutes']:.1f} min of training, {s['total_minutes']:.1f} min in all{skipped}. "
         f'Every image\'s cluster: <a href="assignments.csv">assignments.csv</a>.</p>',
         '<nav class="muted">' + " ".join(f'<a href="#cluster-{c.index}">cluster {c.index} ({c.size:,})</a>'
                                          for c in clusters) + "</nav>",  # fmt: skip
@@ -179,7 +180,7 @@ def write_html(path: Path, summary: dict, clusters: list[ClusterView], figures: 
     }  # fmt: skip
     for name in ("sizes", "k_curve", "embedding", "confusion"):
         if name in figures:
-            parts.append(f'<figure><img src="{_e(figures[name])}" alt="{name}" style="max-width:540px">'
+            parts.append(f'<figure><img src="{_e(figures[name])}" alt="{name}">'
                          f"<figcaption>{_e(captions[name])}</figcaption></figure>")  # fmt: skip
     parts.append("</div>")
     if metrics:
