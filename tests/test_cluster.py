@@ -164,6 +164,24 @@ def test_a_rerun_into_the_same_out_replaces_the_previous_output_whole(grouped, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]
 
 
+@pytest.mark.parametrize("method", ["nnm", "scl", "dccm"])
+def test_every_method_groups_a_folder_through_the_command(method, tmp_path, monkeypatch):
+    """Two epochs per phase: the other methods' recipes build, train, renumber and load in predict."""
+    write_photo_folder(tmp_path / "photos", per_kind=8)
+    out = tmp_path / "out"
+    main(["cluster", str(tmp_path / "photos"), "--out", str(out), "--method", method, "--num_clusters", "3",
+          "--epochs", "2", "--batch_size", "16"])  # fmt: skip
+    summary = json.loads((out / "cluster.json").read_text())
+    assert summary["method"] == method.upper() and summary["num_clusters"] == 3
+    assert len(rows(out / "assignments.csv")) == 32 and (out / "report.html").is_file()
+    monkeypatch.chdir(tmp_path)
+    main(["predict", "--config", str(out / "config.yaml"), "--ckpt_path", str(out / "checkpoints" / "last.ckpt"),
+          "--data.dataset", "image_folder", "--data.root", str(tmp_path / "photos")])  # fmt: skip
+    predicted = {str(Path(r["path"]).relative_to(tmp_path / "photos")): int(r["cluster"])
+                 for r in rows(next(out.glob("predict-*/assignments.csv")))}  # fmt: skip
+    assert predicted == {r["path"]: int(r["cluster"]) for r in rows(out / "assignments.csv")}
+
+
 def one_line_error(capsys, *argv) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(["cluster", *map(str, argv)])

@@ -66,8 +66,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
                         help=f"training time budget in minutes, all phases (default: {DEFAULT_MINUTES:g})")  # fmt: skip
     parser.add_argument("--epochs", type=int, default=None,
-                        help="at most this many epochs per training phase (default: about 1,200 steps' worth, "
-                             "10 to 150); --minutes still applies")  # fmt: skip
+                        help="at most this many epochs per training phase (default: 2,400 steps' worth, "
+                             "10 to 300); --minutes still applies")  # fmt: skip
     parser.add_argument("--image_size", type=int, default=32, help="working side in pixels (default: 32)")
     parser.add_argument("--batch_size", type=int, default=256, help="training batch (default: 256)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")

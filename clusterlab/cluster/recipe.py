@@ -12,8 +12,8 @@ What suits photos, for every method:
   random greyscale p 0.2), as CC and SimCLR use on natural images; NNM's strong views
   (RandAugment + Cutout) and DCCM's small geometric perturbations, each with the same input;
 - backbone: a VGG-style SmallCNN that halves the side down to 4 px (4 blocks at 32 px,
-  16-128 channels, 98k parameters): ~1,800 images/s of two-view training on 2 CPU cores at 32 px,
-  so that 2,000 images get about 200 epochs within 10 minutes;
+  16-128 channels, 98k parameters): ~1,600-1,800 images/s of two-view training on 2 idle CPU
+  cores at 32 px, so that 2,000 images get about 250 epochs per phase within 10 minutes;
 - optimiser: Adam 1e-3 (CC, SimCLR, NNM), RMSprop (DCCM), SGD 0.03 with a cosine schedule (SCL),
   as their digits configs.
 """
@@ -71,7 +71,9 @@ def clustering(method: str, size: int, num_clusters: int, num_images: int, epoch
         args.update(views=views("strong", size), pretext_checkpoint=pretext_checkpoint,
                     num_neighbors=max(1, min(20, num_images // (2 * num_clusters))), optimizer=_adam())  # fmt: skip
     elif method == "scl":
+        # SCL's under-clustering task has K // 2 clusters: none below K = 4.
         args.update(views=views("simclr", size), memory_size=max(num_clusters, min(4096, num_images // 2)),
+                    under_clustering=num_clusters >= 4,
                     optimizer={"class_path": "torch.optim.SGD",
                                "init_args": {"lr": 0.03, "momentum": 0.9, "weight_decay": 0.0005}},
                     lr_scheduler={"class_path": "torch.optim.lr_scheduler.CosineAnnealingLR",
@@ -102,7 +104,7 @@ def build(model: dict) -> tuple[ClusteringMethod, dict]:
 
     parser = _parser()
     namespace = parser.parse_object({"model": model})
-    resolved = yaml.safe_load(parser.dump(namespace))["model"]
+    resolved = yaml.safe_load(parser.dump(namespace, skip_none=False))["model"]
     hparams = {"_class_path": resolved["class_path"], **resolved.get("init_args", {})}
     with _given_hyperparameters_context(hparams=hparams, instantiator="pytorch_lightning.cli.instantiate_module"):
         return parser.instantiate_classes(namespace).model, resolved
