@@ -6,9 +6,14 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup run test test-slow lint clean
+.PHONY: setup chromium run test test-slow lint clean
 
-setup: $(STAMP)
+setup: $(STAMP) chromium
+
+# Headless Chromium for the report's browser test (tests/test_cluster.py): Debian's package, once.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -q chromium) || echo "chromium could not be installed: the browser test will be skipped"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,10 +24,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/clusterlab fit --config experiments/cc_digits.yaml
 
-test: $(STAMP)
+test: setup
 	$(BIN)/python -m pytest
 
-test-slow: $(STAMP)
+test-slow: setup
 	$(BIN)/python -m pytest -m slow
 
 lint: $(STAMP)

@@ -497,6 +497,12 @@ def main(args: list[str] | None = None) -> None:
     if args is None:
         sys.argv[1:] = argv
     try:
+        if argv[:1] == [
+            "cluster"
+        ]:  # `clusterlab cluster FOLDER`: clusterlab.cluster (not a LightningCLI stage)
+            from clusterlab.cluster.command import main as cluster
+
+            return cluster(argv[1:])
         ClusterLabCLI(args=None if args is None else argv)
     except UserError as error:
         if debug:

@@ -37,9 +37,10 @@ class Clusterer(Protocol):
         ...
 
 
-def collect_predictions(trainer: pl.Trainer, module, loader) -> dict[str, torch.Tensor]:
+def collect_predictions(trainer: pl.Trainer | None, module, loader) -> dict[str, torch.Tensor]:
     """Index, cluster, confidence, features and label of every evaluation sample, on every rank,
-    in dataset order (`clusterlab.passes.pass_over`), on the CPU."""
+    in dataset order (`clusterlab.passes.pass_over`; in the trainer's precision when there is
+    one), on the CPU."""
 
     def step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         cluster, confidence = module.assign(batch["image"])
@@ -50,9 +51,8 @@ def collect_predictions(trainer: pl.Trainer, module, loader) -> dict[str, torch.
             "label": batch["label"],
         }
 
-    outputs = pass_over(
-        module, loader, step, precision=trainer.precision_plugin, description="Drawing figures"
-    )
+    precision = trainer.precision_plugin if trainer is not None else None
+    outputs = pass_over(module, loader, step, precision=precision, description="Drawing figures")
     return {key: value.cpu() for key, value in outputs.items()}
 
 

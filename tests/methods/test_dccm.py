@@ -152,8 +152,15 @@ def test_the_authors_chunked_schedule_computes_targets_once_per_chunk(tmp_path):
             self.targets.append(pl_module.chunk_probs.clone())
 
     torch.manual_seed(0)
-    model = DCCM(10, tiny_cnn(), GeometricViews(flip=False), discriminator_dim=16, chunk_size=256,
-                 chunk_repeats=2, chunk_batch_repeats=2)  # fmt: skip
+    model = DCCM(
+        10,
+        tiny_cnn(),
+        GeometricViews(flip=False),
+        discriminator_dim=16,
+        chunk_size=256,
+        chunk_repeats=2,
+        chunk_batch_repeats=2,
+    )
     record = RecordTargets()
     trainer(callbacks=record, max_epochs=1, limit_train_batches=32, limit_val_batches=0).fit(
         model, ClusterDataModule("digits", batch_size=64)

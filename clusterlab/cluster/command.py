@@ -1,0 +1,486 @@
+"""`clusterlab cluster FOLDER --out DIR`: group a folder of photos, choose how many groups, show them.
+
+    clusterlab cluster ~/photos --out ~/photos-grouped [--num_clusters auto|K] [--method cc|nnm|scl|dccm]
+                       [--minutes 10] [--image_size 32] [--seed 0]
+
+One line per phase, Lightning's progress bar while training, the report's path at the end:
+
+  [1/7] scanning      the sorted walk of the folder (nested folders; png, jpg, webp, bmp, tiff, ...)
+  [2/7] decoding      every image once, into DIR/cache (a uint8 memmap the epochs read batches from)
+  [3/7] features      SimCLR on the folder: the features K is chosen on (when --num_clusters auto,
+                      and for NNM, whose pretext it is)
+  [4/7] choosing K    label-free, from those features (clusterlab.cluster.choose_k)
+  [5/7] clustering    the method with K clusters (CC: started from the features' backbone)
+  [6/7] assigning     every image: cluster and confidence; clusters renumbered by size
+  [7/7] report        report.html with thumbnails and figures, contact sheets, assignments.csv
+
+`--minutes` bounds the training of phases 3 and 5 together (Lightning's max_time): each phase
+also has a number of epochs, so a small folder finishes early. Labels (class sub-folders) are
+read only to report ACC / NMI / ARI: nothing is chosen with them.
+
+DIR is built in a hidden sibling folder and swapped in at the end (clusterlab.cluster.output):
+an interrupted or failed run leaves DIR as it was. DIR is also a run directory: `config.yaml`
+and `checkpoints/last.ckpt` are what `clusterlab predict` needs to group new images the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clusterlab.cluster import cache, choose_k, output, recipe, report
+from clusterlab.errors import ConfigError
+
+PHASES = 7
+DEFAULT_MINUTES = 10.0
+MAX_EPOCHS = 300  # per phase
+TARGET_STEPS = 2400  # optimizer steps per phase when the folder is small enough to afford them
+MAX_K = 20  # the largest K that --num_clusters auto considers (fewer for small folders)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, as every clusterlab error
+        sys.stderr.write(f"clusterlab cluster: error: {message} (see: clusterlab cluster --help)\n")
+        raise SystemExit(2)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = _Parser(
+        prog="clusterlab cluster",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("folder", type=Path, help="the folder of images (sub-folders are walked)")
+    parser.add_argument("--out", type=Path, required=True, help="where the results go (replaced by a re-run)")
+    parser.add_argument(
+        "--num_clusters",
+        default="auto",
+        help="K, or 'auto' (default): chosen from the data, see docs/cluster-folder.md",
+    )
+    parser.add_argument(
+        "--method", default="cc", choices=recipe.METHODS, help="clustering method (default: cc)"
+    )
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=DEFAULT_MINUTES,
+        help=f"training time budget in minutes, all phases (default: {DEFAULT_MINUTES:g})",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="at most this many epochs per training phase (default: 2,400 steps' worth, "
+        "10 to 300); --minutes still applies",
+    )
+    parser.add_argument("--image_size", type=int, default=32, help="working side in pixels (default: 32)")
+    parser.add_argument("--batch_size", type=int, default=256, help="training batch (default: 256)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu (default: auto)"
+    )
+    args = parser.parse_args(argv)
+    args.argv = list(argv)
+    if args.num_clusters != "auto":
+        try:
+            args.num_clusters = int(args.num_clusters)
+        except ValueError:
+            raise ConfigError(
+                f"--num_clusters {args.num_clusters!r}: give a whole number of clusters, or auto"
+            ) from None
+        if args.num_clusters < 2:
+            raise ConfigError(
+                f"--num_clusters {args.num_clusters}: grouping needs at least 2 clusters (or auto)"
+            )
+    if not args.minutes > 0 or not math.isfinite(args.minutes):
+        raise ConfigError(f"--minutes {args.minutes:g}: the training budget must be more than 0 minutes")
+    if args.epochs is not None and args.epochs < 1:
+        raise ConfigError(f"--epochs {args.epochs}: train for at least 1 epoch")
+    if args.image_size < 8:
+        raise ConfigError(f"--image_size {args.image_size}: use at least 8 pixels")
+    if args.batch_size < 2:
+        raise ConfigError(
+            f"--batch_size {args.batch_size}: contrastive training needs at least 2 images per batch"
+        )
+    return args
+
+
+class Phases:
+    """The one line per phase the user follows."""
+
+    def __init__(self) -> None:
+        self.number, self.started = 0, time.time()
+
+    def start(self, text: str) -> None:
+        self.number += 1
+        print(f"[{self.number}/{PHASES}] {text}", flush=True)
+
+    def note(self, text: str) -> None:
+        print(f"      {text}", flush=True)
+
+
+def main(argv: list[str]) -> None:
+    args = parse(argv)
+    _quiet_lightning()
+    folder = args.folder.expanduser().resolve()
+    out = args.out.expanduser().resolve()
+    if not folder.exists() or not folder.is_dir():
+        cache.scan(folder)  # says what is wrong with it
+    output.check_output(out, folder)
+    staging = output.make_staging(out)
+    try:
+        summary = run(args, folder, out, staging)
+        (staging / output.MARKER).write_text(json.dumps(summary, indent=2) + "\n")
+        output.swap_in(staging, out)
+    except BaseException:
+        output.discard(staging)
+        raise
+    print(f"Report: {out / 'report.html'}", flush=True)
+
+
+def run(args, folder: Path, out: Path, staging: Path) -> dict:
+    """Every phase, writing into `staging`; returns the summary that cluster.json records."""
+    import pytorch_lightning as pl
+
+    phases = Phases()
+    pl.seed_everything(args.seed, verbose=False)
+    phases.start(f"scanning {folder}")
+    found = cache.scan(folder)
+    labelled = f", {len(found.classes)} class sub-folders" if found.classes else ""
+    phases.note(f"{len(found.paths):,} image files{labelled}")
+
+    phases.start(f"decoding {len(found.paths):,} images to {args.image_size} px into {out / 'cache'}")
+    decoded = cache.decode(
+        found,
+        staging / "cache",
+        args.image_size,
+        reuse=out / "cache" if out.is_dir() else None,
+        progress=_decode_progress(),
+    )
+    images = decoded.images
+    n = len(images)
+    _write_skipped(staging / "skipped.csv", decoded.skipped)
+    how = (
+        "reused the cache of the previous run"
+        if decoded.reused
+        else f"{n / max(decoded.seconds, 1e-9):,.0f} images/s"
+    )
+    phases.note(
+        f"{n:,} decoded, {len(decoded.skipped)} unreadable (skipped.csv), {decoded.seconds:.1f} s ({how})"
+    )
+    if isinstance(args.num_clusters, int) and args.num_clusters > n:
+        raise ConfigError(
+            f"--num_clusters {args.num_clusters}: more clusters than the {n} readable images; "
+            "give fewer clusters"
+        )
+    if n < 4 and args.num_clusters == "auto":
+        raise ConfigError(
+            f"only {n} readable image(s) under {folder}: too few to group; choosing K needs at least 4"
+        )
+
+    data = _data(images, folder, args, num_clusters=2)
+    budget = args.minutes * 60.0
+    trainer_seconds = 0.0
+    features_model, k_curve = None, None
+    auto = args.num_clusters == "auto"
+    need_features = auto or args.method == "nnm"
+    epochs = args.epochs or _epochs(n, data.hparams.batch_size)
+    if need_features:
+        phases.start(f"features: SimCLR on {n:,} images (up to {budget / 120:.1f} min)")
+        features_model, _ = recipe.build(
+            recipe.pretext(args.image_size, args.num_clusters if not auto else 2)
+        )
+        seconds, trainer = _train(
+            features_model, data, staging / "logs" / "features", epochs, budget / 2, args
+        )
+        trainer_seconds += seconds
+        phases.note(_trained(features_model, epochs, seconds, n))
+        if args.method == "nnm":
+            trainer.save_checkpoint(staging / "features" / "last.ckpt", weights_only=False)  # NNM's pretext
+    else:
+        phases.start("features: skipped (K is given; the clustering method trains on its own)")
+
+    if auto:
+        phases.start("choosing K from the features (label-free)")
+        started = time.time()
+        features = _features(features_model, images)
+        np.save(
+            staging / "cache" / "features.npy", features.numpy()
+        )  # what K was chosen on, to look at again
+        choice = choose_k.choose(features, range(2, min(MAX_K, n // 2) + 1), seed=args.seed)
+        num_clusters, k_curve = choice.k, choice.curve
+        phases.note(f"K = {num_clusters} ({choice.method}; {time.time() - started:.1f} s)")
+    else:
+        num_clusters = args.num_clusters
+        phases.start(f"choosing K: given, K = {num_clusters}")
+
+    left = budget - trainer_seconds
+    phases.start(
+        f"clustering: {args.method.upper()} with {num_clusters} clusters (up to {left / 60:.1f} min)"
+    )
+    pretext_ckpt = str(staging / "features" / "last.ckpt") if args.method == "nnm" else None
+    model_config = recipe.clustering(args.method, args.image_size, num_clusters, n, epochs, pretext_ckpt)
+    model, resolved = recipe.build(model_config)
+    if features_model is not None and args.method == "cc":
+        recipe.warm_start(model, features_model)
+    data = _data(images, folder, args, num_clusters=num_clusters)
+    seconds, trainer = _train(model, data, staging / "logs" / "clustering", epochs, left, args)
+    trainer_seconds += seconds
+    phases.note(_trained(model, epochs, seconds, n))
+
+    phases.start(f"assigning {n:,} images")
+    outputs = _assign(model, data)
+    order = torch.bincount(outputs["cluster"], minlength=num_clusters).argsort(descending=True, stable=True)
+    recipe.permute_clusters(model, order.tolist())  # cluster 0 is the largest, in the report and for predict
+    renumbered = torch.empty_like(order)
+    renumbered[order] = torch.arange(num_clusters)
+    outputs["cluster"] = renumbered[outputs["cluster"]]
+    outputs["num_clusters"] = num_clusters
+    # Renumbered: predict names the clusters as the report does.
+    trainer.save_checkpoint(staging / "checkpoints" / "last.ckpt", weights_only=False)
+    if args.method == "nnm":  # where the pretext checkpoint will be once the output is swapped in
+        resolved["init_args"]["pretext_checkpoint"] = str(out / "features" / "last.ckpt")
+    config = _config(resolved, folder, args, num_clusters, epochs)
+    (staging / "config.yaml").write_text(config)
+    paths = [found.relative(p) for p in images.paths]
+    _write_assignments(staging / "assignments.csv", paths, outputs)
+    metrics = _metrics(outputs, found.classes)
+    if metrics:
+        phases.note(
+            f"against the {len(found.classes)} class sub-folders: ACC {metrics['acc']:.4f}, "
+            f"NMI {metrics['nmi']:.4f}, ARI {metrics['ari']:.4f}"
+        )
+
+    phases.start("writing the report")
+    sizes = torch.bincount(outputs["cluster"], minlength=num_clusters).tolist()
+    _contact_sheets(outputs, images.images, staging / "clusters")
+    figures = report.draw_figures(outputs, found.classes, k_curve, staging / "figures")
+    views = report.cluster_views(
+        outputs, paths, images.images, [Path(p) for p in images.paths], staging / "thumbs"
+    )
+    summary = {
+        "folder": str(folder),
+        "images": n,
+        "skipped": len(decoded.skipped),
+        "num_clusters": num_clusters,
+        "k_auto": auto,
+        "k_method": choose_k.METHOD if auto else "given",
+        "k_curve": k_curve,
+        "k_caption": choose_k.CAPTION if auto else "",
+        "method": args.method.upper(),
+        "epochs": int(model.epochs_trained),
+        "image_size": args.image_size,
+        "seed": args.seed,
+        "minutes_budget": args.minutes,
+        "train_minutes": trainer_seconds / 60,
+        "cluster_sizes": sizes,
+        "metrics": metrics,
+        "predict_command": (
+            f"clusterlab predict --config {out / 'config.yaml'} --ckpt_path "
+            f"{out / 'checkpoints' / 'last.ckpt'} --data.dataset image_folder --data.root NEW_FOLDER"
+        ),
+        "features_epochs": int(features_model.epochs_trained) if features_model is not None else 0,
+        "command": "clusterlab cluster " + shlex.join(args.argv),
+    }
+    summary["total_minutes"] = (time.time() - phases.started) / 60
+    report.write_html(staging / "report.html", summary, views, figures, metrics)
+    phases.note(f"{num_clusters} clusters, sizes {sizes}; {summary['total_minutes']:.1f} min in all")
+    return summary
+
+
+# -- pieces ---------------------------------------------------------------------------------------
+
+
+def _quiet_lightning() -> None:
+    """The phase lines and the progress bar are the output: Lightning's start-up notes (devices,
+    tips, SLURM hints) and the warnings that do not apply to this command are left out."""
+    import logging
+    import warnings
+
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in (
+        ".*srun.*",
+        ".*LeafSpec.*",
+        ".*does not have many workers.*",
+        ".*Sparse invariant checks.*",
+        ".*exists and is not empty.*",
+        ".*smaller than the logging interval.*",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+
+
+def _trained(model, epochs: int, seconds: float, n: int) -> str:
+    done = int(model.epochs_trained)
+    stop = "" if done >= epochs else f" (of {epochs}: the time budget ended the phase)"
+    return f"{done} epochs{stop} in {seconds / 60:.1f} min, {done * n / max(seconds, 1e-9):,.0f} images/s"
+
+
+def _decode_progress():
+    """A line every 10% on long decodes (a folder of 100,000 photos takes minutes)."""
+    shown = {"step": 0}
+
+    def progress(done: int, total: int) -> None:
+        step = int(10 * done / max(total, 1))
+        if total >= 5000 and step > shown["step"]:
+            shown["step"] = step
+            print(f"      {done:,} / {total:,}", flush=True)
+
+    return progress
+
+
+def _data(images, folder: Path, args, num_clusters: int):
+    from clusterlab.cluster.data import CachedFolderData
+
+    batch = max(2, min(args.batch_size, len(images)))
+    return CachedFolderData(images, folder, args.image_size, num_clusters, batch)
+
+
+def _epochs(n: int, batch: int) -> int:
+    """Epochs per phase: enough optimizer steps for a small folder, at least 10 passes for a large
+    one (the time budget then usually ends the phase first)."""
+    steps_per_epoch = max(1, n // batch)
+    return max(10, min(MAX_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch)))
+
+
+def _train(model, data, folder: Path, epochs: int, seconds: float, args):
+    """Fit within `epochs` and `seconds`; returns (seconds taken, the trainer, which saves the
+    checkpoint later, atomically)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import RichProgressBar
+
+    from clusterlab.checkpointing import AtomicCheckpointIO
+    from clusterlab.loggers import CSVLogger
+
+    folder.mkdir(parents=True, exist_ok=True)
+    trainer = pl.Trainer(
+        accelerator=args.accelerator,
+        devices=1,
+        max_epochs=epochs,
+        max_time=timedelta(seconds=max(1.0, seconds)),
+        logger=CSVLogger(str(folder)),
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        enable_model_summary=False,
+        callbacks=[RichProgressBar()],
+        default_root_dir=str(folder),
+        log_every_n_steps=max(1, min(5, len(data.images) // data.hparams.batch_size)),
+        plugins=[AtomicCheckpointIO()],
+    )
+    started = time.time()
+    trainer.fit(model, datamodule=data)
+    return time.time() - started, trainer
+
+
+def _features(model, images) -> torch.Tensor:
+    """L2-normalised backbone features of every image, read from the memmap a batch at a time."""
+    model.eval()
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(images), 512):
+            batch = images.images[start : start + 512].to(model.device)
+            parts.append(
+                torch.nn.functional.normalize(model.backbone(model.plain(batch)).float(), dim=1).cpu()
+            )
+    return torch.cat(parts)
+
+
+def _assign(model, data) -> dict:
+    from clusterlab.callbacks.figures import collect_predictions
+
+    model.eval()
+    return collect_predictions(None, model, data.val_dataloader())
+
+
+def _metrics(outputs: dict, classes: list[str]) -> dict | None:
+    from clusterlab.metrics import evaluate
+
+    known = outputs["label"] >= 0
+    if len(classes) < 2 or known.sum() == 0:
+        return None
+    results = evaluate(outputs["cluster"][known], outputs["label"][known])
+    return {**results, "labelled": int(known.sum()), "classes": len(classes)}
+
+
+def _config(model: dict, folder: Path, args, num_clusters: int, epochs: int) -> str:
+    """config.yaml: the model trained, on this folder, loadable by `clusterlab predict / fit / test`."""
+    import yaml
+
+    # The CLI links these from the data (data.num_clusters, data.input_channels): not set twice.
+    model = json.loads(json.dumps(model))
+    model["init_args"].pop("num_clusters", None)
+    model["init_args"]["backbone"]["init_args"].pop("in_channels", None)
+    config = {
+        "seed_everything": args.seed,
+        "trainer": {
+            "max_epochs": epochs,
+            "accelerator": "auto",
+            "devices": 1,
+            "num_sanity_val_steps": 0,
+            "logger": [{"class_path": "clusterlab.loggers.CSVLogger"}],
+        },
+        "model": model,
+        "data": {
+            "dataset": "image_folder",
+            "root": str(folder),
+            "train_split": "train+test",
+            "num_clusters": num_clusters,
+            "image_size": args.image_size,
+            "channels": 3,
+            "batch_size": min(args.batch_size, 256),
+        },
+        "name": "cluster",
+        "kmeans_baseline": False,
+    }
+    header = (
+        f"# Written by `clusterlab cluster` ({time.strftime('%Y-%m-%d %H:%M')}): the model of "
+        "checkpoints/last.ckpt beside this file.\n# Group new images with it:\n#   clusterlab predict "
+        "--config config.yaml --ckpt_path checkpoints/last.ckpt --data.dataset image_folder --data.root "
+        "NEW_FOLDER\n"
+    )
+    return header + yaml.safe_dump(config, sort_keys=False)
+
+
+def _write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([("path", "reason"), *skipped])
+
+
+def _write_assignments(path: Path, paths: list[str], outputs: dict) -> None:
+    with open(path, "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(["path", "cluster", "confidence"])
+        for i in range(len(paths)):
+            rows.writerow([paths[i], int(outputs["cluster"][i]), f"{float(outputs['confidence'][i]):.4f}"])
+
+
+def _contact_sheets(outputs: dict, images: torch.Tensor, folder: Path, per_sheet: int = 48) -> None:
+    from clusterlab.callbacks.assignments import contact_sheet
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(int(outputs["num_clusters"])):
+        members = (outputs["cluster"] == k).nonzero().flatten()
+        ranked = members[outputs["confidence"][members].argsort(descending=True)][:per_sheet]
+        contact_sheet(
+            images[ranked],
+            outputs["confidence"][ranked].tolist(),
+            f"cluster {k}: {len(members)} images (the {len(ranked)} most confident)",
+            folder / f"{k}.png",
+        )
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    main(sys.argv[1:])

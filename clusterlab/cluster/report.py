@@ -1,0 +1,278 @@
+"""report.html: one page that shows how a folder was grouped, readable offline from file://.
+
+The page has no script, no style sheet or font from elsewhere, and no absolute URL: its
+images are PNG files beside it, named by relative paths (`thumbs/`, `figures/`, `clusters/`),
+so the output folder can be moved or zipped whole. What it shows:
+
+- a summary line: images, clusters, how K was chosen, method, training time, skipped files;
+- the cluster-size histogram, the curve K was chosen from (when --num_clusters auto), and a
+  t-SNE of the features coloured by cluster;
+- ACC / NMI / ARI and the confusion matrix, only when the folder has class sub-folders (at least
+  two); labels are read for this report and nothing else;
+- per cluster (`cluster 0` is the largest): its size, its most and its least confident images.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clusterlab.callbacks.figures import _pyplot, confusion_figure, embedding_figure
+
+THUMB_SIDE = 96  # px, the longer side of a thumbnail
+
+
+@dataclass
+class ClusterView:
+    """What the page shows of one cluster: thumbnails are paths relative to the page."""
+
+    index: int
+    size: int
+    mean_confidence: float
+    most: list[tuple[str, str, float]] = field(default_factory=list)  # (thumbnail, source path, confidence)
+    least: list[tuple[str, str, float]] = field(default_factory=list)
+
+
+def thumbnail(source: Path, fallback: torch.Tensor, target: Path) -> None:
+    """A small PNG of the original file (sharper than the decoded working size); the decoded
+    image when the file cannot be read again."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(source) as image:
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            image.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.BICUBIC)
+            if max(image.size) < THUMB_SIDE:  # small images: enlarged without blurring
+                scale = THUMB_SIDE / max(image.size)
+                image = image.resize(
+                    (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.NEAREST
+                )
+            image.save(target)
+    except (OSError, ValueError, SyntaxError):
+        array = fallback.numpy()
+        array = array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
+        Image.fromarray(array).resize((THUMB_SIDE, THUMB_SIDE), Image.NEAREST).save(target)
+
+
+def sizes_figure(sizes: list[int], path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(sizes) + 2.5), 3.2))
+    ax.bar(range(len(sizes)), sizes, color="#4C72B0")
+    ax.set_xticks(range(len(sizes)), [str(k) for k in range(len(sizes))], fontsize=8)
+    ax.set_xlabel("cluster")
+    ax.set_ylabel("images")
+    ax.set_title("cluster sizes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def k_curve_figure(curve: dict, path: Path) -> Path:
+    """The criterion K was chosen by, over the range tried, with the choice marked."""
+    plt = _pyplot()
+    ks, values = curve["k"], curve["value"]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(ks, values, marker="o", markersize=3, color="#4C72B0")
+    chosen = ks.index(curve["chosen"])
+    ax.plot(
+        [curve["chosen"]],
+        [values[chosen]],
+        marker="o",
+        markersize=9,
+        color="#C44E52",
+        label=f"chosen: K = {curve['chosen']}",
+    )
+    ax.set_xlabel("K (number of clusters)")
+    ax.set_ylabel(curve["label"])
+    ax.set_title(curve["title"], fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def draw_figures(
+    outputs: dict, class_names: list[str], k_curve: dict | None, folder: Path, embedding_points: int = 2000
+) -> dict[str, str]:
+    """The page's figures into folder/; returns name -> file name. A figure that cannot be drawn
+    is left out of the page (a warning says why); it never ends the run."""
+    import warnings
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = torch.bincount(outputs["cluster"], minlength=int(outputs["num_clusters"])).tolist()
+    title = "clusters"
+    jobs = [
+        ("sizes", lambda p: sizes_figure(sizes, p)),
+        ("embedding", lambda p: embedding_figure(outputs, embedding_points, title, p)),
+    ]
+    if k_curve is not None:
+        jobs.append(("k_curve", lambda p: k_curve_figure(k_curve, p)))
+    if (outputs["label"] >= 0).sum() > 0 and len(class_names) >= 2:
+        jobs.append(("confusion", lambda p: confusion_figure(outputs, class_names, title, p)))
+    drawn = {}
+    for name, draw in jobs:
+        try:
+            drawn[name] = draw(folder / f"{name}.png").relative_to(folder.parent).as_posix()
+        except Exception as error:  # noqa: BLE001 - a figure is a by-product
+            warnings.warn(f"figure {name}.png not drawn: {type(error).__name__}: {error}", stacklevel=2)
+    return drawn
+
+
+_STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 1.5em auto;
+       max-width: 1100px; padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.2em; margin: 1.4em 0 0.3em; }
+.summary { color: #444; } .muted { color: #777; font-size: 0.9em; }
+table { border-collapse: collapse; margin: 0.5em 0; }
+td, th { border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+.figures { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
+.figures figure { margin: 0; flex: 1 1 440px; max-width: 520px; }
+.figures img { width: 100%; border: 1px solid #ddd; }
+figcaption { font-size: 0.85em; color: #555; max-width: 540px; }
+nav a { margin-right: 0.6em; white-space: nowrap; }
+.cluster { border-top: 1px solid #ddd; }
+.row { display: flex; flex-wrap: wrap; gap: 4px; margin: 0.2em 0 0.6em; }
+.row figure { margin: 0; text-align: center; font-size: 0.7em; color: #555; }
+.row img { width: 96px; height: 96px; object-fit: contain; background: #f4f4f4; border: 1px solid #ddd;
+           image-rendering: pixelated; display: block; }
+.label { font-size: 0.85em; font-weight: 600; margin-top: 0.4em; }
+"""
+
+
+def _e(text) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _thumbs(items: list[tuple[str, str, float]]) -> str:
+    return "".join(
+        f'<figure><img src="{_e(thumb)}" alt="{_e(source)}" title="{_e(source)}">'
+        f"<figcaption>{confidence:.2f}</figcaption></figure>"
+        for thumb, source, confidence in items
+    )
+
+
+def write_html(
+    path: Path, summary: dict, clusters: list[ClusterView], figures: dict[str, str], metrics: dict | None
+) -> Path:
+    """The page itself. `summary` holds the folder, counts, K and how it was chosen, and timings."""
+    s = summary
+    k_line = (
+        f"K = {s['num_clusters']} chosen from the data ({_e(s['k_method'])})"
+        if s["k_auto"]
+        else f"K = {s['num_clusters']} (given)"
+    )
+    skipped = (
+        f', <a href="skipped.csv">{s["skipped"]} unreadable file{"s" if s["skipped"] != 1 else ""} '
+        "skipped</a>"
+        if s["skipped"]
+        else ", no unreadable file"
+    )
+    parts = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>clusterlab: {_e(s['folder'])} in {s['num_clusters']} clusters</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        f"<h1>{_e(s['folder'])}: {s['images']:,} images in {s['num_clusters']} clusters</h1>",
+        f'<p class="summary">{k_line}. Method {_e(s["method"])}, {s["epochs"]} epochs'
+        + (f" after {s['features_epochs']} epochs of SimCLR features" if s.get("features_epochs") else "")
+        + f", {s['train_minutes']:.1f} min of training, {s['total_minutes']:.1f} min in all{skipped}. "
+        f'Every image\'s cluster: <a href="assignments.csv">assignments.csv</a>.</p>',
+        '<nav class="muted">'
+        + " ".join(f'<a href="#cluster-{c.index}">cluster {c.index} ({c.size:,})</a>' for c in clusters)
+        + "</nav>",
+        "<h2>Overview</h2>",
+        '<div class="figures">',
+    ]
+    captions = {
+        "sizes": "Images per cluster. Clusters are numbered by size: cluster 0 is the largest.",
+        "k_curve": s.get("k_caption", ""),
+        "embedding": "t-SNE of the learned features; colour = cluster. Nearby points look alike to the "
+        "model.",
+        "confusion": "Class sub-folders (rows) against clusters (columns): read from the folder names for "
+        "this report only; they chose nothing.",
+    }
+    for name in ("sizes", "k_curve", "embedding", "confusion"):
+        if name in figures:
+            parts.append(
+                f'<figure><img src="{_e(figures[name])}" alt="{name}">'
+                f"<figcaption>{_e(captions[name])}</figcaption></figure>"
+            )
+    parts.append("</div>")
+    if metrics:
+        parts += [
+            "<h2>Against the class sub-folders</h2>",
+            f'<p class="muted">{metrics["labelled"]:,} images lie in {metrics["classes"]} class sub-folders. '
+            "ACC matches clusters to classes one to one (Hungarian); NMI and ARI need no matching.</p>",
+            "<table><tr><th></th><th>ACC</th><th>NMI</th><th>ARI</th></tr>",
+            f"<tr><td>{_e(s['method'])}, K = {s['num_clusters']}</td>"
+            + "".join(f"<td>{metrics[k]:.4f}</td>" for k in ("acc", "nmi", "ari"))
+            + "</tr></table>",
+        ]
+    parts.append("<h2>Clusters</h2>")
+    for c in clusters:
+        share = 100.0 * c.size / max(1, s["images"])
+        parts += [
+            f'<section class="cluster" id="cluster-{c.index}">',
+            f'<h2>cluster {c.index} <span class="muted">{c.size:,} images ({share:.1f}%), '
+            f"mean confidence {c.mean_confidence:.2f}, "
+            f'<a href="clusters/{c.index}.png">contact sheet</a></span></h2>',
+        ]
+        if c.most:
+            parts += ['<div class="label">most confident</div>', f'<div class="row">{_thumbs(c.most)}</div>']
+        if c.least:
+            parts += [
+                '<div class="label">least confident</div>',
+                f'<div class="row">{_thumbs(c.least)}</div>',
+            ]
+        parts.append("</section>")
+    parts += [
+        '<h2>Files</h2><p class="muted">',
+        '<a href="assignments.csv">assignments.csv</a> (path, cluster, confidence), ',
+        '<a href="skipped.csv">skipped.csv</a> (path, reason), ',
+        'clusters/&lt;k&gt;.png (contact sheets), <a href="config.yaml">config.yaml</a> and '
+        "checkpoints/last.ckpt "
+        "(the model). Group new images with the same clusters:</p>",
+        f"<pre>{_e(s['predict_command'])}</pre>",
+        "</body></html>",
+    ]
+    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    return path
+
+
+def cluster_views(
+    outputs: dict, paths: list[str], images: torch.Tensor, sources: list[Path], folder: Path, per_row: int = 8
+) -> list[ClusterView]:
+    """Thumbnails of each cluster's most and least confident images into folder/<k>/; the views of
+    every cluster, in cluster order (cluster 0 is the largest)."""
+    views = []
+    cluster, confidence = outputs["cluster"], outputs["confidence"]
+    for k in range(int(outputs["num_clusters"])):
+        members = (cluster == k).nonzero().flatten()
+        view = ClusterView(k, len(members), float(confidence[members].mean()) if len(members) else 0.0)
+        if len(members):
+            ranked = members[confidence[members].argsort(descending=True)]
+            most = ranked[:per_row].tolist()
+            least = [i for i in ranked.flip(0)[:per_row].flip(0).tolist() if i not in most]
+            (folder / str(k)).mkdir(parents=True, exist_ok=True)
+            for kind, chosen in (("most", most), ("least", least)):
+                for rank, i in enumerate(chosen):
+                    target = folder / str(k) / f"{kind}_{rank}.png"
+                    thumbnail(sources[i], images[i], target)
+                    getattr(view, kind).append(
+                        (target.relative_to(folder.parent).as_posix(), paths[i], float(confidence[i]))
+                    )
+        views.append(view)
+    return views
+
+
+def sizes_of(outputs: dict) -> np.ndarray:
+    return torch.bincount(outputs["cluster"], minlength=int(outputs["num_clusters"])).numpy()

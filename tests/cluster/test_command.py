@@ -1,0 +1,389 @@
+"""`clusterlab cluster FOLDER`: a real folder through the real command, its report in a real browser."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clusterlab.cli import main
+
+KINDS = ("stripes", "bars", "checks", "rings")  # four kinds no colour cast can hide
+FORMATS = (("png", "PNG"), ("jpg", "JPEG"), ("webp", "WEBP"), ("bmp", "BMP"), ("tiff", "TIFF"))
+MODES = ("RGB", "L", "RGBA", "P")
+
+
+def pattern(kind: str, side: int, rng: np.random.Generator) -> np.ndarray:
+    """A side x side pattern in [0, 1] with a random phase and period."""
+    y, x = np.mgrid[0:side, 0:side] / side
+    period, phase = rng.uniform(0.22, 0.3), rng.uniform(0, 1)
+    if kind == "stripes":
+        wave = np.sin(2 * np.pi * (y / period + phase))
+    elif kind == "bars":
+        wave = np.sin(2 * np.pi * (x / period + phase))
+    elif kind == "checks":
+        wave = np.sin(2 * np.pi * (x / period + phase)) * np.sin(2 * np.pi * (y / period + phase))
+    else:
+        cy, cx = rng.uniform(0.4, 0.6, 2)
+        wave = np.sin(2 * np.pi * (np.hypot(x - cx, y - cy) / period + phase))
+    return (wave > 0).astype(np.float32)
+
+
+def write_photo_folder(root: Path, per_kind: int = 30, seed: int = 0) -> dict[str, int]:
+    """Kinds in nested folders (<kind>/<batch>/[deeper/]), each image with its own colour cast,
+    exposure and noise, size and aspect, file format and mode; plus a truncated JPEG, a zero-byte
+    PNG and a text file named .png. Returns {kind: images}."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for k, kind in enumerate(KINDS):
+        for i in range(per_kind):
+            width, height = int(rng.integers(28, 64)), int(rng.integers(28, 64))
+            base = pattern(kind, max(width, height), rng)[:height, :width, None]
+            foreground, background = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+            image = base * foreground + (1 - base) * background
+            image = image * rng.uniform(0.7, 1.2) + rng.normal(0, 8, image.shape)
+            ext, fmt = FORMATS[(i + k) % len(FORMATS)]
+            mode = MODES[i % len(MODES)]
+            folder = root / kind / f"batch_{i % 3}" / ("deeper" if i % 5 == 0 else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            picture = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+            if mode == "P" and fmt != "JPEG":
+                picture = picture.convert("P", palette=Image.ADAPTIVE, colors=32)
+            elif mode == "L":
+                picture = picture.convert("L")
+            elif mode == "RGBA" and fmt != "JPEG":
+                picture = picture.convert("RGBA")
+            picture.save(folder / f"{kind}_{i:03d}.{ext}", fmt)
+    good = sorted((root / KINDS[0]).rglob("*.jpg"))[0].read_bytes()
+    (root / KINDS[0] / "batch_0" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / KINDS[1] / "empty.png").write_bytes(b"")
+    (root / KINDS[2] / "notes.png").write_text("not an image\n")
+    (root / "README.txt").write_text("other files are ignored\n")
+    return {kind: per_kind for kind in KINDS}
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory):
+    """The command run once on a folder of four kinds (K auto), shared by the tests that read it."""
+    root = tmp_path_factory.mktemp("cluster")
+    folder, out = root / "photos", root / "grouped"
+    write_photo_folder(folder)
+    # Epochs, not minutes, end the training here, so that the result does not depend on the load.
+    main(
+        ["cluster", str(folder), "--out", str(out), "--epochs", "40", "--minutes", "5", "--batch_size", "40"]
+    )
+    return folder, out
+
+
+def test_the_folder_is_grouped_into_its_kinds_and_every_output_is_written(grouped, capsys):
+    folder, out = grouped
+    summary = json.loads((out / "cluster.json").read_text())
+    assert summary["k_auto"] and summary["num_clusters"] == len(KINDS)  # chosen without the labels
+    assignments = rows(out / "assignments.csv")
+    assert len(assignments) == 4 * 30 and {r["path"].split("/")[0] for r in assignments} == set(KINDS)
+    assert all(0 < float(r["confidence"]) <= 1 for r in assignments)
+    skipped = {r["path"]: r["reason"] for r in rows(out / "skipped.csv")}
+    assert set(skipped) == {"stripes/batch_0/truncated.jpg", "bars/empty.png", "checks/notes.png"}
+    assert skipped["bars/empty.png"] == "empty file (0 bytes)"
+    sizes = [int(n) for n in summary["cluster_sizes"]]
+    assert sizes == sorted(sizes, reverse=True)  # cluster 0 is the largest
+    counts = [sum(int(r["cluster"]) == k for r in assignments) for k in range(summary["num_clusters"])]
+    assert counts == sizes
+    assert summary["metrics"]["acc"] >= 0.9  # four kinds, one per cluster
+    for k in range(summary["num_clusters"]):
+        assert (out / "clusters" / f"{k}.png").stat().st_size > 1000
+    assert (out / "config.yaml").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    cache = out / "cache" / "images.u8"
+    assert cache.stat().st_size == len(assignments) * 3 * 32 * 32  # one uint8 row per readable image
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".grouped")]  # no partial folder left
+
+
+def test_the_report_opens_offline_in_a_real_browser_with_every_image(grouped):
+    playwright = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is in the dev extra: make setup"
+    )
+    if not shutil.which("chromium") and not Path("/usr/bin/chromium").exists():
+        pytest.skip("chromium is not installed (make setup installs it with apt-get)")
+    _, out = grouped
+    page_path = out / "report.html"
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=shutil.which("chromium") or "/usr/bin/chromium",
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        page = browser.new_page()
+        requests = []
+        page.on("request", lambda request: requests.append(request.url))
+        page.goto(page_path.as_uri())
+        page.wait_for_load_state("load")
+        images = page.eval_on_selector_all(
+            "img", "els => els.map(e => [e.getAttribute('src'), e.naturalWidth])"
+        )
+        text = page.inner_text("body")
+        browser.close()
+    assert requests and all(url.startswith("file://") for url in requests), [
+        u for u in requests if "file:" not in u
+    ]
+    assert len(images) > 4 * 2  # figures and thumbnails
+    for src, width in images:
+        assert not src.startswith(("/", "http")) and (out / src).is_file(), src
+        assert width > 0, f"{src} did not load"
+    for k in range(len(KINDS)):
+        assert f"cluster {k}" in text
+    assert "ACC" in text and "most confident" in text and "least confident" in text
+
+
+def test_predict_groups_images_as_the_report_does_with_the_written_checkpoint(grouped, tmp_path, monkeypatch):
+    folder, out = grouped
+    monkeypatch.chdir(tmp_path)
+    main(
+        [
+            "predict",
+            "--config",
+            str(out / "config.yaml"),
+            "--ckpt_path",
+            str(out / "checkpoints" / "last.ckpt"),
+            "--data.dataset",
+            "image_folder",
+            "--data.root",
+            str(folder),
+        ]
+    )
+    predicted = rows(next(out.glob("predict-*/assignments.csv")))
+    assigned = {r["path"]: int(r["cluster"]) for r in rows(out / "assignments.csv")}
+    assert len(predicted) == len(assigned)
+    same = sum(assigned[str(Path(r["path"]).relative_to(folder))] == int(r["cluster"]) for r in predicted)
+    assert same == len(assigned)  # the checkpoint numbers clusters as the report does
+
+
+def test_a_rerun_into_the_same_out_replaces_the_previous_output_whole(grouped, tmp_path, capsys):
+    folder, previous = grouped
+    out = tmp_path / "again"
+    shutil.copytree(previous, out)
+    (out / "leftover.txt").write_text("from an earlier run")
+    main(
+        [
+            "cluster",
+            str(folder),
+            "--out",
+            str(out),
+            "--num_clusters",
+            "3",
+            "--epochs",
+            "2",
+            "--batch_size",
+            "40",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "reused the cache of the previous run" in printed and f"Report: {out / 'report.html'}" in printed
+    assert not (out / "leftover.txt").exists()  # nothing of the earlier run is mixed in
+    assert json.loads((out / "cluster.json").read_text())["num_clusters"] == 3
+    assert {int(r["cluster"]) for r in rows(out / "assignments.csv")} <= {0, 1, 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]
+
+
+@pytest.mark.parametrize("method", ["nnm", "scl", "dccm"])
+def test_every_method_groups_a_folder_through_the_command(method, tmp_path, monkeypatch):
+    """Two epochs per phase: the other methods' recipes build, train, renumber and load in predict."""
+    write_photo_folder(tmp_path / "photos", per_kind=8)
+    out = tmp_path / "out"
+    main(
+        [
+            "cluster",
+            str(tmp_path / "photos"),
+            "--out",
+            str(out),
+            "--method",
+            method,
+            "--num_clusters",
+            "3",
+            "--epochs",
+            "2",
+            "--batch_size",
+            "16",
+        ]
+    )
+    summary = json.loads((out / "cluster.json").read_text())
+    assert summary["method"] == method.upper() and summary["num_clusters"] == 3
+    assert len(rows(out / "assignments.csv")) == 32 and (out / "report.html").is_file()
+    monkeypatch.chdir(tmp_path)
+    main(
+        [
+            "predict",
+            "--config",
+            str(out / "config.yaml"),
+            "--ckpt_path",
+            str(out / "checkpoints" / "last.ckpt"),
+            "--data.dataset",
+            "image_folder",
+            "--data.root",
+            str(tmp_path / "photos"),
+        ]
+    )
+    predicted = {
+        str(Path(r["path"]).relative_to(tmp_path / "photos")): int(r["cluster"])
+        for r in rows(next(out.glob("predict-*/assignments.csv")))
+    }
+    assert predicted == {r["path"]: int(r["cluster"]) for r in rows(out / "assignments.csv")}
+
+
+def one_line_error(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["cluster", *map(str, argv)])
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_bad_input_is_one_line_with_what_where_and_what_to_do_and_leaves_nothing(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    write_photo_folder(photos, per_kind=2)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.png").write_bytes(b"")
+    (tmp_path / "broken" / "b.jpg").write_text("no")
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    out = tmp_path / "out"
+    cases = [
+        ((tmp_path / "missing", "--out", out), "does not exist"),
+        ((tmp_path / "empty", "--out", out), "no images under"),
+        ((tmp_path / "broken", "--out", out), "none of the 2 image files"),
+        ((photos, "--out", tmp_path / "a_file" / "out"), "cannot write --out"),
+        ((photos, "--out", out, "--num_clusters", "1"), "at least 2 clusters"),
+        ((photos, "--out", out, "--num_clusters", "99"), "more clusters than the 8 readable images"),
+        ((photos, "--out", out, "--num_clusters", "many"), "a whole number of clusters, or auto"),
+        ((photos, "--out", out, "--minutes", "0"), "more than 0 minutes"),
+        ((photos, "--out", out, "--minutes", "-2"), "more than 0 minutes"),
+        ((photos, "--out", photos / "out"), "inside the image folder"),
+        ((photos, "--out", tmp_path / "mine"), "did not write; nothing was changed"),
+    ]
+    for argv, expected in cases:
+        line = one_line_error(capsys, *argv)
+        assert line.startswith("clusterlab: error: ") and expected in line, (argv, line)
+        assert not out.exists()
+        assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+    assert "the following arguments are required: --out" in one_line_error(capsys, photos)
+
+
+# -- the parts --------------------------------------------------------------------------------
+
+
+def test_the_decode_cache_is_a_memmap_that_batches_are_read_from(tmp_path):
+    from clusterlab.cluster import cache
+    from clusterlab.cluster.data import CachedFolderData
+
+    write_photo_folder(tmp_path / "photos", per_kind=3)
+    found = cache.scan(tmp_path / "photos")
+    decoded = cache.decode(found, tmp_path / "cache", 16)
+    images = decoded.images
+    assert images.images.shape == (12, 3, 16, 16) and len(decoded.skipped) == 3
+    # The tensor is a view of the memory-mapped file: nothing was read into memory to build it.
+    assert isinstance(decoded.memmap, np.memmap) and images.images.data_ptr() == decoded.memmap.ctypes.data
+    on_disk = np.fromfile(tmp_path / "cache" / "images.u8", dtype=np.uint8).reshape(12, 3, 16, 16)
+    assert torch.equal(images.images, torch.from_numpy(on_disk))
+    data = CachedFolderData(images, found.root, 16, 2, batch_size=4)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert torch.equal(batch["image"], images.images[batch["index"]])
+    again = cache.decode(found, tmp_path / "cache2", 16, reuse=tmp_path / "cache")
+    assert again.reused and torch.equal(again.images.images, images.images)
+    (found.paths[0]).write_bytes(found.paths[0].read_bytes())  # touched: another modification time
+    assert not cache.decode(found, tmp_path / "cache3", 16, reuse=tmp_path / "cache").reused
+
+
+def test_k_is_the_number_of_separated_groups_in_the_features():
+    from clusterlab.cluster.choose_k import choose
+
+    generator = torch.Generator().manual_seed(0)
+    for groups in (3, 7, 12):
+        centres = torch.nn.functional.normalize(torch.randn(groups, 32, generator=generator), dim=1)
+        points = centres.repeat_interleave(60, 0) + 0.15 * torch.randn(groups * 60, 32, generator=generator)
+        choice = choose(torch.nn.functional.normalize(points, dim=1), range(2, 21))
+        assert choice.k == groups and choice.curve["chosen"] == groups and len(choice.curve["value"]) == 19
+
+
+def test_standardised_views_do_not_see_a_colour_cast_or_exposure():
+    from clusterlab.data.views import SimCLRViews
+
+    views = SimCLRViews(size=16, standardize=True)
+    images = torch.rand(4, 3, 16, 16)
+    cast = images * torch.tensor([0.5, 0.9, 0.7]).view(1, 3, 1, 1) + torch.tensor([0.3, 0.0, 0.1]).view(
+        1, 3, 1, 1
+    )
+    scale = images.std((-2, -1), keepdim=True)
+    expected = views.plain(images)
+    assert torch.allclose(views.plain(cast), expected, atol=0.05 * math.sqrt(3) / float(scale.min()))
+    assert views.plain(cast).mean((-2, -1)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("method", ["cc", "nnm", "scl", "dccm"])
+def test_renumbered_clusters_are_the_same_clusters_under_new_numbers(method):
+    from clusterlab.cluster import recipe
+
+    model, _ = recipe.build(recipe.clustering(method, 16, 5, 100, 10, pretext_checkpoint="unused.ckpt"))
+    model.eval()
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    before = model.predict_proba(images)[model.selected_head]
+    order = [3, 0, 4, 1, 2]
+    recipe.permute_clusters(model, order)
+    after = model.predict_proba(images)[model.selected_head]
+    assert torch.allclose(after, before[:, order], atol=1e-6)
+
+
+def test_the_recipe_config_is_the_model_trained():
+    from clusterlab.cluster import recipe
+
+    model, resolved = recipe.build(recipe.clustering("cc", 32, 7, 2000, 100))
+    again, _ = recipe.build(resolved)
+    assert type(again) is type(model) and again.num_clusters == 7
+    assert [tuple(p.shape) for p in again.parameters()] == [tuple(p.shape) for p in model.parameters()]
+    assert resolved["init_args"]["views"]["init_args"]["standardize"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    reason="the issue's target, not met yet: K = 11, ACC 0.81 measured on 2 shared CPU cores "
+    "(docs/cluster-folder.md, Open problems)",
+    strict=False,
+)
+def test_two_thousand_colour_cast_digits_are_grouped_into_about_ten_clusters_within_15_minutes(tmp_path):
+    """The issue's target on a 2-core CPU: ten kinds -> K in 8..12, ACC >= 0.85, under 15 minutes."""
+    import importlib.util
+    import time
+
+    from tests.helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("make_folders", Path(REPO, "benchmarks", "make_folders.py"))
+    make_folders = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_folders)
+    make_folders.make_folder("digits-colour", tmp_path / "digits", count=2000, seed=1)
+    started = time.time()
+    main(["cluster", str(tmp_path / "digits"), "--out", str(tmp_path / "out")])
+    assert time.time() - started < 15 * 60
+    summary = json.loads((tmp_path / "out" / "cluster.json").read_text())
+    assert 8 <= summary["num_clusters"] <= 12 and summary["metrics"]["acc"] >= 0.85
