@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/clusterlab fit --config experiments/cc_digits.yaml
 
+# One test file per worker, one per core; one thread per process, so that the workers and the
+# processes the tests launch do not oversubscribe the cores.
 test: setup
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --dist loadfile --durations=5
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow

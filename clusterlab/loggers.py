@@ -10,15 +10,51 @@ import netrc
 import os
 from urllib.parse import urlparse
 
+from lightning_fabric.loggers.logger import rank_zero_experiment
 from pytorch_lightning.loggers import CSVLogger as _CSVLogger
 from pytorch_lightning.loggers import WandbLogger as _WandbLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+
+
+class _RowWriter(ExperimentWriter):
+    """Lightning's CSV writer, made safe against a kill at any moment: metrics.csv is never deleted
+    or half rewritten. It starts as the rows kept from an earlier part of the run (replacing the old
+    file in one rename), rows are appended as they are flushed, and a new column rewrites the file
+    into a temporary one that replaces it in one rename."""
+
+    def __init__(self, log_dir: str, kept: list[dict]) -> None:
+        super().__init__(log_dir)
+        self.metrics_keys = sorted(set().union(*kept)) if kept else []
+        if kept:
+            self._replace(kept)
+        elif os.path.isfile(self.metrics_file_path):  # nothing to keep: a fresh log
+            os.remove(self.metrics_file_path)
+
+    def _check_log_dir_exists(self) -> None:  # Lightning's deletes the earlier metrics.csv here
+        pass
+
+    def _replace(self, rows: list[dict]) -> None:
+        temporary = self.metrics_file_path + ".tmp"
+        with open(temporary, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, self.metrics_file_path)
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with open(self.metrics_file_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        self._replace(rows)
 
 
 class CSVLogger(_CSVLogger):
     """Lightning's CSV logger, writing metrics.csv and hparams.yaml into the run directory itself.
 
-    Rows go to the file as they are logged, so a kill loses none. A resumed run keeps the rows its
-    earlier part logged before the checkpoint it resumes from (`continue_from`, called by the CLI)
+    Rows go to the file as they are logged, so a kill loses none, and the file is never missing
+    or half written (`_RowWriter`). A resumed run keeps the rows its earlier part logged before
+    the checkpoint it resumes from (`continue_from`, called by the CLI before anything is logged)
     and logs the rest again: every step is in the file once. Without a checkpoint to continue
     from, an existing metrics.csv is replaced.
     """
@@ -50,15 +86,16 @@ class CSVLogger(_CSVLogger):
             return row_epoch < completed or (row_epoch == epoch and row_step < step)
 
         self._kept = [row for row in self._earlier_rows if before(row)]
+        if self._experiment is not None:  # already made: start its file again from the kept rows
+            self._experiment = _RowWriter(self.log_dir, self._kept)
 
     @property
-    def experiment(self):
-        writer = super().experiment
-        if self._kept and isinstance(getattr(writer, "metrics", None), list):
-            # The writer has just replaced the file: hand it the rows kept first.
-            writer.metrics[:0] = self._kept
-            self._kept = []
-        return writer
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.log_dir, exist_ok=True)
+            self._experiment = _RowWriter(self.log_dir, self._kept)
+        return self._experiment
 
 
 def wandb_logged_in() -> bool:

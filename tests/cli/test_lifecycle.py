@@ -69,7 +69,9 @@ def logged(run_dir: Path) -> list[tuple[str, str, str]]:
 def assert_logged_once_each(run_dir: Path, whole_dir: Path) -> None:
     entries = logged(run_dir)
     assert len(entries) == len(set(entries)), "a step is logged twice"
-    assert sorted(entries) == sorted(logged(whole_dir)), "the log differs from the uninterrupted run's"
+    expected = logged(whole_dir)
+    missing, extra = sorted(set(expected) - set(entries)), sorted(set(entries) - set(expected))
+    assert not missing and not extra, f"the log differs from the uninterrupted run's: {missing=} {extra=}"
 
 
 def test_kills_at_random_moments_resume_to_the_weights_of_an_uninterrupted_run(tmp_path):
