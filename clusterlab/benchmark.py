@@ -27,7 +27,9 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -35,8 +37,8 @@ import yaml
 METRICS = ("nmi", "acc", "ari")
 
 
-def run_stage(config: str, seed: int, extra: list[str], runs_dir: str) -> Path:
-    """`clusterlab fit` of one config and seed; returns its run directory."""
+def run_stage(config: str, seed: int, extra: list[str], runs_dir: str, threads: int | None = None) -> Path:
+    """`clusterlab fit` of one config and seed (on `threads` CPU threads); returns its run directory."""
     name = Path(config).stem
     started = time.time()
     command = [
@@ -53,7 +55,8 @@ def run_stage(config: str, seed: int, extra: list[str], runs_dir: str) -> Path:
         *extra,
     ]
     print("$", shlex.join(["clusterlab", *command[3:]]), flush=True)
-    done = subprocess.run(command, env={**os.environ, "COLUMNS": "200"}, capture_output=True, text=True)
+    env = {**os.environ, "COLUMNS": "200", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{config} seed {seed} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     found = [
@@ -137,11 +140,12 @@ def write_block(results: Path, key: str, block: str) -> None:
     results.write_text(text)
 
 
-def machine() -> str:
+def machine(threads: int | None = None) -> str:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}"
+    per_run = f", {threads} thread(s) per run" if threads else ""
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores{per_run}, {gpu}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -159,6 +163,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--results", default="docs/results.md", help="markdown file to write the table into")
     parser.add_argument("--runs_dir", default="runs")
     parser.add_argument("--json_dir", default="benchmarks/results")
+    parser.add_argument("--methods", nargs="+", default=None, help="run only these methods of the suite")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="(method, seed) runs at a time, each on cores/jobs threads (NNM's stages stay in order)",
+    )
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -178,37 +189,48 @@ def main(argv: list[str] | None = None) -> dict:
     Path(args.json_dir).mkdir(parents=True, exist_ok=True)
     progress_file = Path(args.json_dir) / f"{suite['key']}.progress.json"
     done = json.loads(progress_file.read_text()) if args.resume and progress_file.exists() else {}
-    runs: dict[str, list[dict]] = {}
-    for method in suite["methods"]:
+    methods = [m for m in suite["methods"] if args.methods is None or m["name"] in args.methods]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    lock = threading.Lock()
+
+    def run_method(method: dict, seed: int) -> dict:
         method_extra = extra + list(method.get("args", []))
-        for seed in args.seeds:
-            key = json.dumps([method["name"], method["stages"], method_extra, seed])
-            if key in done:
-                final = done[key]
-                print(
-                    f"  {method['name']} seed {seed}: from {progress_file} ({final['run_dir']})", flush=True
+        key = json.dumps([method["name"], method["stages"], method_extra, seed])
+        if key in done:
+            final = done[key]
+            print(f"  {method['name']} seed {seed}: from {progress_file} ({final['run_dir']})", flush=True)
+        else:
+            reports = []
+            for config in method["stages"]:
+                run_dir = run_stage(config, seed, method_extra, args.runs_dir, threads)
+                reports.append(
+                    {**json.loads((run_dir / "metrics.json").read_text()), "run_dir": str(run_dir)}
                 )
-            else:
-                reports = []
-                for config in method["stages"]:
-                    run_dir = run_stage(config, seed, method_extra, args.runs_dir)
-                    reports.append(
-                        {**json.loads((run_dir / "metrics.json").read_text()), "run_dir": str(run_dir)}
-                    )
-                final = dict(reports[-1])
-                final["wall_time_s"] = sum(r["wall_time_s"] for r in reports)  # all stages of the method
-                final["stage_runs"] = [r["run_dir"] for r in reports]
+            final = dict(reports[-1])
+            final["wall_time_s"] = sum(r["wall_time_s"] for r in reports)  # all stages of the method
+            final["stage_runs"] = [r["run_dir"] for r in reports]
+            with lock:  # the progress file records every finished run as it ends
                 done[key] = final
                 progress_file.write_text(json.dumps(done, indent=2) + "\n")
-            runs.setdefault(method["name"], []).append(final)
-            print(
-                f"  {method['name']} seed {seed}: " + ", ".join(f"{m} {final[m]:.4f}" for m in METRICS),
-                flush=True,
-            )
+        print(
+            f"  {method['name']} seed {seed}: " + ", ".join(f"{m} {final[m]:.4f}" for m in METRICS),
+            flush=True,
+        )
+        return final
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {m["name"]: [pool.submit(run_method, m, seed) for seed in args.seeds] for m in methods}
+        runs: dict[str, list[dict]] = {name: [f.result() for f in fs] for name, fs in futures.items()}
 
     rows = summarize(runs)
-    write_block(Path(args.results), suite["key"], markdown(suite, rows, command, machine()))
-    record = {"suite": args.suite, "command": command, "machine": machine(), "rows": rows, "runs": runs}
+    write_block(Path(args.results), suite["key"], markdown(suite, rows, command, machine(threads)))
+    record = {
+        "suite": args.suite,
+        "command": command,
+        "machine": machine(threads),
+        "rows": rows,
+        "runs": runs,
+    }
     (Path(args.json_dir) / f"{suite['key']}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(
         f"Table written to {args.results} (block {suite['key']}); runs listed in "

@@ -1,6 +1,7 @@
 """The benchmark runner's table is computed from the runs' metrics.json files."""
 
 import json
+import os
 import statistics
 
 import pytest
@@ -13,15 +14,21 @@ def test_runner_writes_the_table_from_the_runs_metrics(in_tmp):
     (in_tmp / "tiny_cc.yaml").write_text(TINY_CC)
     (in_tmp / "suite.yaml").write_text(
         "key: tiny\ntitle: Tiny suite\nmethods:\n  - name: CC\n    stages: [tiny_cc.yaml]\n"
+        "  - name: unused\n    stages: [missing.yaml]\n"
         "args: ['--trainer.max_epochs', '1', '--kmeans_baseline', 'true', '--figures.enabled', 'false']\n"
         "anchors:\n  - {name: k-means, acc: 0.47, nmi: 0.51}\n"
     )
     (in_tmp / "results.md").write_text("# Results\n\nkept text\n")
-    record = main(["suite.yaml", "--seeds", "0", "1", "--results", "results.md", "--json_dir", "out"])
+    record = main(
+        ["suite.yaml", "--seeds", "0", "1", "--results", "results.md", "--json_dir", "out", "--jobs", "2"]
+        + ["--methods", "CC"]
+    )
 
     runs = record["runs"]["CC"]
     metrics = [json.loads((in_tmp / r["run_dir"] / "metrics.json").read_text()) for r in runs]
-    assert [m["seed"] for m in metrics] == [0, 1]
+    assert [m["seed"] for m in metrics] == [0, 1] and set(record["runs"]) == {"CC"}
+    # Two runs at a time, each on its share of the cores.
+    assert {m["environment"]["threads"] for m in metrics} == {max(1, (os.cpu_count() or 1) // 2)}
     text = (in_tmp / "results.md").read_text()
     assert text.startswith("# Results\n\nkept text\n") and "<!-- benchmark:tiny -->" in text
     for name, key in (("CC", None), ("k-means (pixels)", "kmeans")):
@@ -43,10 +50,13 @@ def test_runner_writes_the_table_from_the_runs_metrics(in_tmp):
     run_dirs = sorted(p.parent for p in in_tmp.glob("runs/**/metrics.json"))
     resumed = main(
         ["suite.yaml", "--seeds", "0", "1", "--results", "results.md", "--json_dir", "out", "--resume"]
+        + ["--methods", "CC"]
     )
     assert [r["run_dir"] for r in resumed["runs"]["CC"]] == [r["run_dir"] for r in runs]
     assert sorted(p.parent for p in in_tmp.glob("runs/**/metrics.json")) == run_dirs
 
-    main(["suite.yaml", "--seeds", "0", "--results", "results.md", "--json_dir", "out"])  # replaces its block
+    main(
+        ["suite.yaml", "--seeds", "0", "--results", "results.md", "--json_dir", "out", "--methods", "CC"]
+    )  # replaces its block
     assert (in_tmp / "results.md").read_text().count("<!-- benchmark:tiny -->") == 1
     assert json.loads((in_tmp / "out" / "tiny.json").read_text())["rows"][1]["seeds"] == [0]

@@ -148,16 +148,22 @@ def build(model: dict) -> tuple[ClusteringMethod, dict]:
     the CLI's too (the class path and every init arg), which `clusterlab predict --ckpt_path`
     reads back."""
     import yaml
-    from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters_context
 
     parser = _parser()
     namespace = parser.parse_object({"model": model})
     resolved = yaml.safe_load(parser.dump(namespace, skip_none=False))["model"]
-    hparams = {"_class_path": resolved["class_path"], **resolved.get("init_args", {})}
-    with _given_hyperparameters_context(
-        hparams=hparams, instantiator="pytorch_lightning.cli.instantiate_module"
-    ):
-        return parser.instantiate_classes(namespace).model, resolved
+    built = parser.instantiate_classes(namespace).model
+    # The hyper-parameters as LightningCLI records them, so that `load_from_checkpoint` (and
+    # `clusterlab predict`) rebuilds the model through Lightning's own instantiator; a dict given to
+    # the public save_hyperparameters replaces what __init__ saved.
+    built.save_hyperparameters(
+        {
+            "_class_path": resolved["class_path"],
+            "_instantiator": "pytorch_lightning.cli.instantiate_module",
+            **resolved.get("init_args", {}),
+        }
+    )
+    return built, resolved
 
 
 def warm_start(model: ClusteringMethod, source: ClusteringMethod) -> None:
