@@ -16,17 +16,20 @@ from tests.ddp_workers import RecordEvaluation, RecordFirstStep
 from tests.helpers import trainer
 
 
-def _cc_model() -> CC:
+def _cc_model(num_heads: int = 1) -> CC:
     torch.manual_seed(0)
     # GroupNorm: batch statistics would differ per process on CPU, where torch has no
     # SyncBatchNorm (on GPUs, --trainer.sync_batchnorm true makes BatchNorm global too).
     backbone = SmallCNN(1, widths=(8, 16), downsample=(False, True), norm="group")
-    return CC(10, backbone, Views(), optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    return CC(
+        10, backbone, Views(), num_heads=num_heads, optimizer=functools.partial(torch.optim.SGD, lr=0.1)
+    )
 
 
-def test_cc_training_step_on_two_processes_equals_one_process_with_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("num_heads", [1, 3])
+def test_cc_training_step_on_two_processes_equals_one_process_with_the_whole_batch(num_heads, tmp_path):
     pl.seed_everything(0)
-    model = _cc_model()
+    model = _cc_model(num_heads)
     single_out, ddp_out = tmp_path / "single", tmp_path / "ddp"
     single_out.mkdir(), ddp_out.mkdir()
 
@@ -63,3 +66,39 @@ def test_evaluation_on_two_processes_counts_every_sample_once(tmp_path):
         got = json.loads((tmp_path / f"eval_rank{rank}.json").read_text())
         for key in ("acc", "nmi", "ari"):
             assert got[key] == pytest.approx(expected[key], abs=1e-6)
+
+
+class HeadLosses(pl.Callback):
+    """What each step added to every head's loss (cluster loss + entropy term)."""
+
+    def __init__(self) -> None:
+        self.recorded = []
+
+    def on_train_batch_start(self, trainer, model, batch, batch_idx) -> None:
+        self.before = model.head_loss_sum.clone()
+
+    def on_train_batch_end(self, trainer, model, outputs, batch, batch_idx) -> None:
+        self.recorded.append(model.head_loss_sum - self.before)
+
+
+def test_several_heads_train_side_by_side_and_the_lowest_cluster_loss_is_reported():
+    pl.seed_everything(0)
+    model = _cc_model(num_heads=3)
+    model.hparams.use_instance_loss = False  # then the loss is the mean of the heads' losses
+    record = HeadLosses()
+    losses = []
+
+    class Loss(pl.Callback):
+        def on_train_batch_end(self, trainer, model, outputs, batch, batch_idx) -> None:
+            losses.append(float(outputs["loss"]))
+
+    trainer(1, [record, Loss()], max_epochs=2, limit_train_batches=3).fit(
+        model, ClusterDataModule("digits", batch_size=64)
+    )
+    for step, loss in zip(record.recorded, losses):
+        assert float(step.mean()) == pytest.approx(loss, rel=1e-5)  # L_clu of Eq. 6 is the heads' mean
+        assert len(set(step.tolist())) == 3  # three heads, three different losses
+    assert int(model.selected_head) == int(model.head_loss.argmin())  # no label chooses the head
+    assert len(model.eval_results["heads"]) == 3
+    report = model.eval_results
+    assert report["acc"] == report["heads"][report["selected_head"]]["acc"]
