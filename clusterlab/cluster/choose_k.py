@@ -11,7 +11,7 @@ jump for every K.
 Details that keep it stable: the graph is the symmetrised kNN graph with k = N / 5 neighbours,
 at least 10 and at most 50. k must be a fair share of a group: with too few neighbours a group of
 images breaks into sub-groups (pose, contrast, exposure) that the graph sees as separate. On the
-SimCLR features of the 120-image test folder of 4 kinds (tests/test_cluster.py), k = 10 / 15 gave
+SimCLR features of the 120-image test folder of 4 kinds (tests/cluster/test_command.py), k = 10 / 15 gave
 K = 12 / 8 and k = 20..30 gave 4; on a 2,000-image folder of the 10 digits, k = 10..40 gave 11-12.
 At most 5,000 images are used, drawn with the seed (the eigen-solver's
 time grows with the graph; the gaps do not need more). Ties go to the smaller K.
