@@ -3,17 +3,17 @@
     python -m clusterlab.benchmark benchmarks/suites/digits.yaml --seeds 0 1 2
     python -m clusterlab.benchmark benchmarks/suites/fashion_mnist.yaml --seeds 0 1 2 --budget_minutes 10
 
-A suite file names the methods and, for each, the configs of its stages, run in order with the
-same seed (NNM: the SimCLR pretext, then NNM, which finds the pretext's checkpoint through its
-config), with the suite's `args` and the method's own `args` (ablations are methods that differ
-only in their `args`). Every run is a plain `clusterlab fit`. The table is computed from the runs'
-metrics.json files: rows are the methods plus k-means on the same images; columns are NMI / ACC /
-ARI as mean +- std over the seeds, and the fit time per run. It replaces the suite's block in
-docs/results.md (between `<!-- benchmark:<key> -->` markers) together with the exact command and
-the machine. The per-run figures and the paths of their metrics.json go to
-benchmarks/results/<key>.json, so that the table can be checked against the runs. Each finished
-(method, seed) is also recorded in benchmarks/results/<key>.progress.json as it ends; `--resume`
-takes the runs found there (same seed and arguments) instead of running them again.
+A suite file names the methods and, for each, the configs of its stages, run in order with the same
+seed (NNM: the SimCLR pretext, then NNM, which finds the pretext's checkpoint through its config),
+with the suite's `args`, the method's own `args` (ablations are methods that differ only in their
+`args`) and a stage's own (a stage given as `{config: ..., args: [...]}`). Every run is a plain
+`clusterlab fit`. The table is computed from the runs' metrics.json files: rows are the methods plus
+k-means on the same images; columns are NMI / ACC / ARI as mean +- std over the seeds, and the fit
+time per run. It replaces the suite's block in docs/results.md (between `<!-- benchmark:<key> -->`
+markers) together with the exact command and the machine. The per-run figures and the paths of their
+metrics.json go to benchmarks/results/<key>.json, so that the table can be checked against the runs.
+Each finished (method, seed) is also recorded in benchmarks/results/<key>.progress.json as it ends;
+`--resume` takes the runs found there (same seed and arguments) instead of running them again.
 """
 
 from __future__ import annotations
@@ -201,8 +201,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {method['name']} seed {seed}: from {progress_file} ({final['run_dir']})", flush=True)
         else:
             reports = []
-            for config in method["stages"]:
-                run_dir = run_stage(config, seed, method_extra, args.runs_dir, threads)
+            for stage in method["stages"]:  # a config, or {config: ..., args: [...]} for that stage only
+                config, stage_args = (
+                    (stage, []) if isinstance(stage, str) else (stage["config"], stage["args"])
+                )
+                run_dir = run_stage(config, seed, method_extra + list(stage_args), args.runs_dir, threads)
                 reports.append(
                     {**json.loads((run_dir / "metrics.json").read_text()), "run_dir": str(run_dir)}
                 )

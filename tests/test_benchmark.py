@@ -13,9 +13,10 @@ from tests.helpers import TINY_CC
 def test_runner_writes_the_table_from_the_runs_metrics(in_tmp):
     (in_tmp / "tiny_cc.yaml").write_text(TINY_CC)
     (in_tmp / "suite.yaml").write_text(
-        "key: tiny\ntitle: Tiny suite\nmethods:\n  - name: CC\n    stages: [tiny_cc.yaml]\n"
+        "key: tiny\ntitle: Tiny suite\nmethods:\n  - name: CC\n"
+        "    stages: [{config: tiny_cc.yaml, args: ['--figures.enabled', 'false']}]\n"
         "  - name: unused\n    stages: [missing.yaml]\n"
-        "args: ['--trainer.max_epochs', '1', '--kmeans_baseline', 'true', '--figures.enabled', 'false']\n"
+        "args: ['--trainer.max_epochs', '1', '--kmeans_baseline', 'true']\n"
         "anchors:\n  - {name: k-means, acc: 0.47, nmi: 0.51}\n"
     )
     (in_tmp / "results.md").write_text("# Results\n\nkept text\n")
@@ -27,6 +28,7 @@ def test_runner_writes_the_table_from_the_runs_metrics(in_tmp):
     runs = record["runs"]["CC"]
     metrics = [json.loads((in_tmp / r["run_dir"] / "metrics.json").read_text()) for r in runs]
     assert [m["seed"] for m in metrics] == [0, 1] and set(record["runs"]) == {"CC"}
+    assert not any((in_tmp / r["run_dir"] / "figures").exists() for r in runs)  # the stage's own args
     # Two runs at a time, each on its share of the cores.
     assert {m["environment"]["threads"] for m in metrics} == {max(1, (os.cpu_count() or 1) // 2)}
     text = (in_tmp / "results.md").read_text()
