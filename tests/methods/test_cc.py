@@ -7,11 +7,14 @@ import json
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 
 from clusterlab.data.datamodule import ClusterDataModule
 from clusterlab.data.views import Views
 from clusterlab.methods import CC
+from clusterlab.neighbors import kmeans
 from clusterlab.nn import SmallCNN
+from clusterlab.seeding import derive_seed
 from tests.ddp_workers import RecordEvaluation, RecordFirstStep
 from tests.helpers import trainer
 
@@ -102,3 +105,29 @@ def test_several_heads_train_side_by_side_and_the_lowest_cluster_loss_is_reporte
     assert len(model.eval_results["heads"]) == 3
     report = model.eval_results
     assert report["acc"] == report["heads"][report["selected_head"]]["acc"]
+
+
+def test_the_head_starts_from_spherical_kmeans_of_the_instance_features_at_its_epoch():
+    """head_init_epoch: at that epoch's start the head's argmax is k-means on z (no label)."""
+    pl.seed_everything(0)
+    model = _cc_model()
+    model.hparams.head_init_epoch = 1
+    seen = {}
+
+    class AtFirstBatch(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            if trainer.current_epoch == 1 and batch_idx == 0:
+                images = trainer.datamodule.train_set.images
+                with torch.no_grad():
+                    module.eval()
+                    x = module.plain(images)
+                    seen["head"] = module.cluster_projector(module.backbone(x))[0].argmax(-1)
+                    seen["z"] = module.instance_features(x).float()
+                    module.train()
+
+    trainer(1, AtFirstBatch(), max_epochs=2, limit_train_batches=2, limit_val_batches=0).fit(
+        model, ClusterDataModule("digits", batch_size=64)
+    )
+    assignments, _ = kmeans(F.normalize(seen["z"], dim=1), 10, seed=derive_seed(0, 7) % 2**31)
+    assert (seen["head"] == assignments.to(seen["head"])).float().mean() > 0.99
+    assert len(seen["head"].unique()) == 10
