@@ -151,9 +151,7 @@ class SmallImageViews(Views):
         flip: horizontal flip (right for clothes, wrong for digits).
         brightness, contrast: jitter strength, applied with probability jitter_p.
         noise_std, noise_p: additive Gaussian noise.
-        erasing, erasing_p: area range of one erased rectangle, and its probability. On 8x8 digits
-            an erased patch can change the class, and experiments/cc_digits.yaml turns it off:
-            with it, CC ended near ACC 0.90 on 1 seed in 10 (docs/results.md).
+        erasing, erasing_p: area range of one erased rectangle, and its probability.
     """
 
     def __init__(
