@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,7 +39,6 @@ METRICS = ("nmi", "acc", "ari")
 def run_stage(config: str, seed: int, extra: list[str], runs_dir: str, threads: int | None = None) -> Path:
     """`clusterlab fit` of one config and seed (on `threads` CPU threads); returns its run directory."""
     name = Path(config).stem
-    started = time.time()
     command = [
         sys.executable,
         "-m",
@@ -59,14 +57,12 @@ def run_stage(config: str, seed: int, extra: list[str], runs_dir: str, threads: 
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{config} seed {seed} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    found = [
-        p.parent
-        for p in Path(runs_dir, name).glob(f"*-seed{seed}/metrics.json")
-        if p.stat().st_mtime >= started
-    ]
-    if not found:
+    # The run says where it wrote (runs of one config and seed at the same time get suffixed
+    # directories, so the name alone cannot tell them apart).
+    said = re.findall(r"^Run directory: (\S+)", done.stdout, flags=re.MULTILINE)
+    if not said or not (Path(said[-1]) / "metrics.json").is_file():
         raise RuntimeError(f"{config} seed {seed}: no metrics.json written under {runs_dir}/{name}")
-    return max(found, key=lambda p: p.stat().st_mtime)
+    return Path(said[-1])
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

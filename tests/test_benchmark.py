@@ -15,22 +15,26 @@ def test_runner_writes_the_table_from_the_runs_metrics(in_tmp):
     (in_tmp / "suite.yaml").write_text(
         "key: tiny\ntitle: Tiny suite\nmethods:\n  - name: CC\n"
         "    stages: [{config: tiny_cc.yaml, args: ['--figures.enabled', 'false']}]\n"
+        "  - name: CC again\n    stages: [tiny_cc.yaml]\n"  # the same config and seeds, at the same time
         "  - name: unused\n    stages: [missing.yaml]\n"
         "args: ['--trainer.max_epochs', '1', '--kmeans_baseline', 'true']\n"
         "anchors:\n  - {name: k-means, acc: 0.47, nmi: 0.51}\n"
     )
     (in_tmp / "results.md").write_text("# Results\n\nkept text\n")
     record = main(
-        ["suite.yaml", "--seeds", "0", "1", "--results", "results.md", "--json_dir", "out", "--jobs", "2"]
-        + ["--methods", "CC"]
+        ["suite.yaml", "--seeds", "0", "1", "--results", "results.md", "--json_dir", "out", "--jobs", "4"]
+        + ["--methods", "CC", "CC again"]
     )
 
     runs = record["runs"]["CC"]
     metrics = [json.loads((in_tmp / r["run_dir"] / "metrics.json").read_text()) for r in runs]
-    assert [m["seed"] for m in metrics] == [0, 1] and set(record["runs"]) == {"CC"}
+    assert [m["seed"] for m in metrics] == [0, 1] and set(record["runs"]) == {"CC", "CC again"}
+    # Runs of one config and seed at the same time land in their own directories, each found.
+    again = [r["run_dir"] for r in record["runs"]["CC again"]]
+    assert len({r["run_dir"] for r in runs} | set(again)) == 4
     assert not any((in_tmp / r["run_dir"] / "figures").exists() for r in runs)  # the stage's own args
-    # Two runs at a time, each on its share of the cores.
-    assert {m["environment"]["threads"] for m in metrics} == {max(1, (os.cpu_count() or 1) // 2)}
+    # Four runs at a time (CC and "CC again" of a seed start together), each on its share of the cores.
+    assert {m["environment"]["threads"] for m in metrics} == {max(1, (os.cpu_count() or 1) // 4)}
     text = (in_tmp / "results.md").read_text()
     assert text.startswith("# Results\n\nkept text\n") and "<!-- benchmark:tiny -->" in text
     for name, key in (("CC", None), ("k-means (pixels)", "kmeans")):
