@@ -7,6 +7,7 @@ import math
 import os
 import signal
 
+import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -216,6 +217,21 @@ def save_pretext(model, path) -> str:
 
 def state(run_dir):
     return torch.load(next(run_dir.glob("*/checkpoints/last.ckpt")), weights_only=False)
+
+
+def assert_first_steps_equal(single_dir, ddp_dir, world: int = 2) -> tuple[dict, list[dict]]:
+    """The first step recorded (tests.ddp_workers.RecordFirstStep) on `world` processes against one
+    process with the whole batch: the ranks' batches together are its batch, and every rank has its
+    loss and gradients. Returns the single process's record and the ranks'."""
+    single = torch.load(os.path.join(single_dir, "rank0.pt"))
+    ranks = [torch.load(os.path.join(ddp_dir, f"rank{r}.pt")) for r in range(world)]
+    assert sorted(torch.cat([r["batch"] for r in ranks]).tolist()) == sorted(single["batch"].tolist())
+    for result in ranks:
+        assert float(result["loss"]) == pytest.approx(float(single["loss"]), rel=1e-5)
+        assert result["grads"].keys() == single["grads"].keys()
+        for name, grad in single["grads"].items():
+            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    return single, ranks
 
 
 def kill_and_resume(folder, config: str) -> tuple[dict, dict, dict]:

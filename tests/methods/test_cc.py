@@ -16,7 +16,7 @@ from clusterlab.neighbors import kmeans
 from clusterlab.nn import SmallCNN
 from clusterlab.seeding import derive_seed
 from tests.ddp_workers import RecordEvaluation, RecordFirstStep
-from tests.helpers import trainer
+from tests.helpers import assert_first_steps_equal, trainer
 
 
 def _cc_model(num_heads: int = 1) -> CC:
@@ -43,15 +43,7 @@ def test_cc_training_step_on_two_processes_equals_one_process_with_the_whole_bat
         copy.deepcopy(model), ClusterDataModule("digits", batch_size=64)
     )
 
-    single = torch.load(single_out / "rank0.pt")
-    ranks = [torch.load(ddp_out / f"rank{r}.pt") for r in range(2)]
-    # The two processes' batches together are exactly the single process's batch.
-    assert sorted(torch.cat([r["batch"] for r in ranks]).tolist()) == sorted(single["batch"].tolist())
-    for result in ranks:
-        assert float(result["loss"]) == pytest.approx(float(single["loss"]), rel=1e-5)
-        assert result["grads"].keys() == single["grads"].keys()
-        for name, grad in single["grads"].items():
-            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_first_steps_equal(single_out, ddp_out)
 
 
 def test_evaluation_on_two_processes_counts_every_sample_once(tmp_path):

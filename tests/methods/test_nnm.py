@@ -20,7 +20,14 @@ from clusterlab.methods.nnm import (
     resolve_pretext_checkpoint,
 )
 from tests.ddp_workers import RecordFirstStep, RecordGlobalTable
-from tests.helpers import assert_top_k, fit_digits, save_pretext, similarity, tiny_cnn
+from tests.helpers import (
+    assert_first_steps_equal,
+    assert_top_k,
+    fit_digits,
+    save_pretext,
+    similarity,
+    tiny_cnn,
+)
 
 
 def test_the_newest_pretext_of_the_runs_seed_is_found(in_tmp, monkeypatch):
@@ -115,14 +122,7 @@ def test_nnm_step_on_two_processes_equals_one_process_with_the_whole_batch(tmp_p
     )
     assert "train/global_consistency" in trainer.callback_metrics  # the global terms were on
 
-    single = torch.load(single_out / "rank0.pt")
-    ranks = [torch.load(ddp_out / f"rank{r}.pt") for r in range(2)]
-    assert sorted(torch.cat([r["batch"] for r in ranks]).tolist()) == sorted(single["batch"].tolist())
-    for result in ranks:
-        assert float(result["loss"]) == pytest.approx(float(single["loss"]), rel=1e-5)
-        assert result["grads"].keys() == single["grads"].keys()
-        for name, grad in single["grads"].items():
-            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_first_steps_equal(single_out, ddp_out)
     tables = [torch.load(ddp_out / f"table_rank{r}.pt") for r in range(2)]
     assert torch.equal(tables[0]["table"], tables[1]["table"])
     assert torch.equal(tables[0]["neighbor_index"], tables[1]["neighbor_index"])

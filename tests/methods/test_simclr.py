@@ -3,7 +3,6 @@
 import copy
 import functools
 
-import pytest
 import pytorch_lightning as pl
 import torch
 
@@ -12,7 +11,7 @@ from clusterlab.data.sources import Digits
 from clusterlab.data.views import SmallImageViews, Views
 from clusterlab.methods import CC, SimCLR
 from tests.ddp_workers import RecordFirstStep
-from tests.helpers import tiny_cnn, trainer
+from tests.helpers import assert_first_steps_equal, tiny_cnn, trainer
 
 
 def test_simclr_reports_kmeans_clusters_of_its_features_and_the_knn_agreement():
@@ -66,9 +65,4 @@ def test_simclr_step_on_two_processes_equals_one_process_with_the_whole_batch(tm
     trainer(1, [RecordFirstStep(str(single_out))], max_steps=1, limit_val_batches=0).fit(
         copy.deepcopy(model), ClusterDataModule("digits", batch_size=64)
     )
-    single = torch.load(single_out / "rank0.pt")
-    for rank in range(2):
-        result = torch.load(ddp_out / f"rank{rank}.pt")
-        assert float(result["loss"]) == pytest.approx(float(single["loss"]), rel=1e-5)
-        for name, grad in single["grads"].items():
-            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_first_steps_equal(single_out, ddp_out)
