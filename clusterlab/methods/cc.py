@@ -8,10 +8,9 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from clusterlab.data.views import Views
-from clusterlab.distributed import broadcast, gather
+from clusterlab.distributed import gather
 from clusterlab.losses.cc import cluster_entropy, cluster_loss, instance_loss
 from clusterlab.methods.base import ClusteringMethod, LRSchedulerCallable, OptimizerCallable
-from clusterlab.neighbors import kmeans
 from clusterlab.nn.heads import ClusterHeads, KMeansHead, mlp
 from clusterlab.passes import pass_over
 from clusterlab.seeding import derive_seed
@@ -32,17 +31,17 @@ class CC(ClusteringMethod):
         cluster_temperature: tau_C (1.0).
         num_heads: cluster heads g_C trained side by side on the same features (1 in the paper).
             The head with the lowest cluster loss (Eq. 6, no label) over the last epoch is the one
-            reported and predicted with: SCAN's and NNM's guard against a head that settles on a
-            split class and a merged pair. The backbone sees the mean of the heads' losses, so its
-            balance between L_ins and L_clu is the paper's whatever the number of heads.
+            reported and predicted with, as SCAN and NNM do. The backbone sees the mean of the
+            heads' losses, so its balance between L_ins and L_clu is the paper's whatever the
+            number of heads. Measured on digits (docs/results.md): it does not remove CC's bad
+            seeds, since the heads share the backbone (seed 1 with 5 heads: every head 0.86-0.88).
         head_init_epoch: None (the paper): the cluster head is trained from its random start only.
             An epoch E: at the start of epoch E the cluster head is set to the spherical k-means
             clustering of the instance features z over the training set, as DEC/IDEC/DCN start
             their cluster centres from k-means on the learned features, and CC trains on from
-            there. Why: on digits a head can settle early on a balanced partition that mixes two
-            classes along another axis (seed 1: "1" and "8" halved and crossed, ACC 0.87), while
-            k-means on z of that same run separates them (0.98); the head never leaves that
-            minimum by itself. No label is involved.
+            there. No label is involved. Measured on digits (docs/results.md): it rescued one bad
+            seed (22: 0.80 -> 0.986) but not another (9: CC's cluster loss pulled the head back to
+            a partition that crosses two classes within 20 epochs).
         head_init_temperature: the softmax temperature of the k-means head (cosine to the centres
             divided by it): 0.1, as prototype heads on normalised features use.
         use_instance_loss, use_cluster_loss, use_cluster_entropy: switch each term of Eq. 7 on or
@@ -132,25 +131,23 @@ class CC(ClusteringMethod):
         """g_C := the spherical k-means assignment of z = g_I(h), as one MLP: g_I's hidden layer,
         then logits z . c_k / (T |z|_median) with z = W a + b written out, so logits = (C W) a + C b.
         The argmax is exactly k-means' (|z| does not change it). Every rank sets the same weights:
-        the features are gathered and rank 0's centres broadcast."""
+        the features are gathered and KMeansHead.fit broadcasts rank 0's centres."""
         data = self.trainer.datamodule
 
         def instance(batch: dict[str, Tensor]) -> dict[str, Tensor]:
             return {"z": self.instance_features(self.plain(batch["image"])).float()}
 
-        z = pass_over(self, data.train_eval_dataloader(), instance, precision=self.trainer.precision_plugin)[
-            "z"
-        ]
+        passed = pass_over(
+            self, data.train_eval_dataloader(), instance, precision=self.trainer.precision_plugin
+        )
+        z = passed["z"]
         hidden, output = self.instance_projector[0], self.instance_projector[2]  # z = output(relu(hidden(h)))
         scale = 1.0 / (self.hparams.head_init_temperature * z.norm(dim=1).median())
+        spherical = KMeansHead(self.num_clusters, z.shape[1]).to(z.device)
         for h, head in enumerate(self.cluster_projector.heads):
-            centres = torch.zeros(self.num_clusters, z.shape[1], device=z.device)
-            if self.global_rank == 0:  # each head its own k-means run
-                centres = kmeans(
-                    F.normalize(z, dim=1), self.num_clusters, seed=derive_seed(h, _HEAD_INIT_STREAM) % 2**31
-                )[1]
-                centres = F.normalize(centres.to(z), dim=1)
-            centres = broadcast(centres)
+            seed = derive_seed(h, _HEAD_INIT_STREAM) % 2**31  # each head its own k-means run
+            spherical.fit(F.normalize(z, dim=1), seed=seed)
+            centres = F.normalize(spherical.centroids, dim=1)
             head[0].load_state_dict(hidden.state_dict())
             head[2].weight.copy_(scale * centres @ output.weight)
             head[2].bias.copy_(scale * centres @ output.bias)

@@ -51,10 +51,12 @@ class KMeansHead(nn.Module):
         self.register_buffer("centroids", torch.zeros(num_clusters, feature_dim))
 
     @torch.no_grad()
-    def fit(self, features: Tensor) -> None:
+    def fit(self, features: Tensor, seed: int | None = None) -> None:
+        """k-means of `features` on rank 0 (seed: the run's by default), centres broadcast."""
         if rank() == 0:
+            seed = run_seed() if seed is None else seed
             # Fewer samples than clusters (a smoke test's data): as many clusters as samples, repeated.
-            centroids = kmeans(features, min(self.num_clusters, len(features)), seed=run_seed())[1].to(
+            centroids = kmeans(features, min(self.num_clusters, len(features)), seed=seed)[1].to(
                 self.centroids
             )
             self.centroids.copy_(centroids[torch.arange(self.num_clusters) % len(centroids)])
