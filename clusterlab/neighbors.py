@@ -98,6 +98,7 @@ def kmeans(
         seed=seed,
         gpu=bool(faiss_gpus()),
         max_points_per_centroid=max(256, len(x) // k + 1),
+        min_points_per_centroid=1,  # over-clustering a few thousand points is intended: no warning
     )
     model.train(x)
     _, assignments = model.index.search(x, 1)

@@ -1,20 +1,33 @@
 """How many clusters: chosen from the learned features alone (no label, no held-out score).
 
-METHOD: the eigengap of the kNN graph (spectral clustering's rule; von Luxburg, "A tutorial on
-spectral clustering", 2007, Sec. 8.3). The contrastive features put images of one kind close
-together. Link every image to its nearest neighbours (cosine, faiss: clusterlab.neighbors.knn)
-and take the normalised Laplacian L = I - D^-1/2 W D^-1/2 of that graph: a graph of K groups
-with few links between them has K eigenvalues near 0 and then a jump. K is where the jump
-lambda_{K+1} - lambda_K is largest, over K = 2..K_max. The curve shown in report.html is that
-jump for every K.
+METHOD: over-cluster, then merge, and keep the K at which the kNN graph is best divided (the
+modularity of Newman & Girvan 2004, the criterion of community detection; the merging is the
+greedy agglomeration of Clauset, Newman & Moore 2004).
 
-Details that keep it stable: the graph is the symmetrised kNN graph with k = N / 5 neighbours,
-at least 10 and at most 50. k must be a fair share of a group: with too few neighbours a group of
-images breaks into sub-groups (pose, contrast, exposure) that the graph sees as separate. On the
-SimCLR features of the 120-image test folder of 4 kinds (tests/cluster/test_command.py), k = 10 / 15 gave
-K = 12 / 8 and k = 20..30 gave 4; on a 2,000-image folder of the 10 digits, k = 10..40 gave 11-12.
-At most 5,000 images are used, drawn with the seed (the eigen-solver's
-time grows with the graph; the gaps do not need more). Ties go to the smaller K.
+1. Link every image to its nearest neighbours in the contrastive features (cosine, faiss:
+   clusterlab.neighbors.knn), symmetrised: images of one kind are linked mostly to each other.
+2. Over-cluster: k-means into C = 3 x K_max groups, far more than any K considered.
+3. Merge, again and again, the two groups whose union raises the modularity most,
+       Q = sum_c (e_cc - a_c^2)
+   (e_cc: the share of the graph's links inside group c; a_c: the share of link ends in c; the
+   gain of merging c and d is 2 (e_cd - a_c a_d)), recording Q at every K down to 2.
+4. Steps 2-3 are repeated from 5 k-means seeds and Q(K) averaged: a single over-clustering
+   moves the argmax of a flat curve by one or two. K = argmax of the mean Q(K) over
+   K = 2..K_max (ties to the smaller K). The curve in report.html is that mean Q(K).
+
+Why not the eigengap of the same graph, which this module used before: on contrastive features
+trained for minutes it counts the sub-kinds that the features separate (a folder of 2,000
+Fashion-MNIST images of 10 kinds gave K = 19, its sub-kinds of sleeves and shoes), and it moved
+with the neighbourhood size (30/50/100/200 neighbours: 19/19/13/6). Modularity weighs a split
+against the links it cuts relative to chance, and on the same saved features it gave 8-12 for
+both folders of benchmarks/make_folders.py (docs/cluster-folder.md, "Choosing K"): averaged over
+5 over-clusterings, 10-11 at 30 neighbours; at 50 neighbours 10 on the digits and 8 on
+Fashion-MNIST (more neighbours link the neighbouring kinds, shirts and coats, more).
+
+Details: k = N / 5 neighbours, at least 10 and at most 30 (a fair share of a group, so that a group
+does not break into the sub-groups of pose or exposure, and not so many that neighbouring kinds
+merge). At most 5,000 images are used, drawn with
+the seed (the graph and k-means do not need more to count the groups).
 """
 
 from __future__ import annotations
@@ -24,17 +37,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-METHOD = "eigengap of the kNN-graph Laplacian of the SimCLR features"
+METHOD = "modularity of the kNN graph of the SimCLR features, over-clustered by k-means then merged"
 CAPTION = (
-    "How K was chosen: the eigengap lambda(K+1) - lambda(K) of the normalised Laplacian of the "
-    "images' nearest-neighbour graph (features of the first training phase, no label). K groups "
-    "with few links between them give K eigenvalues near 0, then a jump; the largest jump wins."
+    "How K was chosen: the images' nearest-neighbour graph (features of the first training phase, "
+    "no label) is over-clustered by k-means, then the two groups whose union raises the graph's "
+    "modularity Q most are merged, again and again. Q(K) is the share of links inside the groups "
+    "minus what chance would give; the K with the largest Q wins."
 )
 MAX_POINTS = 5000
+OVER_CLUSTERING = 3  # C = 3 x K_max groups before merging
+REPEATS = 5  # over-clusterings averaged
 
 
 def neighbors_for(n: int) -> int:
-    return int(min(50, max(10, round(n / 5))))
+    return int(min(30, max(10, round(n / 5))))
 
 
 @dataclass
@@ -44,11 +60,9 @@ class Choice:
     curve: dict  # k, value, chosen, label, title: for the report's figure and cluster.json
 
 
-def laplacian_spectrum(features: torch.Tensor, count: int, neighbors: int) -> np.ndarray:
-    """The `count` smallest eigenvalues of the normalised Laplacian of the symmetrised kNN graph."""
+def knn_graph(features: torch.Tensor, neighbors: int):
+    """The symmetrised, unweighted kNN graph (scipy CSR, no self-links)."""
     import scipy.sparse as sparse
-    from scipy.linalg import eigh
-    from scipy.sparse.linalg import eigsh
 
     from clusterlab.neighbors import knn
 
@@ -57,40 +71,67 @@ def laplacian_spectrum(features: torch.Tensor, count: int, neighbors: int) -> np
     indices, _ = knn(features, neighbors, metric="cosine")
     rows = np.repeat(np.arange(n), neighbors)
     graph = sparse.csr_matrix((np.ones(n * neighbors), (rows, indices.cpu().numpy().ravel())), shape=(n, n))
-    graph = ((graph + graph.T) > 0).astype(np.float64)
-    scale = sparse.diags(1.0 / np.sqrt(np.asarray(graph.sum(1)).ravel()))
-    laplacian = sparse.eye(n) - scale @ graph @ scale
-    count = min(count, n)
-    if n <= 1000:  # dense is exact and fast
-        return np.sort(eigh(laplacian.toarray(), eigvals_only=True))[:count]
-    # The smallest eigenvalues of L are the largest of 2I - L (spectrum in [0, 2]): Lanczos
-    # converges on those fast, without a factorisation.
-    values = eigsh(
-        2.0 * sparse.eye(n) - laplacian, k=count, which="LA", tol=1e-6, v0=np.ones(n) / np.sqrt(n)
-    )[0]
-    return np.sort(2.0 - values)
+    graph = ((graph + graph.T) > 0).astype(np.float64).tolil()
+    graph.setdiag(0)
+    return graph.tocsr()
+
+
+def modularity_by_merging(graph, groups: np.ndarray) -> dict[int, float]:
+    """Q(K) for every K from the number of `groups` down to 1, merging greedily (step 3)."""
+    import scipy.sparse as sparse
+
+    n, count = graph.shape[0], int(groups.max()) + 1
+    member = sparse.csr_matrix((np.ones(n), (np.arange(n), groups)), shape=(n, count))
+    links = (member.T @ graph @ member).toarray()
+    links /= links.sum()  # e_cd, summing to 1 (both directions of each link)
+    ends = links.sum(1)  # a_c
+    alive = list(range(count))
+    q = float(np.trace(links) - (ends**2).sum())
+    curve = {count: q}
+    while len(alive) > 1:
+        gain = 2.0 * (links[np.ix_(alive, alive)] - np.outer(ends[alive], ends[alive]))
+        np.fill_diagonal(gain, -np.inf)
+        i, j = np.unravel_index(int(np.argmax(gain)), gain.shape)
+        q += float(gain[i, j])
+        c, d = alive[i], alive[j]
+        links[c, :] += links[d, :]
+        links[:, c] += links[:, d]
+        ends[c] += ends[d]
+        alive.remove(d)
+        curve[len(alive)] = q
+    return curve
 
 
 def choose(features: torch.Tensor, candidates: range, seed: int = 0) -> Choice:
-    """K over `candidates` (2..K_max) by the largest eigengap; see the module docstring."""
+    """K over `candidates` (2..K_max) by the largest modularity; see the module docstring."""
+    from clusterlab.neighbors import kmeans
+
     ks = [k for k in candidates if k >= 2]
     if not ks:
         raise ValueError("no K to choose from")
-    features = features.float()
+    features = torch.nn.functional.normalize(features.float(), dim=1)
     if len(features) > MAX_POINTS:
         pick = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))[:MAX_POINTS]
         features = features[pick]
-    neighbors = neighbors_for(len(features))
-    spectrum = laplacian_spectrum(features, max(ks) + 1, neighbors)
-    gaps = [float(spectrum[k] - spectrum[k - 1]) if k < len(spectrum) else 0.0 for k in ks]
-    k = ks[int(np.argmax(gaps))]  # argmax takes the first of equal gaps: the smaller K
+    n = len(features)
+    neighbors = neighbors_for(n)
+    graph = knn_graph(features, neighbors)
+    over = min(OVER_CLUSTERING * max(ks), n)
+    curves = []
+    for repeat in range(REPEATS):
+        groups, _ = kmeans(features, over, seed=seed * REPEATS + repeat, n_init=1)
+        groups = np.unique(groups.numpy(), return_inverse=True)[1]  # no empty group
+        curves.append(modularity_by_merging(graph, groups))
+    ks = [k for k in ks if all(k in q for q in curves)]
+    values = [float(np.mean([q[k] for q in curves])) for k in ks]
+    k = ks[int(np.argmax(values))]  # argmax takes the first of equal values: the smaller K
     curve = {
         "k": ks,
-        "value": gaps,
+        "value": values,
         "chosen": k,
-        "label": "eigengap  lambda(K+1) - lambda(K)",
-        "title": f"choosing K: the largest eigengap of the {neighbors}-NN graph",
-        "eigenvalues": spectrum.tolist(),
+        "label": "modularity Q(K)",
+        "title": f"choosing K: modularity of the {neighbors}-NN graph ({over} k-means groups merged, mean of {REPEATS})",
         "neighbors": neighbors,
+        "over_clustering": over,
     }
     return Choice(k, METHOD, curve)

@@ -32,6 +32,7 @@ import math
 import os
 import shlex
 import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -139,6 +140,7 @@ def main(argv: list[str]) -> None:
         cache.scan(folder)  # says what is wrong with it
     output.check_output(out, folder)
     staging = output.make_staging(out)
+    _exit_on_sigterm()  # `kill` (or a scheduler's) removes the partial folder too; SIGKILL cannot
     try:
         summary = run(args, folder, out, staging)
         (staging / output.MARKER).write_text(json.dumps(summary, indent=2) + "\n")
@@ -302,6 +304,18 @@ def run(args, folder: Path, out: Path, staging: Path) -> dict:
 # -- pieces ---------------------------------------------------------------------------------------
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM as SystemExit(143): the `except BaseException` around the phases then discards
+    the partial output, as it does for Ctrl-C (KeyboardInterrupt)."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
 def _quiet_lightning() -> None:
     """The phase lines and the progress bar are the output: Lightning's start-up notes (devices,
     tips, SLURM hints) and the warnings that do not apply to this command are left out."""
@@ -317,6 +331,7 @@ def _quiet_lightning() -> None:
         ".*Sparse invariant checks.*",
         ".*exists and is not empty.*",
         ".*smaller than the logging interval.*",
+        ".*is an instance of `nn.Module` and is already saved.*",  # the recipe's config is the record
     ):
         warnings.filterwarnings("ignore", message=message)
 
@@ -344,7 +359,7 @@ def _data(images, folder: Path, args, num_clusters: int):
     from clusterlab.cluster.data import CachedFolderData
 
     batch = max(2, min(args.batch_size, len(images)))
-    return CachedFolderData(images, folder, args.image_size, num_clusters, batch)
+    return CachedFolderData.of(images, folder, args.image_size, num_clusters, batch)
 
 
 def _epochs(n: int, batch: int) -> int:

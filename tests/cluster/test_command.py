@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -290,6 +291,38 @@ def test_bad_input_is_one_line_with_what_where_and_what_to_do_and_leaves_nothing
     assert "the following arguments are required: --out" in one_line_error(capsys, photos)
 
 
+def test_a_run_stopped_by_sigterm_leaves_no_partial_output(tmp_path):
+    """`kill` (or a scheduler's time limit) in the middle of training: exit 143, the hidden
+    partial folder removed, --out not created."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    write_photo_folder(photos, per_kind=10)
+    command = [sys.executable, "-m", "clusterlab", "cluster", str(photos), "--out", str(out)]
+    process = subprocess.Popen(
+        [*command, "--epochs", "300", "--batch_size", "8"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(tmp_path.glob(".out.partial-*/logs")):
+            time.sleep(0.2)  # training has started once the phase writes its logs
+        assert list(tmp_path.glob(".out.partial-*/logs")), "the run never reached training"
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name], list(tmp_path.iterdir())
+
+
 # -- the parts --------------------------------------------------------------------------------
 
 
@@ -306,7 +339,7 @@ def test_the_decode_cache_is_a_memmap_that_batches_are_read_from(tmp_path):
     assert isinstance(decoded.memmap, np.memmap) and images.images.data_ptr() == decoded.memmap.ctypes.data
     on_disk = np.fromfile(tmp_path / "cache" / "images.u8", dtype=np.uint8).reshape(12, 3, 16, 16)
     assert torch.equal(images.images, torch.from_numpy(on_disk))
-    data = CachedFolderData(images, found.root, 16, 2, batch_size=4)
+    data = CachedFolderData.of(images, found.root, 16, 2, batch_size=4)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     assert torch.equal(batch["image"], images.images[batch["index"]])
@@ -314,6 +347,37 @@ def test_the_decode_cache_is_a_memmap_that_batches_are_read_from(tmp_path):
     assert again.reused and torch.equal(again.images.images, images.images)
     (found.paths[0]).write_bytes(found.paths[0].read_bytes())  # touched: another modification time
     assert not cache.decode(found, tmp_path / "cache3", 16, reuse=tmp_path / "cache").reused
+
+
+def _resident_megabytes() -> dict[str, float]:
+    status = Path("/proc/self/status").read_text()
+    return {
+        line.split(":")[0]: int(line.split()[1]) / 1024
+        for line in status.splitlines()
+        if line.startswith(("RssAnon", "RssFile"))
+    }
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
+def test_a_large_cache_is_never_read_into_memory_whole(tmp_path):
+    """50,000 images at 32 px (154 MB): making the data module, its setup and a batch keep them on
+    disk. (Lightning deep-copies constructor arguments into the hyper-parameters: the images as
+    an argument were read whole into anonymous memory, and kept.)"""
+    from clusterlab.cluster.data import CachedFolderData
+    from clusterlab.data.sources import ImageSet
+
+    count = 50_000
+    array = np.memmap(tmp_path / "images.u8", dtype=np.uint8, mode="w+", shape=(count, 3, 32, 32))
+    images = ImageSet(torch.from_numpy(array), torch.zeros(count, dtype=torch.long), [], [])
+    before = _resident_megabytes()
+    data = CachedFolderData.of(images, tmp_path, 32, 10, batch_size=256)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    after = _resident_megabytes()
+    assert batch["image"].shape == (256, 3, 32, 32)
+    assert data.split("train").images.data_ptr() == array.ctypes.data  # the memmap itself
+    assert "images" not in data.hparams and "images" not in data.hparams_initial  # nor in hparams.yaml
+    assert after["RssAnon"] - before["RssAnon"] < 40, (before, after)  # not the 154 MB
 
 
 def test_k_is_the_number_of_separated_groups_in_the_features():
