@@ -391,6 +391,20 @@ def test_k_is_the_number_of_separated_groups_in_the_features():
         assert choice.k == groups and choice.curve["chosen"] == groups and len(choice.curve["value"]) == 19
 
 
+def test_k_counts_kinds_not_their_sub_kinds():
+    """Each kind made of two nearby sub-kinds (sleeve lengths, shoe types): K is the number of
+    kinds. (The eigengap, used before, gave 7 for the 10 kinds here.)"""
+    from clusterlab.cluster.choose_k import choose
+
+    generator = torch.Generator().manual_seed(0)
+    for kinds in (4, 8, 10):
+        centres = torch.nn.functional.normalize(torch.randn(kinds, 32, generator=generator), dim=1)
+        offsets = torch.nn.functional.normalize(torch.randn(kinds * 2, 32, generator=generator), dim=1)
+        sub_kinds = centres.repeat_interleave(2, 0) + 0.25 * offsets
+        points = sub_kinds.repeat_interleave(60, 0) + 0.1 * torch.randn(kinds * 120, 32, generator=generator)
+        assert choose(torch.nn.functional.normalize(points, dim=1), range(2, 21)).k == kinds
+
+
 def test_standardised_views_do_not_see_a_colour_cast_or_exposure():
     from clusterlab.data.views import SimCLRViews
 
