@@ -130,7 +130,7 @@ def choose(features: torch.Tensor, candidates: range, seed: int = 0) -> Choice:
         "value": values,
         "chosen": k,
         "label": "modularity Q(K)",
-        "title": f"choosing K: modularity of the {neighbors}-NN graph ({over} k-means groups merged, mean of {REPEATS})",
+        "title": f"choosing K: modularity of the {neighbors}-NN graph",
         "neighbors": neighbors,
         "over_clustering": over,
     }
