@@ -52,17 +52,24 @@ class _Labelling(Metric):
         self.preds.append(preds.long())
         self.target.append(target.long())
 
-
-class HungarianAccuracy(_Labelling):
-    """ACC: the fraction of samples whose cluster is matched to their class by the Hungarian method."""
-
     def compute(self) -> Tensor:
         preds, target = dim_zero_cat(self.preds), dim_zero_cat(self.target)
         if preds.numel() == 0:
             return torch.tensor(float("nan"))
-        table = contingency(preds, target).numpy()
-        rows, cols = linear_sum_assignment(table, maximize=True)
-        return torch.tensor(table[rows, cols].sum() / preds.numel(), dtype=torch.float64)
+        return self.score(contingency(preds, target))
+
+    def score(self, table: Tensor) -> Tensor:
+        """The metric of the contingency table (clusters x classes) of every sample."""
+        raise NotImplementedError
+
+
+class HungarianAccuracy(_Labelling):
+    """ACC: the fraction of samples whose cluster is matched to their class by the Hungarian method."""
+
+    def score(self, table: Tensor) -> Tensor:
+        counts = table.numpy()
+        rows, cols = linear_sum_assignment(counts, maximize=True)
+        return torch.tensor(counts[rows, cols].sum() / counts.sum(), dtype=torch.float64)
 
 
 def _pairs(counts: Tensor) -> Tensor:
@@ -78,14 +85,10 @@ class AdjustedRandScore(_Labelling):
     scikit-learn gives 0.359 (it still agreed at 70,000, Fashion-MNIST's size), and a folder given
     to `clusterlab cluster` can hold any number of images (tests/test_metrics.py)."""
 
-    def compute(self) -> Tensor:
-        preds, target = dim_zero_cat(self.preds), dim_zero_cat(self.target)
-        if preds.numel() == 0:
-            return torch.tensor(float("nan"))
-        table = contingency(preds, target)
+    def score(self, table: Tensor) -> Tensor:
         together = _pairs(table).sum()
         rows, cols = _pairs(table.sum(1)).sum(), _pairs(table.sum(0)).sum()
-        expected = rows * cols / _pairs(torch.tensor(preds.numel()))
+        expected = rows * cols / _pairs(table.sum())
         best = (rows + cols) / 2
         if best == expected:  # one cluster and one class, or every sample alone: a perfect match
             return torch.tensor(1.0, dtype=torch.float64)

@@ -20,14 +20,14 @@ trained for minutes it counts the sub-kinds that the features separate (a folder
 Fashion-MNIST images of 10 kinds gave K = 19, its sub-kinds of sleeves and shoes), and it moved
 with the neighbourhood size (30/50/100/200 neighbours: 19/19/13/6). Modularity weighs a split
 against the links it cuts relative to chance, and on the same saved features it gave 8-12 for
-both folders of benchmarks/make_folders.py (docs/cluster-folder.md, "Choosing K"): averaged over
+both folders of benchmarks/make_folders.py (docs/cluster-folder.md, "How K is chosen"): averaged over
 5 over-clusterings, 10-11 at 30 neighbours; at 50 neighbours 10 on the digits and 8 on
 Fashion-MNIST (more neighbours link the neighbouring kinds, shirts and coats, more).
 
 Details: k = N / 5 neighbours, at least 10 and at most 30 (a fair share of a group, so that a group
 does not break into the sub-groups of pose or exposure, and not so many that neighbouring kinds
-merge). At most 5,000 images are used, drawn with
-the seed (the graph and k-means do not need more to count the groups).
+merge). At most 5,000 images are used, drawn with the seed (the graph and k-means do not need more
+to count the groups).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Choice:
 
 
 def knn_graph(features: torch.Tensor, neighbors: int):
-    """The symmetrised, unweighted kNN graph (scipy CSR, no self-links)."""
+    """The symmetrised, unweighted kNN graph (scipy CSR; no self-links: knn leaves each row out)."""
     import scipy.sparse as sparse
 
     from clusterlab.neighbors import knn
@@ -71,9 +71,7 @@ def knn_graph(features: torch.Tensor, neighbors: int):
     indices, _ = knn(features, neighbors, metric="cosine")
     rows = np.repeat(np.arange(n), neighbors)
     graph = sparse.csr_matrix((np.ones(n * neighbors), (rows, indices.cpu().numpy().ravel())), shape=(n, n))
-    graph = ((graph + graph.T) > 0).astype(np.float64).tolil()
-    graph.setdiag(0)
-    return graph.tocsr()
+    return ((graph + graph.T) > 0).astype(np.float64)
 
 
 def modularity_by_merging(graph, groups: np.ndarray) -> dict[int, float]:
