@@ -234,7 +234,7 @@ class ClusterLabCLI(LightningCLI):
     def fit(self, model, **kwargs) -> None:
         try:
             self.trainer.fit(model, **kwargs)
-        except SystemExit:  # Ctrl-C: Lightning stops gracefully, then exits with code 1
+        except SystemExit:  # Ctrl-C or SIGTERM: Lightning stops gracefully, then exits
             if self.trainer.interrupted:
                 last = self.run_dir / "checkpoints" / "last.ckpt"
                 kept = (
@@ -246,6 +246,10 @@ class ClusterLabCLI(LightningCLI):
                     f"Interrupted. The run keeps {kept}; continue it with: clusterlab fit --config "
                     f"{self.run_dir / 'config.yaml'} --ckpt_path last"
                 )
+            if self.trainer.received_sigterm:
+                # Lightning's SIGTERMException exits with code 0; a scheduler or a script would
+                # read that as a finished run. 128 + 15, as a process killed by SIGTERM.
+                raise SystemExit(143) from None
             raise
 
     def _start_clock(self) -> None:

@@ -126,6 +126,24 @@ def test_ctrl_c_stops_with_a_message_and_resumes_to_the_same_weights(tmp_path):
     assert_same_weights(state(tmp_path / "runs" / "whole"), state(tmp_path / "runs" / "stopped"))
 
 
+def test_sigterm_stops_with_the_message_and_a_failing_exit_code(tmp_path):
+    """A scheduler's SIGTERM (a pre-empted job): the run keeps its checkpoint, writes no report,
+    says how to continue, and exits 143, so that the scheduler does not record a finished run."""
+    write_tiny(tmp_path, max_epochs="200")
+    process = start(tmp_path, *FIT, "--name", "terminated")
+    checkpoint = None
+    for _ in range(600):
+        checkpoint = next((tmp_path / "runs" / "terminated").glob("*/checkpoints/last.ckpt"), None)
+        if checkpoint is not None:
+            break
+        time.sleep(0.1)
+    assert checkpoint is not None
+    os.killpg(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=120) == 143
+    assert "Interrupted. The run keeps" in process.stderr.read()
+    assert not (checkpoint.parent.parent / "metrics.json").exists()
+
+
 def test_a_checkpoint_inside_an_epoch_resumes_with_the_batch_it_would_have_trained_on_next(tmp_path):
     """`--checkpoint_every_minutes` (here: after every batch) writes last.ckpt inside epochs;
     a kill after batch 2 of epoch 2 resumes at batch 2, with the same data, draws and weights."""
