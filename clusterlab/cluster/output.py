@@ -5,18 +5,24 @@ it to `<out>` (the previous output, if any, is renamed away first and then delet
 fails or is interrupted removes its partial folder, so `<out>` is always a complete output or
 the previous one, never a mix of two runs. An existing `<out>` is only replaced when it is a
 previous output (it has `cluster.json`) or empty: a folder of other files is refused, untouched.
+
+A run killed with SIGKILL (or by a power cut) cannot remove its partial folder. Each partial
+folder names its process (`.owner`: host and PID), and the next run into the same `<out>` removes
+the partial folders whose process on this host no longer exists; a run still going keeps its own.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
 from clusterlab.errors import OutputError
 
 MARKER = "cluster.json"  # written last into every output: what a re-run may replace
+OWNER = ".owner"  # in a partial folder: "<host> <pid>" of the run building it
 
 
 def check_output(out: Path, folder: Path) -> None:
@@ -44,10 +50,9 @@ def make_staging(out: Path) -> Path:
     """The hidden sibling the run builds in; an unwritable place is one OutputError."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        remove_abandoned(out)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        probe = staging / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        (staging / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
     except OSError as error:
         raise OutputError(
             f"cannot write --out {out}: {error.strerror or error}. Pass a folder you can write to."
@@ -55,8 +60,30 @@ def make_staging(out: Path) -> Path:
     return staging
 
 
+def remove_abandoned(out: Path) -> None:
+    """Remove the partial folders of `out` left by runs on this host that no longer exist."""
+    for partial in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            host, pid = (partial / OWNER).read_text().split()
+        except (OSError, ValueError):
+            continue  # being created right now, or not ours to judge
+        if host == socket.gethostname() and not _alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def swap_in(staging: Path, out: Path) -> None:
     """Replace `out` by `staging` (two renames in the same folder)."""
+    (staging / OWNER).unlink(missing_ok=True)
     previous = None
     if out.exists():
         previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))

@@ -323,6 +323,31 @@ def test_a_run_stopped_by_sigterm_leaves_no_partial_output(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name], list(tmp_path.iterdir())
 
 
+def test_partial_folders_of_killed_runs_are_removed_by_the_next_run_and_live_ones_kept(tmp_path):
+    """SIGKILL leaves the hidden partial folder; the next run into the same --out removes it,
+    never the partial folder of a run still going, and the finished output has no owner file."""
+    import socket
+    import subprocess
+    import sys
+
+    from clusterlab.cluster.output import OWNER, make_staging, swap_in
+
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    killed, running, foreign = (tmp_path / f".out.partial-{name}" for name in ("killed", "running", "foreign"))
+    for partial, owner in ((killed, f"{host} {dead.stdout.strip()}"), (running, f"{host} {os.getpid()}")):
+        partial.mkdir()
+        (partial / OWNER).write_text(owner)
+        (partial / "assignments.csv").write_text("path,cluster,confidence\n")
+    foreign.mkdir()  # no owner file: not judged
+    staging = make_staging(out)
+    assert not killed.exists() and running.exists() and foreign.exists()
+    assert (staging / OWNER).read_text().split() == [host, str(os.getpid())]
+    swap_in(staging, out)
+    assert out.is_dir() and not (out / OWNER).exists()
+
+
 # -- the parts --------------------------------------------------------------------------------
 
 
