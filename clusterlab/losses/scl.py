@@ -72,12 +72,23 @@ def memory_logits(q: Tensor, memory: Tensor, temperature: float = 0.1) -> Tensor
 
 
 @float32
-def concept_loss(logits: Tensor, target: Tensor) -> Tensor:
+def concept_loss(logits: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
     """L_xent, Eq. 4: -1/n sum_i sum_j p~_ij log p_ij.
 
     `logits` are the classifier's W_j^T q_i + B_j; the log of Eq. 4 needs probabilities, so p is
     their softmax. `target` is p~ (Eq. 3), a fixed target: the loss trains the decision
     boundaries (and, through q, the encoder) to agree with the memory, not the memory to agree
-    with them.
+    with them. `weights` (one per sample, e.g. `cluster_size_weights`) make it a weighted mean.
     """
-    return -(target.detach() * logits.log_softmax(1)).sum(1).mean()
+    per_sample = -(target.detach() * logits.log_softmax(1)).sum(1)
+    if weights is None:
+        return per_sample.mean()
+    return (weights * per_sample).sum() / weights.sum()
+
+
+def cluster_size_weights(labels: Tensor, sizes: Tensor, power: float = 0.5) -> Tensor:
+    """ODC's loss re-weighting (Zhan et al., CVPR 2020, Sec. 3.3), which SCL follows "to avoid
+    extremely imbalanced cluster assignments" (Sec. 4): a sample of pseudo label c weighs
+    n_c^-power (power 0.5), n_c the size of cluster c, so that a grown cluster's samples pull the
+    classifier less and a shrunk one's more."""
+    return sizes.float().clamp(min=1).pow(-power)[labels]

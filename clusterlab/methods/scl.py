@@ -23,8 +23,12 @@ the readings taken (each also commented where it is used):
   over-clustering is Eq. 2 with every sample its own cluster: one queue of K keys, minus the
   sample's own older keys; it has no classifier.
 - The memory of a C'-cluster task holds K // (C' - 1) keys per cluster (Sec. 4).
-- The imbalance guard follows ODC's split of the largest cluster (see callbacks/scl.py). It is
-  needed: without it every digit fell into one cluster (ACC 0.10).
+- "We followed [41] (ODC) to avoid extremely imbalanced cluster assignments": both of ODC's
+  guards, the split of the largest cluster to refill a small one (see callbacks/scl.py) and the
+  loss re-weighting by n_c^-0.5 (here on the concept loss, the classifier's, as ODC weights its
+  classifier's). Without the first, every digit fell into one cluster (ACC 0.10); with the first
+  alone, 7 of 10 digits seeds kept half a digit in a cluster of its own (ACC 0.84-0.92;
+  docs/results.md, SCL, "robust over seeds").
 - The refresh runs at the start of each epoch from epoch 1 on (the weights at the end of the
   previous one), so that a resumed run refreshes exactly once per epoch.
 """
@@ -44,6 +48,7 @@ from clusterlab.callbacks.scl import PseudoLabelled, PseudoLabelRefresh
 from clusterlab.data.views import Views
 from clusterlab.distributed import gather
 from clusterlab.losses.scl import (
+    cluster_size_weights,
     concept_loss,
     contrastive_set,
     hard_sample_weights,
@@ -86,6 +91,10 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
         use_hard_sample_weights: Eq. 6's weights in Eq. 7; False: the plain batch mean (Table 3).
         imbalance_guard, min_cluster_fraction: ODC's refill of clusters smaller than this fraction
             of N / C, by splitting the largest (see `callbacks.PseudoLabelRefresh`).
+        size_reweighting: ODC's other guard: each sample's concept loss weighs n_c^-0.5, n_c the
+            size of its pseudo label's cluster (`losses.scl.cluster_size_weights`). The paper
+            follows ODC "to avoid extremely imbalanced cluster assignments" without saying which
+            of its two guards; ODC uses both. False: the plain mean of Eq. 4.
         query_view: "augmented" (MoCo v2) or "plain": q from the un-augmented image (Sec. 3.1 read
             literally).
         optimizer: SGD, lr 0.03, weight decay 5e-4 in the paper (momentum 0.9 as in MoCo v2).
@@ -111,6 +120,7 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
         use_hard_sample_weights: bool = True,
         imbalance_guard: bool = True,
         min_cluster_fraction: float = 0.15,
+        size_reweighting: bool = True,
         query_view: Literal["augmented", "plain"] = "augmented",
         optimizer: OptimizerCallable = torch.optim.SGD,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -233,7 +243,11 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
             if self.hparams.use_concept_loss and task != OVER:
                 target = memory_logits(q.detach(), memory.keys, tau).softmax(1)  # p~, Eq. 3
                 logits = gather(self.classifiers[task](q_local))  # p = W^T q + B
-                terms[f"{task}/concept"] = concept_loss(logits, target)  # L_xent, Eq. 4
+                size_weights = None
+                if self.hparams.size_reweighting:  # ODC's n_c^-0.5, n_c over the whole training set
+                    sizes = self.sample_table.labels[row].bincount(minlength=logits.shape[1])
+                    size_weights = cluster_size_weights(own, sizes)
+                terms[f"{task}/concept"] = concept_loss(logits, target, size_weights)  # L_xent, Eq. 4
             # "After every backward pass, k_i enqueues to M_{y_i} with the oldest one inside
             # removed" (Sec. 3.1): the gathered keys, the same on every rank, in batch order.
             memory.enqueue(k, queue, index)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from clusterlab.losses.scl import (
+    cluster_size_weights,
     concept_loss,
     contrastive_set,
     hard_sample_weights,
@@ -105,6 +106,25 @@ def test_concept_loss_trains_the_classifier_not_the_memory_target():
     target = torch.full((2, 3), 1 / 3, requires_grad=True)
     concept_loss(logits, target).backward()
     assert target.grad is None and logits.grad is not None
+
+
+def test_cluster_size_weights_are_odcs_inverse_square_root_of_the_cluster_size():
+    sizes = torch.tensor([100, 25, 4, 0])  # an empty cluster has no sample to weigh
+    weights = cluster_size_weights(torch.tensor([0, 1, 2, 2]), sizes)
+    assert weights.tolist() == pytest.approx([0.1, 0.2, 0.5, 0.5])
+
+
+def test_size_weighted_concept_loss_is_the_weighted_mean_of_eq4():
+    logits = torch.tensor([[0.0, math.log(3.0)], [math.log(3.0), 0.0]])
+    target = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
+    per_sample = [-(0.5 * math.log(0.25) + 0.5 * math.log(0.75)), -math.log(0.75)]
+    weights = torch.tensor([0.1, 0.3])
+    expected = (0.1 * per_sample[0] + 0.3 * per_sample[1]) / 0.4
+    assert concept_loss(logits, target, weights).item() == pytest.approx(expected, rel=1e-6)
+    # Equal weights: Eq. 4's plain mean.
+    assert concept_loss(logits, target, torch.full((2,), 0.7)).item() == pytest.approx(
+        concept_loss(logits, target).item(), rel=1e-6
+    )
 
 
 def test_hard_sample_weights_eq6_by_hand():

@@ -77,6 +77,32 @@ def test_a_samples_contrastive_set_never_contains_its_own_clusters_queue():
     assert loss() != reference
 
 
+def test_size_reweighting_weighs_the_concept_loss_by_the_pseudo_label_cluster_sizes():
+    """Balanced pseudo labels: ODC's weights are equal and Eq. 4 is its plain mean; once one
+    cluster holds most samples, its samples weigh less and the loss moves."""
+    batch = {"index": torch.arange(64), "image": ClusterDataModule("digits").split("train+test").images[:64]}
+
+    def concept(size_reweighting, labels):
+        torch.manual_seed(0)
+        model = tiny_scl(
+            use_instance_loss=False,
+            under_clustering=False,
+            over_clustering=False,
+            size_reweighting=size_reweighting,
+        )
+        model.sample_table.reset(1797, [10], torch.Generator().manual_seed(0))
+        if labels is not None:
+            model.sample_table.labels[0] = labels
+        torch.manual_seed(1)  # the same views every time
+        return model.training_step(batch, 0).item()
+
+    assert concept(True, None) == pytest.approx(concept(False, None), rel=1e-5)  # sizes 179 and 180
+    imbalanced = torch.arange(1797) % 10
+    imbalanced[:1200] = 0  # cluster 0 holds two thirds of the samples, and half of the batch
+    imbalanced[:64:2] = torch.arange(32) % 9 + 1
+    assert concept(True, imbalanced) != pytest.approx(concept(False, imbalanced), rel=1e-3)
+
+
 @pytest.mark.parametrize(
     "switches",
     [
@@ -87,6 +113,7 @@ def test_a_samples_contrastive_set_never_contains_its_own_clusters_queue():
         {"clustering_task": False, "over_clustering": False},  # Fig. 4: under-clustering only (k-means)
         {"clustering_task": False, "under_clustering": False},  # Fig. 4: over-clustering only (k-means)
         {"use_hard_sample_weights": False},  # Table 3
+        {"size_reweighting": False},  # ODC's loss re-weighting off
         {"query_view": "plain"},
     ],
 )
