@@ -1,8 +1,14 @@
 """`fit --ckpt_path last` continues a run killed mid-epoch to the weights of an uninterrupted run,
-for every method."""
+for every method.
+
+CC's and SCL's run in the default `make test`; NNM's (a pretext run first) and DCCM's two
+(45-70 s each on 2 cores) are marked slow to keep the default run under 8 minutes, and run with
+`make test-slow`. The mechanism they share (reseeding per step, the loader's skip, the checkpoint
+inside an epoch) is tested by CC's run here and by tests/cli/test_lifecycle.py."""
 
 import json
 
+import pytest
 import torch
 
 from tests.helpers import (
@@ -27,6 +33,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
     assert {"0", "1", "2", "3"} <= epochs
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_nnm_run_continues_with_the_same_global_table(tmp_path):
     (tmp_path / "tiny_simclr.yaml").write_text(TINY_SIMCLR)
     (tmp_path / "tiny_nnm.yaml").write_text(TINY_NNM)
@@ -60,6 +67,7 @@ def test_killed_and_resumed_scl_run_continues_with_the_same_state(tmp_path):
     assert int(got["state_dict"]["sample_table.epoch"]) == 3
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_dccm_run_ends_with_the_same_weights(tmp_path):
     (tmp_path / "tiny.yaml").write_text(TINY_DCCM)
     expected, _, _ = kill_and_resume(tmp_path, "tiny.yaml")
@@ -70,6 +78,7 @@ def test_killed_and_resumed_dccm_run_ends_with_the_same_weights(tmp_path):
     assert any(0 < float(row.split(",")[column]) < 1 for row in log[1:] if row.split(",")[column])
 
 
+@pytest.mark.slow
 def test_a_dccm_run_killed_inside_a_chunk_resumes_with_the_chunks_targets(tmp_path):
     """The authors' chunked schedule: a checkpoint inside a chunk (here after every batch) holds
     the targets the chunk started with; the resumed run uses them and ends as the whole run."""
