@@ -333,9 +333,11 @@ def test_partial_folders_of_killed_runs_are_removed_by_the_next_run_and_live_one
     from clusterlab.cluster.output import OWNER, make_staging, swap_in
 
     out = tmp_path / "out"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     host = socket.gethostname()
-    killed, running, foreign = (tmp_path / f".out.partial-{name}" for name in ("killed", "running", "foreign"))
+    killed, running, foreign = (tmp_path / f".out.partial-{n}" for n in ("killed", "running", "foreign"))
     for partial, owner in ((killed, f"{host} {dead.stdout.strip()}"), (running, f"{host} {os.getpid()}")):
         partial.mkdir()
         (partial / OWNER).write_text(owner)
