@@ -48,6 +48,16 @@ def the_run(folder: Path, name: str) -> Path:
     return run_dir
 
 
+def first_checkpoint(folder: Path, name: str) -> Path:
+    """The last.ckpt of the run `name` once it exists (waits up to 60 s)."""
+    for _ in range(600):
+        checkpoint = next((folder / "runs" / name).glob("*/checkpoints/last.ckpt"), None)
+        if checkpoint is not None:
+            return checkpoint
+        time.sleep(0.1)
+    raise AssertionError(f"run {name} wrote no checkpoint within 60 s")
+
+
 def assert_same_weights(expected: dict, got: dict) -> None:
     assert got["epoch"] == expected["epoch"] and got["global_step"] == expected["global_step"]
     for name, tensor in expected["state_dict"].items():
@@ -111,13 +121,7 @@ def test_ctrl_c_stops_with_a_message_and_resumes_to_the_same_weights(tmp_path):
     whole = clusterlab(*FIT, "--name", "whole", cwd=tmp_path)
     assert whole.returncode == 0, whole.tail()
     process = start(tmp_path, *FIT, "--name", "stopped")
-    checkpoint = None
-    for _ in range(600):  # Ctrl-C once the run has a checkpoint
-        checkpoint = next((tmp_path / "runs" / "stopped").glob("*/checkpoints/last.ckpt"), None)
-        if checkpoint is not None:
-            break
-        time.sleep(0.1)
-    assert checkpoint is not None
+    checkpoint = first_checkpoint(tmp_path, "stopped")  # Ctrl-C once the run has a checkpoint
     os.killpg(process.pid, signal.SIGINT)
     assert process.wait(timeout=120) == 1
     assert not (checkpoint.parent.parent / "metrics.json").exists()  # no report of an unfinished run
@@ -131,13 +135,7 @@ def test_sigterm_stops_with_the_message_and_a_failing_exit_code(tmp_path):
     says how to continue, and exits 143, so that the scheduler does not record a finished run."""
     write_tiny(tmp_path, max_epochs="200")
     process = start(tmp_path, *FIT, "--name", "terminated")
-    checkpoint = None
-    for _ in range(600):
-        checkpoint = next((tmp_path / "runs" / "terminated").glob("*/checkpoints/last.ckpt"), None)
-        if checkpoint is not None:
-            break
-        time.sleep(0.1)
-    assert checkpoint is not None
+    checkpoint = first_checkpoint(tmp_path, "terminated")
     os.killpg(process.pid, signal.SIGTERM)
     assert process.wait(timeout=120) == 143
     assert "Interrupted. The run keeps" in process.stderr.read()
