@@ -91,6 +91,7 @@ class SimCLRViews(Views):
             ImageNet-10 and ImageNet-Dogs only.
         standardize: per-image standardisation last (see `Views`; `clusterlab cluster` on photos).
         hue: the hue jitter, a fraction of the colour circle up to 0.5 (None: 0.2 x strength).
+        flip: the horizontal flip (SimCLR's; wrong where a mirror image is another kind, as digits).
     """
 
     def __init__(
@@ -105,11 +106,13 @@ class SimCLRViews(Views):
         std: Sequence[float] | None = None,
         standardize: bool = False,
         hue: float | None = None,
+        flip: bool = True,
     ) -> None:
         s = strength
-        augmentations = [
-            K.RandomResizedCrop((size, size), scale=crop_scale),
-            K.RandomHorizontalFlip(),
+        augmentations: list[nn.Module] = [K.RandomResizedCrop((size, size), scale=crop_scale)]
+        if flip:
+            augmentations.append(K.RandomHorizontalFlip())
+        augmentations += [
             K.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s if hue is None else hue, p=jitter_p),
             K.RandomGrayscale(p=grayscale_p),
         ]
@@ -147,6 +150,7 @@ class SmallImageViews(Views):
 
     Args:
         rotation: degrees, +-; translate: pixels, +-; scale: zoom range (affine, p = 1).
+        shear: degrees, +-, parallel to the x axis: the slant of handwriting (0: none).
         crop_scale: area range of a random resized crop (Fashion-MNIST: 0.5-1); None: no crop.
         flip: horizontal flip (right for clothes, wrong for digits).
         brightness, contrast: jitter strength, applied with probability jitter_p.
@@ -159,6 +163,7 @@ class SmallImageViews(Views):
         rotation: float = 15.0,
         translate: float = 1.5,
         scale: tuple[float, float] = (0.9, 1.1),
+        shear: float = 0.0,
         crop_scale: tuple[float, float] | None = None,
         flip: bool = False,
         brightness: float = 0.4,
@@ -177,8 +182,8 @@ class SmallImageViews(Views):
             if size is None:
                 raise ValueError("a random resized crop needs the output size: set size")
             augmentations.append(K.RandomResizedCrop((size, size), scale=crop_scale))
-        if rotation or translate or scale != (1.0, 1.0):
-            augmentations.append(_PixelAffine(rotation, translate, scale))
+        if rotation or translate or scale != (1.0, 1.0) or shear:
+            augmentations.append(_PixelAffine(rotation, translate, scale, shear))
         if flip:
             augmentations.append(K.RandomHorizontalFlip())
         if brightness or contrast:
@@ -201,6 +206,7 @@ class GeometricViews(Views):
         rotation: degrees, +-.
         shift: fraction of the side, +- (on 8x8 digits, 0.18 is 1.4 px).
         zoom: range of the scale factor, drawn for x and y separately.
+        shear: degrees, +-, parallel to the x axis (Keras' shear_range; 0: none, as the authors).
         flip: horizontal flip (right for objects and clothes, wrong for digits).
         channel_shift: largest intensity shift, +- (images in [0, 1]).
         fill: what the affine warp fills in: "border" repeats the edge (Keras' "nearest"),
@@ -213,6 +219,7 @@ class GeometricViews(Views):
         rotation: float = 20.0,
         shift: float = 0.18,
         zoom: tuple[float, float] = (0.85, 1.15),
+        shear: float = 0.0,
         flip: bool = True,
         channel_shift: float = 0.1,
         fill: Literal["border", "zeros", "reflection"] = "border",
@@ -222,12 +229,13 @@ class GeometricViews(Views):
         standardize: bool = False,
     ) -> None:
         augmentations: list[nn.Module] = []
-        if rotation or shift or tuple(zoom) != (1.0, 1.0):
+        if rotation or shift or tuple(zoom) != (1.0, 1.0) or shear:
             augmentations.append(
                 K.RandomAffine(
                     degrees=rotation,
                     translate=(shift, shift) if shift else None,
                     scale=(*zoom, *zoom),
+                    shear=shear or None,
                     padding_mode=fill,
                     p=1.0,
                 )
@@ -243,8 +251,10 @@ class _PixelAffine(K.RandomAffine):
     """RandomAffine whose translation is given in pixels (kornia takes a fraction of the side,
     which the side of the batch only fixes at call time)."""
 
-    def __init__(self, rotation: float, translate_px: float, scale: tuple[float, float]) -> None:
-        super().__init__(degrees=rotation, translate=None, scale=scale, p=1.0)
+    def __init__(
+        self, rotation: float, translate_px: float, scale: tuple[float, float], shear: float = 0.0
+    ) -> None:
+        super().__init__(degrees=rotation, translate=None, scale=scale, shear=shear or None, p=1.0)
         self.translate_px = translate_px
 
     def generate_parameters(self, batch_shape: tuple[int, ...]) -> dict[str, Tensor]:

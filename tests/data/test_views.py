@@ -72,3 +72,55 @@ def test_geometric_views_draw_per_image_and_keep_size_and_range():
     assert len({tuple(v.flatten().tolist()) for v in views}) == 16
     still = GeometricViews(rotation=0, shift=0, zoom=(1.0, 1.0), flip=False, channel_shift=0)
     torch.testing.assert_close(still(image), image.float() / 255)
+
+
+def _slant(images: torch.Tensor) -> torch.Tensor:
+    """Per image: the bar's horizontal centre in the top rows minus in the bottom rows (pixels)."""
+    columns = torch.arange(images.shape[-1], dtype=torch.float32)
+
+    def centre(rows: torch.Tensor) -> torch.Tensor:
+        mass = rows.sum(dim=(1, 2))
+        return (mass * columns).sum(-1) / mass.sum(-1)
+
+    return centre(images[:, :, 4:10]) - centre(images[:, :, -10:-4])
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        lambda shear: SmallImageViews(
+            rotation=0,
+            translate=0,
+            scale=(1.0, 1.0),
+            shear=shear,
+            brightness=0,
+            contrast=0,
+            noise_std=0,
+            erasing=None,
+        ),
+        lambda shear: GeometricViews(
+            rotation=0, shift=0, zoom=(1.0, 1.0), shear=shear, flip=False, channel_shift=0
+        ),
+    ],
+    ids=["small_image_views", "geometric_views"],
+)
+def test_shear_slants_an_upright_stroke_both_ways_and_zero_keeps_it_upright(family):
+    """Handwriting slant: a vertical bar comes out leaning left or right, per image."""
+    bar = torch.zeros(1, 1, 32, 32, dtype=torch.uint8)
+    bar[..., 2:30, 14:18] = 255
+    batch = bar.repeat(64, 1, 1, 1)
+    slant = _slant(family(30.0)(batch))
+    assert slant.min() < -2 and slant.max() > 2  # up to tan(30 deg) x 20 rows = 11.5 px each way
+    assert len({round(s, 3) for s in slant.tolist()}) > 32
+    assert _slant(family(0.0)(batch)).abs().max() < 1e-4
+
+
+def test_simclr_views_without_the_flip_never_mirror():
+    """`flip=False` (digits, text): with crop and colour off, every view is the image itself."""
+    image = torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+    image[..., 2:14, 2:5] = 255  # a bar on the left: a mirror image has it on the right
+    batch = image.repeat(32, 1, 1, 1)
+    still = dict(crop_scale=(1.0, 1.0), jitter_p=0.0, grayscale_p=0.0, size=16)
+    torch.testing.assert_close(SimCLRViews(**still, flip=False)(batch), batch.float() / 255)
+    mirrored = SimCLRViews(**still)(batch)[..., 11:].sum(dim=(1, 2, 3)) > 0
+    assert 0 < mirrored.sum() < 32  # the default flips about half
