@@ -235,7 +235,7 @@ class GeometricViews(Views):
                     degrees=rotation,
                     translate=(shift, shift) if shift else None,
                     scale=(*zoom, *zoom),
-                    shear=shear or None,
+                    shear=shear or None,  # None, not 0.0: see _PixelAffine
                     padding_mode=fill,
                     p=1.0,
                 )
@@ -254,6 +254,8 @@ class _PixelAffine(K.RandomAffine):
     def __init__(
         self, rotation: float, translate_px: float, scale: tuple[float, float], shear: float = 0.0
     ) -> None:
+        # None, not 0.0: kornia draws shear parameters for 0.0 too, which would shift the random
+        # stream (and the recorded results) of every config without a shear.
         super().__init__(degrees=rotation, translate=None, scale=scale, shear=shear or None, p=1.0)
         self.translate_px = translate_px
 
