@@ -167,11 +167,13 @@ def dccm_bare_step(model, batch: dict, optimizer) -> torch.Tensor:
     """DCCM's step (Eq. 15): original and transformed images, pseudo-graph, pseudo labels, triplet MI."""
     hp, x = model.hparams, batch["image"]
     logits, _ = model.forward_with_shallow(model.views.plain(x))
+    logits = logits[0]  # the one head
     probs = logits.detach().float().softmax(1)
     graph = pseudo_graph(probs, hp.graph_threshold)
     labels, confident = pseudo_labels(probs, hp.label_threshold)
     loss = pseudo_graph_loss(logits, graph) + hp.alpha * pseudo_label_loss(logits, labels, confident)
     logits, shallow = model.forward_with_shallow(model.views(x))
+    logits = logits[0]
     loss = loss + pseudo_graph_loss(logits, graph) + hp.alpha * pseudo_label_loss(logits, labels, confident)
     scores = torch.rand(len(x), len(x), device=x.device)
     positive, positive_valid, negatives, negatives_valid = triplet_pairs(graph, scores, hp.num_negatives)
@@ -179,7 +181,7 @@ def dccm_bare_step(model, batch: dict, optimizer) -> torch.Tensor:
     joint = (torch.cat([anchor, anchor[positive_valid]]), torch.cat([anchor, positive[positive_valid]]))
     marginal = (anchor[:, None].expand_as(negatives)[negatives_valid], negatives[negatives_valid])
     rows, cols = torch.cat([joint[0], marginal[0]]), torch.cat([joint[1], marginal[1]])
-    t = model.discriminator(logits.index_select(0, rows), shallow.index_select(0, cols))
+    t = model.discriminators[0](logits.index_select(0, rows), shallow.index_select(0, cols))
     loss = loss + hp.beta * mutual_information_loss(t[: len(joint[0])], t[len(joint[0]) :])
     return _update(loss, optimizer)
 

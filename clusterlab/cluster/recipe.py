@@ -204,8 +204,9 @@ def permute_clusters(model: ClusteringMethod, order: list[int]) -> None:
     elif name == "NNM":
         _rows(model.cluster_heads.heads[model.selected_head], index)
     elif name == "DCCM":
-        for layer in model.cluster_head:
-            _rows(layer, index)
+        for head in model.cluster_heads:
+            for layer in head:
+                _rows(layer, index)
     elif name == "SCL":
         task = "clustering"
         if model.hparams.use_concept_loss:

@@ -57,6 +57,9 @@ class DCCM(ClusteringMethod):
             many images are computed once, without gradient, when the chunk starts; then the chunk
             is visited `chunk_repeats` times in shuffled batches, each batch `chunk_batch_repeats`
             times with new views (the authors' code: 1000 images, 10 visits, 2 views per batch).
+        num_heads: cluster heads trained side by side on the same backbone, each with its own
+            pseudo-graph, pseudo labels and discriminator T; the run reports the head whose own
+            unsupervised loss (its share of Eq. 15) was lowest over the last epoch. 1 in the paper.
         logit_norm: BatchNorm on the logits before the softmax, as the authors' net. It keeps
             the predictions from collapsing onto one cluster; turn it off where the loss must not
             depend on how the batch is split (the distributed tests on CPU).
@@ -85,10 +88,13 @@ class DCCM(ClusteringMethod):
         chunk_repeats: int = 10,
         chunk_batch_repeats: int = 2,
         logit_norm: bool = True,
+        num_heads: int = 1,
         optimizer: OptimizerCallable = torch.optim.RMSprop,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(num_clusters, backbone, num_heads=1, optimizer=optimizer, lr_scheduler=lr_scheduler)
+        super().__init__(
+            num_clusters, backbone, num_heads=num_heads, optimizer=optimizer, lr_scheduler=lr_scheduler
+        )
         self.save_hyperparameters()
         if not (use_pseudo_graph_loss or use_pseudo_label_loss or use_mutual_information_loss):
             raise ValueError(
@@ -103,25 +109,32 @@ class DCCM(ClusteringMethod):
         self.views = views
         # The authors' last layer: Linear(64 -> K) - BN, then the softmax of Eq. 1. No bias before
         # the BN: it would have no gradient but rounding noise, which RMSprop scales up to full steps.
-        self.cluster_head = nn.Sequential(
-            nn.Linear(backbone.out_dim, num_clusters, bias=not logit_norm),
-            nn.BatchNorm1d(num_clusters) if logit_norm else nn.Identity(),
+        self.cluster_heads = nn.ModuleList(
+            nn.Sequential(
+                nn.Linear(backbone.out_dim, num_clusters, bias=not logit_norm),
+                nn.BatchNorm1d(num_clusters) if logit_norm else nn.Identity(),
+            )
+            for _ in range(num_heads)
         )
-        # The current chunk's targets (chunk_size set): its training-set indices, sorted, and the
-        # predictions of its original images when it started. Buffers: a run resumed inside a
-        # chunk continues with the targets it had.
+        # The current chunk's targets (chunk_size set): its training-set indices, sorted, and each
+        # head's predictions of its original images when it started. Buffers: a run resumed inside
+        # a chunk continues with the targets it had.
         self.register_buffer("chunk_rows", torch.zeros(chunk_size or 0, dtype=torch.long))
-        self.register_buffer("chunk_probs", torch.zeros(chunk_size or 0, num_clusters))
-        self.discriminator = (
-            LocalDiscriminator(num_clusters, backbone.shallow_dim, discriminator_dim)
+        self.register_buffer("chunk_probs", torch.zeros(num_heads, chunk_size or 0, num_clusters))
+        self.discriminators = (
+            nn.ModuleList(
+                LocalDiscriminator(num_clusters, backbone.shallow_dim, discriminator_dim)
+                for _ in range(num_heads)
+            )
             if use_mutual_information_loss
             else None
         )
 
-    def forward_with_shallow(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Y (pre-softmax output, B x K) and the shallow feature map M of the same forward pass."""
+    def forward_with_shallow(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Y of every head (pre-softmax output, B x K each) and the shallow feature map M of the
+        same forward pass."""
         features, shallow = self.backbone(x, with_shallow=True)
-        return self.cluster_head(features), shallow
+        return [head(features) for head in self.cluster_heads], shallow
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.chunk_size:
@@ -131,63 +144,100 @@ class DCCM(ClusteringMethod):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         images = batch["image"]
-        alpha, criterion = self.hparams.alpha, self.hparams.pseudo_label_criterion
         # Lines 4-5 of Algorithm 1: predictions of the original images, and from them, over the
         # global batch, the pseudo-graph W (Eq. 2) and the confident pseudo labels y, V (Eqs. 7-8).
         on_original = self.hparams.original_images or (
             self.hparams.use_mutual_information_loss and not self.hparams.use_local_robustness
         )
+        logits = transformed = None
         if on_original or not self.hparams.chunk_size:
             with torch.set_grad_enabled(on_original):
                 logits, shallow = self.forward_with_shallow(self.views.plain(images))
-            logits = gather(logits)
+            logits = [gather(y) for y in logits]
         if self.hparams.chunk_size:  # the authors' schedule: targets from the chunk's start
             probs = self.chunk_targets(batch)
         else:
-            probs = logits.detach().float().softmax(1)  # z, Eq. 1
-        graph = pseudo_graph(probs, self.hparams.graph_threshold)
-        labels, confident = pseudo_labels(probs, self.hparams.label_threshold)
+            probs = [y.detach().float().softmax(1) for y in logits]  # z, Eq. 1
+        if self.hparams.use_local_robustness:  # x' = G x
+            transformed, shallow = self.forward_with_shallow(self.views(images))
+            transformed = [gather(y) for y in transformed]
+        if self.hparams.use_mutual_information_loss:
+            shallow, index = gather(shallow), gather(batch["index"])
 
+        per_head = []  # each head's terms: its own targets, its own share of Eq. 15
+        for h in range(self.num_heads):
+            graph = pseudo_graph(probs[h], self.hparams.graph_threshold)
+            labels, confident = pseudo_labels(probs[h], self.hparams.label_threshold)
+            terms = self.head_terms(
+                graph,
+                labels,
+                confident,
+                logits[h] if self.hparams.original_images else None,
+                transformed[h] if transformed is not None else None,
+            )
+            if self.hparams.use_mutual_information_loss:  # beta L_MI, Eq. 14, on the images trained on
+                deep = transformed[h] if transformed is not None else logits[h]
+                terms["mutual_information"] = self.hparams.beta * self.triplet_mutual_information(
+                    self.discriminators[h], deep, shallow, graph, index, batch_idx
+                )
+            per_head.append(terms)
+            self.log_diagnostics(h, probs[h], graph, confident, gather(batch["label"]))
+        head_losses = torch.stack([torch.stack(list(terms.values())).sum() for terms in per_head])
+        terms = {name: torch.stack([t[name] for t in per_head]).mean() for name in per_head[0]}
+        return self.objective(terms, head_losses)  # L_DCCM, Eq. 15 (the mean over the heads)
+
+    def head_terms(
+        self,
+        graph: Tensor,
+        labels: Tensor,
+        confident: Tensor,
+        logits: Tensor | None,
+        transformed: Tensor | None,
+    ) -> dict[str, Tensor]:
+        """One head's pseudo-graph and pseudo-label terms, from its targets W, y, V: on the
+        original images' logits and on the transformed images' (either None when switched off)."""
+        alpha, criterion = self.hparams.alpha, self.hparams.pseudo_label_criterion
         terms = {}
-        if self.hparams.original_images:  # L_CDS = L_PG + alpha L_PL, Eq. 10
+        if logits is not None:  # L_CDS = L_PG + alpha L_PL, Eq. 10
             if self.hparams.use_pseudo_graph_loss:
                 terms["pseudo_graph"] = pseudo_graph_loss(logits, graph)  # Eq. 3
             if self.hparams.use_pseudo_label_loss:
                 terms["pseudo_label"] = alpha * pseudo_label_loss(
                     logits, labels, confident, criterion
                 )  # Eq. 9
-        if self.hparams.use_local_robustness:  # L_LR = L'_PG + alpha L'_PL on x' = G x, W, y, V of x: Eq. 12
-            logits, shallow = self.forward_with_shallow(self.views(images))
-            logits = gather(logits)
+        if transformed is not None:  # L_LR = L'_PG + alpha L'_PL on x' = G x, W, y, V of x: Eq. 12
             if self.hparams.use_pseudo_graph_loss:
-                terms["pseudo_graph_transformed"] = pseudo_graph_loss(logits, graph)
+                terms["pseudo_graph_transformed"] = pseudo_graph_loss(transformed, graph)
             if self.hparams.use_pseudo_label_loss:
                 terms["pseudo_label_transformed"] = alpha * pseudo_label_loss(
-                    logits, labels, confident, criterion
+                    transformed, labels, confident, criterion
                 )
-        if self.hparams.use_mutual_information_loss:  # beta L_MI, Eq. 14, on the images trained on
-            terms["mutual_information"] = self.hparams.beta * self.triplet_mutual_information(
-                logits, gather(shallow), graph, gather(batch["index"]), batch_idx
-            )
-        self.log_diagnostics(probs, graph, confident, gather(batch["label"]))
-        return self.objective(terms)  # L_DCCM, Eq. 15
+        return terms
 
-    def chunk_targets(self, batch: dict[str, Tensor]) -> Tensor:
-        """z of the global batch's original images, as predicted when their chunk started. The
-        first batch of a chunk brings the chunk (each process its share): its predictions are
-        made then, without gradient, in training mode as the authors' code makes them."""
+    def chunk_targets(self, batch: dict[str, Tensor]) -> list[Tensor]:
+        """z of the global batch's original images, every head's, as predicted when their chunk
+        started (one N x K per head). The first batch of a chunk brings the chunk (each process its
+        share): its predictions are made then, without gradient, in training mode as the authors'
+        code makes them."""
         if "chunk_index" in batch:
             with torch.no_grad():
                 logits, _ = self.forward_with_shallow(self.views.plain(batch["chunk_image"]))
-            index, probs = gather(batch["chunk_index"].to(self.device)), gather(logits.float().softmax(1))
+            index = gather(batch["chunk_index"].to(self.device))
+            probs = torch.stack([gather(y.float().softmax(1)) for y in logits])
             order = index.argsort()
             self.chunk_rows.copy_(index[order])
-            self.chunk_probs.copy_(probs[order])
+            self.chunk_probs.copy_(probs[:, order])
         index = gather(batch["index"].to(self.device))
-        return self.chunk_probs[torch.searchsorted(self.chunk_rows, index)]
+        return list(self.chunk_probs[:, torch.searchsorted(self.chunk_rows, index)])
 
     def triplet_mutual_information(
-        self, deep: Tensor, shallow: Tensor, graph: Tensor, index: Tensor, batch_idx: int
+        self,
+        discriminator: nn.Module,
+        deep: Tensor,
+        shallow: Tensor,
+        graph: Tensor,
+        index: Tensor,
+        batch_idx: int,
     ) -> Tensor:
         """L_MI, Eq. 14, from sampled pairs (Sec. 3.4): joint pairs (Y_i, M_i) and (Y_i, M_j) for a
         pseudo-graph positive j; marginal pairs (Y_i, M_k) for pseudo-graph negatives k."""
@@ -201,7 +251,7 @@ class DCCM(ClusteringMethod):
         # advanced indexing's (index_put_ with accumulate) adds repeated rows in a varying order,
         # and one flipped threshold of the pseudo-graph then makes two identical runs drift apart.
         deep_rows, shallow_rows = torch.cat([joint[0], marginal[0]]), torch.cat([joint[1], marginal[1]])
-        scores = self.discriminator(deep.index_select(0, deep_rows), shallow.index_select(0, shallow_rows))
+        scores = discriminator(deep.index_select(0, deep_rows), shallow.index_select(0, shallow_rows))
         return mutual_information_loss(scores[: len(joint[0])], scores[len(joint[0]) :])
 
     def pair_scores(self, index: Tensor, batch_idx: int) -> Tensor:
@@ -216,9 +266,12 @@ class DCCM(ClusteringMethod):
         return scores[position][:, position]
 
     @torch.no_grad()
-    def log_diagnostics(self, probs: Tensor, graph: Tensor, confident: Tensor, labels: Tensor) -> None:
-        """The paper's Figs. 5-6: share of confident predictions, pseudo-graph density and, where
-        labels exist, the pseudo-graph's BCubed precision and recall. Logged, never used."""
+    def log_diagnostics(
+        self, head: int, probs: Tensor, graph: Tensor, confident: Tensor, labels: Tensor
+    ) -> None:
+        """The paper's Figs. 5-6 of one head: share of confident predictions, pseudo-graph density
+        and, where labels exist, the pseudo-graph's BCubed precision and recall. Logged, never
+        used. Head 0's as train/<name>, the others' as train/<name>_head<h>."""
         n = len(graph)
         stats = {
             "confident": confident.float().mean(),
@@ -230,13 +283,15 @@ class DCCM(ClusteringMethod):
             stats["graph_precision"], stats["graph_recall"] = graph_bcubed(
                 graph[known][:, known], labels[known]
             )
+        suffix = f"_head{head}" if head else ""
         self.log_dict(
-            {f"train/{name}": value.float() for name, value in stats.items()},
+            {f"train/{name}{suffix}": value.float() for name, value in stats.items()},
             on_step=False,
             on_epoch=True,
             batch_size=self._batch_size,
         )
 
     def cluster_logits(self, x: Tensor) -> Tensor:
-        """y = argmax f(x) (Eq. 7): the logits of the one head, 1 x B x K."""
-        return self.cluster_head(self.backbone(x))[None]
+        """y = argmax f(x) (Eq. 7): the logits of every head, heads x B x K."""
+        features = self.backbone(x)
+        return torch.stack([head(features) for head in self.cluster_heads])

@@ -69,7 +69,7 @@ def test_table_3_rows_are_config_overrides(row, in_tmp):
     batch = {"image": images, "index": torch.arange(64), "label": torch.zeros(64, dtype=torch.long)}
     model.training_step(batch, 0).backward()
     assert set(captured) == expected_terms
-    assert (model.discriminator is not None) == ("mutual_information" in expected_terms)
+    assert (model.discriminators is not None) == ("mutual_information" in expected_terms)
 
 
 def test_random_pairs_do_not_depend_on_how_the_batch_is_ordered_or_split():
@@ -79,6 +79,35 @@ def test_random_pairs_do_not_depend_on_how_the_batch_is_ordered_or_split():
     scores = model.pair_scores(index, batch_idx=5)
     torch.testing.assert_close(model.pair_scores(index[order], batch_idx=5), scores[order][:, order])
     assert not torch.equal(model.pair_scores(index, batch_idx=6), scores)
+
+
+def test_each_head_trains_on_its_own_targets_and_the_loss_is_their_mean():
+    """num_heads: every head its own pseudo-graph, pseudo labels and discriminator; the per-head
+    losses (for the label-free head selection) are each head's own terms, and their mean is the
+    objective."""
+    torch.manual_seed(0)
+    model = DCCM(10, tiny_cnn(), GeometricViews(flip=False), discriminator_dim=16, num_heads=3)
+    images = Digits().load("train+test").images[:64]
+    batch = {"image": images, "index": torch.arange(64), "label": torch.zeros(64, dtype=torch.long)}
+    captured = {}
+
+    def objective(terms, head_losses=None):
+        captured.update(terms=terms, head_losses=head_losses)
+        return sum(terms.values())
+
+    model.objective, model.log_diagnostics = objective, lambda *args: None
+    loss = model.training_step(batch, 0)
+    terms, head_losses = captured["terms"], captured["head_losses"]
+    assert set(terms) == set(ABLATIONS["M4"][1]) and head_losses.shape == (3,)
+    torch.testing.assert_close(loss, head_losses.mean())
+    assert len(set(head_losses.tolist())) == 3  # three heads, three different losses
+    assert model.cluster_logits(model.views.plain(images)).shape == (3, 64, 10)
+    # Head 1's loss moves head 1 and its discriminator, never another head's layers.
+    head_losses[1].backward()
+    for h in range(3):
+        moved = [p.grad is not None and p.grad.abs().sum() > 0 for p in model.cluster_heads[h].parameters()]
+        moved += [p.grad is not None and p.grad.abs().sum() > 0 for p in model.discriminators[h].parameters()]
+        assert all(moved) if h == 1 else not any(moved), h
 
 
 def _dccm_model(**kwargs) -> DCCM:
@@ -101,10 +130,16 @@ def _dccm_model(**kwargs) -> DCCM:
     )
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["paper", "authors-chunks"])
-def test_dccm_training_step_on_two_processes_equals_one_process_with_the_whole_batch(tmp_path, chunked):
+@pytest.mark.parametrize(
+    "chunked, num_heads",
+    [(False, 1), (True, 1), (False, 2)],
+    ids=["paper", "authors-chunks", "two-heads"],
+)
+def test_dccm_training_step_on_two_processes_equals_one_process_with_the_whole_batch(
+    tmp_path, chunked, num_heads
+):
     pl.seed_everything(0)
-    model = _dccm_model(**({"chunk_size": 128, "chunk_repeats": 2} if chunked else {}))
+    model = _dccm_model(num_heads=num_heads, **({"chunk_size": 128, "chunk_repeats": 2} if chunked else {}))
     single_out, ddp_out = tmp_path / "single", tmp_path / "ddp"
     single_out.mkdir(), ddp_out.mkdir()
 
@@ -132,7 +167,8 @@ def test_dccm_training_step_on_two_processes_equals_one_process_with_the_whole_b
     for result in ranks:
         assert float(result["loss"]) == pytest.approx(float(single["loss"]), rel=1e-5)
         assert result["grads"].keys() == single["grads"].keys()
-        assert any(name.startswith("discriminator") for name in single["grads"])
+        assert any(name.startswith("discriminators") for name in single["grads"])
+        assert any(name.startswith(f"cluster_heads.{num_heads - 1}.") for name in single["grads"])
         for name, grad in single["grads"].items():
             # float32 sums in another order: agreement to 1e-4 of each gradient's scale
             scale = float(grad.abs().max())
@@ -169,4 +205,4 @@ def test_the_authors_chunked_schedule_computes_targets_once_per_chunk(tmp_path):
     chunks = [record.targets[i : i + steps_per_chunk] for i in range(0, 32, steps_per_chunk)]
     assert len(chunks) == 2 and all(torch.equal(t, chunk[0]) for chunk in chunks for t in chunk)
     assert not torch.equal(chunks[0][0], chunks[1][0])  # new targets for the next chunk
-    assert torch.allclose(chunks[0][0].sum(1), torch.ones(256))
+    assert torch.allclose(chunks[0][0].sum(-1), torch.ones(1, 256))  # 1 head x 256 images
