@@ -164,7 +164,7 @@ class DCCM(ClusteringMethod):
         if self.hparams.use_mutual_information_loss:
             shallow, index = gather(shallow), gather(batch["index"])
 
-        per_head = []  # each head's terms: its own targets, its own share of Eq. 15
+        per_head, class_labels = [], gather(batch["label"])  # labels: for the logged diagnostics only
         for h in range(self.num_heads):
             graph = pseudo_graph(probs[h], self.hparams.graph_threshold)
             labels, confident = pseudo_labels(probs[h], self.hparams.label_threshold)
@@ -181,7 +181,7 @@ class DCCM(ClusteringMethod):
                     self.discriminators[h], deep, shallow, graph, index, batch_idx
                 )
             per_head.append(terms)
-            self.log_diagnostics(h, probs[h], graph, confident, gather(batch["label"]))
+            self.log_diagnostics(h, probs[h], graph, confident, class_labels)
         head_losses = torch.stack([torch.stack(list(terms.values())).sum() for terms in per_head])
         terms = {name: torch.stack([t[name] for t in per_head]).mean() for name in per_head[0]}
         return self.objective(terms, head_losses)  # L_DCCM, Eq. 15 (the mean over the heads)

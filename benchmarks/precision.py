@@ -1,0 +1,98 @@
+"""Training images/s at bf16 mixed precision against float32, each method's Fashion-MNIST step.
+
+    python benchmarks/precision.py [--device cpu|cuda] [--steps 30] [--repeats 3] \
+        [--methods CC SCL] [--out benchmarks/results/precision-<device>.md]
+
+Each method as its experiments/<method>_fashion_mnist.yaml builds it, through Lightning's Trainer
+(`--trainer.precision 32-true` against `bf16-mixed`: autocast to bfloat16 around the training
+step, float32 weights). The two sides alternate and the median of the per-repeat ratios is
+reported, so that a noisy machine skews both alike. On a CPU, bf16 pays where it has bfloat16
+instructions (avx512_bf16 / AMX); the output records the CPU's flags for that reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from throughput import METHODS, clusterlab_images_per_s, median_ratio, pretext_checkpoint  # noqa: E402
+
+
+def cpu() -> str:
+    """The CPU model and its bfloat16-related flags, from /proc/cpuinfo (Linux)."""
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()
+    except OSError:
+        return "unknown CPU"
+    # Every core lists the same fields; the last one read wins.
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    model, flags = fields.get("model name", "unknown"), fields.get("flags", "").split()
+    wanted = [f for f in flags if "bf16" in f or f.startswith("amx") or f == "avx512f"]
+    return f"{model}; bf16-related flags: {' '.join(wanted) or 'none'}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", default=None, help="names as in throughput.METHODS")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    device = args.device
+    lines = [
+        f"# bf16 mixed precision against float32 ({device})",
+        "",
+        "```",
+        "python " + shlex.join(sys.argv),
+        "```",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores "
+        f"({cpu()}), "
+        f"{torch.cuda.get_device_name(0) if device == 'cuda' else 'no GPU'}; torch {torch.__version__}, "
+        f"torch threads {torch.get_num_threads()}. Batch 256, {args.steps} timed steps after 5 warm-up "
+        f"steps; medians of {args.repeats} alternating repeats, the ratio the median of the per-repeat "
+        "ratios.",
+        "",
+        "| method | config | float32 img/s | bf16-mixed img/s | bf16 / float32 |",
+        "|---|---|---|---|---|",
+    ]
+    scratch = Path(tempfile.mkdtemp())
+    for name, (config, _) in METHODS.items():
+        if args.methods and name not in args.methods:
+            continue
+        overrides = ["--trainer.accelerator", "gpu" if device == "cuda" else "cpu"]
+        if "nnm" in config:
+            overrides += ["--model.init_args.pretext_checkpoint", pretext_checkpoint(scratch)]
+        bf16, fp32, ratio = median_ratio(
+            lambda c=config, o=overrides: clusterlab_images_per_s(
+                c, [*o, "--trainer.precision", "bf16-mixed"], device, args.steps, 5
+            ),
+            lambda c=config, o=overrides: clusterlab_images_per_s(
+                c, [*o, "--trainer.precision", "32-true"], device, args.steps, 5
+            ),
+            args.repeats,
+        )
+        lines.append(f"| {name} | {config} | {fp32:,.0f} | {bf16:,.0f} | {ratio:.2f}x |")
+        print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
