@@ -136,6 +136,17 @@ class DCCM(ClusteringMethod):
         features, shallow = self.backbone(x, with_shallow=True)
         return [head(features) for head in self.cluster_heads], shallow
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # Checkpoints written before num_heads (2026-12-02) hold the one head as cluster_head.* and
+        # discriminator.*, and the chunk's targets without a heads dimension: read them as head 0.
+        state = checkpoint["state_dict"]
+        for old, new in (("cluster_head.", "cluster_heads.0."), ("discriminator.", "discriminators.0.")):
+            for key in [k for k in state if k.startswith(old)]:
+                state[new + key[len(old) :]] = state.pop(key)
+        if "chunk_probs" in state and state["chunk_probs"].dim() == 2:
+            state["chunk_probs"] = state["chunk_probs"][None]
+
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.chunk_size:
             self.trainer.datamodule.set_chunks(

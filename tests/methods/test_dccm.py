@@ -206,3 +206,26 @@ def test_the_authors_chunked_schedule_computes_targets_once_per_chunk(tmp_path):
     assert len(chunks) == 2 and all(torch.equal(t, chunk[0]) for chunk in chunks for t in chunk)
     assert not torch.equal(chunks[0][0], chunks[1][0])  # new targets for the next chunk
     assert torch.allclose(chunks[0][0].sum(-1), torch.ones(1, 256))  # 1 head x 256 images
+
+
+def test_a_checkpoint_from_before_num_heads_loads_as_head_0():
+    """Checkpoints written before num_heads hold cluster_head.*, discriminator.* and a 2-D
+    chunk_probs; they load into a one-head DCCM unchanged."""
+    torch.manual_seed(0)
+    model = DCCM(10, tiny_cnn(), GeometricViews(flip=False), discriminator_dim=16, chunk_size=8)
+    model.chunk_probs.uniform_()
+    checkpoint = {"state_dict": copy.deepcopy(model.state_dict())}
+    model.on_save_checkpoint(checkpoint)
+    old = {}  # the layout before num_heads
+    for key, value in checkpoint["state_dict"].items():
+        key = key.replace("cluster_heads.0.", "cluster_head.").replace("discriminators.0.", "discriminator.")
+        old[key] = value[0] if key == "chunk_probs" else value
+    assert "cluster_head.0.weight" in old and old["chunk_probs"].shape == (8, 10)
+    checkpoint["state_dict"] = old
+
+    torch.manual_seed(1)
+    restored = DCCM(10, tiny_cnn(), GeometricViews(flip=False), discriminator_dim=16, chunk_size=8)
+    restored.on_load_checkpoint(checkpoint)
+    restored.load_state_dict(checkpoint["state_dict"])  # strict: every key matched
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(restored.state_dict()[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
