@@ -173,7 +173,8 @@ class DCCM(ClusteringMethod):
             transformed, shallow = self.forward_with_shallow(self.views(images))
             transformed = [gather(y) for y in transformed]
         if self.hparams.use_mutual_information_loss:
-            shallow, index = gather(shallow), gather(batch["index"])
+            # The pairs' random scores: drawn once per step, the same for every head.
+            shallow, scores = gather(shallow), self.pair_scores(gather(batch["index"]), batch_idx)
 
         per_head, class_labels = [], gather(batch["label"])  # labels: for the logged diagnostics only
         for h in range(self.num_heads):
@@ -189,7 +190,7 @@ class DCCM(ClusteringMethod):
             if self.hparams.use_mutual_information_loss:  # beta L_MI, Eq. 14, on the images trained on
                 deep = transformed[h] if transformed is not None else logits[h]
                 terms["mutual_information"] = self.hparams.beta * self.triplet_mutual_information(
-                    self.discriminators[h], deep, shallow, graph, index, batch_idx
+                    self.discriminators[h], deep, shallow, graph, scores
                 )
             per_head.append(terms)
             self.log_diagnostics(h, probs[h], graph, confident, class_labels)
@@ -247,13 +248,13 @@ class DCCM(ClusteringMethod):
         deep: Tensor,
         shallow: Tensor,
         graph: Tensor,
-        index: Tensor,
-        batch_idx: int,
+        scores: Tensor,
     ) -> Tensor:
         """L_MI, Eq. 14, from sampled pairs (Sec. 3.4): joint pairs (Y_i, M_i) and (Y_i, M_j) for a
-        pseudo-graph positive j; marginal pairs (Y_i, M_k) for pseudo-graph negatives k."""
+        pseudo-graph positive j; marginal pairs (Y_i, M_k) for pseudo-graph negatives k, picked by
+        `scores` (`pair_scores`)."""
         positive, positive_valid, negatives, negatives_valid = triplet_pairs(
-            graph, self.pair_scores(index, batch_idx), self.hparams.num_negatives
+            graph, scores, self.hparams.num_negatives
         )
         anchor = torch.arange(len(deep), device=deep.device)
         joint = (torch.cat([anchor, anchor[positive_valid]]), torch.cat([anchor, positive[positive_valid]]))
