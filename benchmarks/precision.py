@@ -28,17 +28,16 @@ from throughput import METHODS, clusterlab_images_per_s, median_ratio, pretext_c
 
 
 def cpu() -> str:
-    """The CPU model and its bfloat16-related flags, from /proc/cpuinfo (Linux)."""
+    """The CPU model (as every metrics.json records it) and its bfloat16-related flags."""
+    from clusterlab.cli import environment
+
     try:
-        lines = open("/proc/cpuinfo").read().splitlines()
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
-        return "unknown CPU"
-    # Every core lists the same fields; the last one read wins.
-    fields = dict(line.split(":", 1) for line in lines if ":" in line)
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
-    model, flags = fields.get("model name", "unknown"), fields.get("flags", "").split()
+        flags = []
     wanted = [f for f in flags if "bf16" in f or f.startswith("amx") or f == "avx512f"]
-    return f"{model}; bf16-related flags: {' '.join(wanted) or 'none'}"
+    return f"{environment()['cpu']}; bf16-related flags: {' '.join(wanted) or 'none'}"
 
 
 def main() -> None:
