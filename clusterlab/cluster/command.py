@@ -85,6 +85,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="at most this many epochs per training phase (default: 2,400 steps' worth, "
         "10 to 300); --minutes still applies",
     )
+    parser.add_argument(
+        "--flip",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="horizontal flips among the views; auto (default): only if the folder's mirror images "
+        "look like its images (not for digits or text)",
+    )
     parser.add_argument("--image_size", type=int, default=32, help="working side in pixels (default: 32)")
     parser.add_argument("--batch_size", type=int, default=256, help="training batch (default: 256)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -191,6 +198,17 @@ def run(args, folder: Path, out: Path, staging: Path) -> dict:
             f"only {n} readable image(s) under {folder}: too few to group; choosing K needs at least 4"
         )
 
+    if args.flip == "auto":
+        ratio = recipe.mirror_ratio(images.images, seed=args.seed)
+        flip = ratio < recipe.MIRROR_RATIO_LIMIT
+        phases.note(
+            f"mirror images {ratio:.2f}x as far from the folder as the images: views "
+            + ("with" if flip else "without")
+            + " horizontal flips"
+        )
+    else:
+        ratio, flip = None, args.flip == "on"
+
     data = _data(images, folder, args, num_clusters=2)
     budget = args.minutes * 60.0
     trainer_seconds = 0.0
@@ -201,7 +219,7 @@ def run(args, folder: Path, out: Path, staging: Path) -> dict:
     if need_features:
         phases.start(f"features: SimCLR on {n:,} images (up to {budget / 120:.1f} min)")
         features_model, _ = recipe.build(
-            recipe.pretext(args.image_size, args.num_clusters if not auto else 2)
+            recipe.pretext(args.image_size, args.num_clusters if not auto else 2, flip)
         )
         seconds, trainer = _train(
             features_model, data, staging / "logs" / "features", epochs, budget / 2, args
@@ -232,7 +250,9 @@ def run(args, folder: Path, out: Path, staging: Path) -> dict:
         f"clustering: {args.method.upper()} with {num_clusters} clusters (up to {left / 60:.1f} min)"
     )
     pretext_ckpt = str(staging / "features" / "last.ckpt") if args.method == "nnm" else None
-    model_config = recipe.clustering(args.method, args.image_size, num_clusters, n, epochs, pretext_ckpt)
+    model_config = recipe.clustering(
+        args.method, args.image_size, num_clusters, n, epochs, pretext_ckpt, flip
+    )
     model, resolved = recipe.build(model_config)
     if features_model is not None and args.method == "cc":
         recipe.warm_start(model, features_model)
@@ -283,6 +303,8 @@ def run(args, folder: Path, out: Path, staging: Path) -> dict:
         "method": args.method.upper(),
         "epochs": int(model.epochs_trained),
         "image_size": args.image_size,
+        "flip": flip,
+        "mirror_ratio": ratio,
         "seed": args.seed,
         "minutes_budget": args.minutes,
         "train_minutes": trainer_seconds / 60,

@@ -77,7 +77,9 @@ def k_curve_figure(curve: dict, path: Path) -> Path:
     plt = _pyplot()
     ks, values = curve["k"], curve["value"]
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.plot(ks, values, marker="o", markersize=3, color="#4C72B0")
+    ax.errorbar(ks, values, yerr=curve.get("error"), marker="o", markersize=3, color="#4C72B0", capsize=2)
+    if "threshold" in curve:  # the one-standard-error rule: the smallest K above this line
+        ax.axhline(curve["threshold"], color="#888888", linestyle="--", linewidth=1)
     chosen = ks.index(curve["chosen"])
     ax.plot(
         [curve["chosen"]],

@@ -92,6 +92,7 @@ def test_the_folder_is_grouped_into_its_kinds_and_every_output_is_written(groupe
     folder, out = grouped
     summary = json.loads((out / "cluster.json").read_text())
     assert summary["k_auto"] and summary["num_clusters"] == len(KINDS)  # chosen without the labels
+    assert summary["flip"] and summary["mirror_ratio"] < 1.25  # stripes, bars, checks, rings have no side
     assignments = rows(out / "assignments.csv")
     assert len(assignments) == 4 * 30 and {r["path"].split("/")[0] for r in assignments} == set(KINDS)
     assert all(0 < float(r["confidence"]) <= 1 for r in assignments)
@@ -458,6 +459,38 @@ def test_renumbered_clusters_are_the_same_clusters_under_new_numbers(method):
     recipe.permute_clusters(model, order)
     after = model.predict_proba(images)[model.selected_head]
     assert torch.allclose(after, before[:, order], atol=1e-6)
+
+
+def test_the_mirror_ratio_tells_digits_which_have_a_side_from_kinds_that_do_not():
+    """Digits mirrored are not digits (a 2 mirrored is nearly a 5): about 3x as far from the other
+    digits as a digit is. The same digits with half of them mirrored at random have no side: a
+    mirror image is one more draw of the folder, the ratio is 1 up to sampling noise."""
+    from sklearn.datasets import load_digits
+
+    from clusterlab.cluster import recipe
+
+    digits = torch.from_numpy(load_digits().images).float()[:, None] / 16.0
+    images = (torch.nn.functional.interpolate(digits, size=32, mode="bilinear") * 255).to(torch.uint8)
+    images = images.expand(-1, 3, -1, -1)
+    assert recipe.mirror_ratio(images) > 2.0 * recipe.MIRROR_RATIO_LIMIT
+    mirrored = torch.rand(len(images), generator=torch.Generator().manual_seed(0)) < 0.5
+    no_side = torch.where(mirrored[:, None, None, None], images.flip(-1), images)
+    assert abs(recipe.mirror_ratio(no_side) - 1.0) < 0.1
+    assert abs(recipe.mirror_ratio(no_side, max_images=500) - 1.0) < 0.15  # a sample of a large folder
+
+
+@pytest.mark.parametrize("method", ["cc", "nnm", "scl", "dccm"])
+def test_every_method_s_views_flip_only_when_the_recipe_says_so(method):
+    from kornia.augmentation import RandomHorizontalFlip
+
+    from clusterlab.cluster import recipe
+
+    for flip in (True, False):
+        model, resolved = recipe.build(recipe.clustering(method, 16, 5, 100, 10, "unused.ckpt", flip=flip))
+        flips = [m for m in model.views.modules() if isinstance(m, RandomHorizontalFlip)]
+        assert bool(flips) == flip and resolved["init_args"]["views"]["init_args"]["flip"] == flip
+    model, _ = recipe.build(recipe.pretext(16, 5, flip=False))
+    assert not [m for m in model.views.modules() if isinstance(m, RandomHorizontalFlip)]
 
 
 def test_the_recipe_config_is_the_model_trained():
