@@ -95,7 +95,10 @@ def test_kills_at_random_moments_resume_to_the_weights_of_an_uninterrupted_run(t
     rng, kills, args = random.Random(11), [], [*FIT, "--name", "killed"]
     for attempt in range(12):
         process = start(tmp_path, *args)
-        delay = rng.uniform(0.3, 0.9) * duration if attempt < 5 else 300
+        # At most half the whole run's time: the run resumed after the first kill takes its
+        # start-up plus the work that kill left, over half the whole run, so a second kill always
+        # lands (with 0.9 the resumed run could end first). Later kills land later in the training.
+        delay = rng.uniform(0.3, 0.5) * duration if attempt < 5 else 300
         try:
             code = process.wait(timeout=delay)
         except subprocess.TimeoutExpired:
