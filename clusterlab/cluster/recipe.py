@@ -8,9 +8,11 @@ What suits photos, for every method:
 
 - input: each image standardised per channel (`ImageStandardize`): colour casts, exposure and
   contrast are removed before the network sees the image, so they cannot become clusters;
-- views: SimCLR's (random resized crop 0.2-1, flip, colour jitter of strength 1 with p 0.8,
-  random greyscale p 0.2), as CC and SimCLR use on natural images; NNM's strong views
+- views: SimCLR's (random resized crop 0.2-1, colour jitter of strength 1 and any hue with p 0.8,
+  random greyscale p 0.5), as CC and SimCLR use on natural images; NNM's strong views
   (RandAugment + Cutout) and DCCM's small geometric perturbations, each with the same input;
+  the horizontal flip only where the folder's mirror images look like its images
+  (`mirror_ratio`: photos of objects, not digits or text);
 - backbone: a VGG-style SmallCNN that halves the side down to 4 px (4 blocks at 32 px,
   16-128 channels, 98k parameters): ~1,600-1,800 images/s of two-view training on 2 idle CPU
   cores at 32 px, so that 2,000 images get about 250 epochs per phase within 10 minutes;

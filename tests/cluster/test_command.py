@@ -504,11 +504,7 @@ def test_the_recipe_config_is_the_model_trained():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="the issue's target, half met: K = 10 (in 8..12) but ACC 0.837 on 2 CPU cores "
-    "(0.79-0.84 over three runs; docs/cluster-folder.md, Open problems)",
-    strict=False,
-)
+@pytest.mark.timeout(20 * 60)  # the command's 15 minutes and the folder's making, not the suite's 10
 def test_two_thousand_colour_cast_digits_are_grouped_into_about_ten_clusters_within_15_minutes(tmp_path):
     """The issue's target on a 2-core CPU: ten kinds -> K in 8..12, ACC >= 0.85, under 15 minutes."""
     import importlib.util
