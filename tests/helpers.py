@@ -52,14 +52,19 @@ figures:
 
 
 class KillAt(pl.Callback):
-    """SIGKILLs its own process at a given batch: a crash that flushes nothing."""
+    """Signals its own process at a given batch: SIGKILL (default), a crash that flushes nothing;
+    SIGINT, a Ctrl-C, sent as a terminal sends it, to the whole process group."""
 
-    def __init__(self, epoch: int, batch: int) -> None:
+    def __init__(self, epoch: int, batch: int, signal_name: str = "SIGKILL") -> None:
         self.epoch, self.batch = epoch, batch
+        self.signal = signal.Signals[signal_name]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
-            os.kill(os.getpid(), signal.SIGKILL)
+            if self.signal == signal.SIGKILL:
+                os.kill(os.getpid(), signal.SIGKILL)
+            else:
+                os.killpg(os.getpgid(0), self.signal)
 
 
 # SimCLR then NNM on digits, small enough for a test (the NNM config names the SimCLR run's checkpoint).

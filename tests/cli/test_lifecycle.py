@@ -31,6 +31,12 @@ def write_tiny(folder: Path, **overrides: str) -> None:
     (folder / "tiny.yaml").write_text(text)
 
 
+def _as_in_a_terminal() -> None:
+    # SIGINT ignored is inherited across exec (a shell's background job; in the full suite the
+    # Ctrl-C test's run exited 0 twice, never alone): the run starts as from a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(folder: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "clusterlab", *args],
@@ -40,6 +46,7 @@ def start(folder: Path, *args: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=_as_in_a_terminal,
     )
 
 
@@ -123,10 +130,17 @@ def test_ctrl_c_stops_with_a_message_and_resumes_to_the_same_weights(tmp_path):
     write_tiny(tmp_path, max_epochs="12")
     whole = clusterlab(*FIT, "--name", "whole", cwd=tmp_path)
     assert whole.returncode == 0, whole.tail()
-    process = start(tmp_path, *FIT, "--name", "stopped")
-    checkpoint = first_checkpoint(tmp_path, "stopped")  # Ctrl-C once the run has a checkpoint
-    os.killpg(process.pid, signal.SIGINT)
+    # Ctrl-C inside epoch 3, once the run has checkpoints: sent from inside the run at a given
+    # batch, so that it always lands in training, however loaded the machine.
+    ctrl_c = [
+        "--trainer.callbacks+=tests.helpers.KillAt",
+        "--trainer.callbacks.epoch=3",
+        "--trainer.callbacks.batch=1",
+        "--trainer.callbacks.signal_name=SIGINT",
+    ]
+    process = start(tmp_path, *FIT, "--name", "stopped", *ctrl_c)
     assert process.wait(timeout=120) == 1
+    checkpoint = first_checkpoint(tmp_path, "stopped")
     assert not (checkpoint.parent.parent / "metrics.json").exists()  # no report of an unfinished run
     resumed = clusterlab(*FIT, "--name", "stopped", "--ckpt_path", "last", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.tail()
