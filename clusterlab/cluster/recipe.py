@@ -104,14 +104,15 @@ def mirror_ratio(images: torch.Tensor, max_images: int = 5000, seed: int = 0) ->
         x = x.flatten(1)
         return torch.nn.functional.normalize(x - x.mean(1, keepdim=True), dim=1)
 
+    from clusterlab.neighbors import knn
+
     plain, mirrored = standardised(grey), standardised(grey.flip(-1))
-
-    def nearest_distance(queries: torch.Tensor) -> torch.Tensor:
-        similarity = queries @ plain.T
-        similarity.fill_diagonal_(-2.0)  # not the image itself (nor, for a mirror image, its original)
-        return 1.0 - similarity.max(1).values
-
-    return float(nearest_distance(mirrored).median() / nearest_distance(plain).median().clamp_min(1e-8))
+    plain_similarity = knn(plain, 1)[1][:, 0]  # the nearest other image
+    # A mirror image's nearest image other than its own original (which a symmetric image is near).
+    indices, similarity = knn(plain, 2, queries=mirrored)
+    own = indices[:, 0] == torch.arange(len(plain))
+    mirrored_similarity = torch.where(own, similarity[:, 1], similarity[:, 0])
+    return float((1.0 - mirrored_similarity).median() / (1.0 - plain_similarity).median().clamp_min(1e-8))
 
 
 def _adam(lr: float = 1e-3) -> dict:
