@@ -6,19 +6,23 @@
 A suite file names the methods and, for each, the configs of its stages, run in order with the same
 seed (NNM: the SimCLR pretext, then NNM, which finds the pretext's checkpoint through its config),
 with the suite's `args`, the method's own `args` (ablations are methods that differ only in their
-`args`) and a stage's own (a stage given as `{config: ..., args: [...]}`). Every run is a plain
+`args`) and a stage's own (a stage given as `{config: ..., args: [...], budget_share: f}`; a stage's
+`budget_share` is its fraction of --budget_minutes: NNM's pretext and clustering stages take 0.5 each,
+so that the method as a whole has the budget). Every run is a plain
 `clusterlab fit`. The table is computed from the runs' metrics.json files: rows are the methods plus
 k-means on the same images; columns are NMI / ACC / ARI as mean +- std over the seeds, and the fit
 time per run. It replaces the suite's block in docs/results.md (between `<!-- benchmark:<key> -->`
 markers) together with the exact command and the machine. The per-run figures and the paths of their
 metrics.json go to benchmarks/results/<key>.json, so that the table can be checked against the runs.
 Each finished (method, seed) is also recorded in benchmarks/results/<key>.progress.json as it ends;
-`--resume` takes the runs found there (same seed and arguments) instead of running them again.
+`--resume` takes the runs found there (same seed, arguments and config files' contents) instead of
+running them again.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -175,12 +179,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     suite = yaml.safe_load(Path(args.suite).read_text())
     extra = list(suite.get("args", []))
-    if args.budget_minutes:
-        seconds = int(args.budget_minutes * 60)
-        extra += [
-            "--trainer.max_time",
-            f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}",
-        ]
+
+    def budget(share: float) -> list[str]:
+        if not args.budget_minutes:
+            return []
+        seconds = int(args.budget_minutes * 60 * share)
+        hms = f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+        return ["--trainer.max_time", f"00:{hms}"]
+
     command = "python -m clusterlab.benchmark " + shlex.join(sys.argv[1:] if argv is None else argv)
     Path(args.json_dir).mkdir(parents=True, exist_ok=True)
     progress_file = Path(args.json_dir) / f"{suite['key']}.progress.json"
@@ -191,17 +197,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     def run_method(method: dict, seed: int) -> dict:
         method_extra = extra + list(method.get("args", []))
-        key = json.dumps([method["name"], method["stages"], method_extra, seed])
+        stages = [{"config": s, "args": []} if isinstance(s, str) else s for s in method["stages"]]
+        contents = [hashlib.sha256(Path(s["config"]).read_bytes()).hexdigest()[:16] for s in stages]
+        key = json.dumps([method["name"], method["stages"], contents, method_extra, budget(1.0), seed])
         if key in done:
             final = done[key]
             print(f"  {method['name']} seed {seed}: from {progress_file} ({final['run_dir']})", flush=True)
         else:
             reports = []
-            for stage in method["stages"]:  # a config, or {config: ..., args: [...]} for that stage only
-                config, stage_args = (
-                    (stage, []) if isinstance(stage, str) else (stage["config"], stage["args"])
-                )
-                run_dir = run_stage(config, seed, method_extra + list(stage_args), args.runs_dir, threads)
+            for stage in stages:
+                stage_args = budget(stage.get("budget_share", 1.0)) + list(stage.get("args", []))
+                run_dir = run_stage(stage["config"], seed, method_extra + stage_args, args.runs_dir, threads)
                 reports.append(
                     {**json.loads((run_dir / "metrics.json").read_text()), "run_dir": str(run_dir)}
                 )

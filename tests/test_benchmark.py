@@ -66,3 +66,24 @@ def test_runner_writes_the_table_from_the_runs_metrics(in_tmp):
     )  # replaces its block
     assert (in_tmp / "results.md").read_text().count("<!-- benchmark:tiny -->") == 1
     assert json.loads((in_tmp / "out" / "tiny.json").read_text())["rows"][1]["seeds"] == [0]
+
+
+def test_a_stage_takes_its_share_of_the_budget_and_a_changed_config_is_run_again(in_tmp):
+    (in_tmp / "tiny_cc.yaml").write_text(TINY_CC)
+    (in_tmp / "suite.yaml").write_text(
+        "key: shares\ntitle: Shares\nmethods:\n  - name: two stages\n"
+        "    stages: [{config: tiny_cc.yaml, budget_share: 0.5},\n"
+        "             {config: tiny_cc.yaml, budget_share: 0.25}]\n"
+        "args: ['--trainer.max_epochs', '1', '--figures.enabled', 'false']\n"
+    )
+    argv = ["suite.yaml", "--seeds", "0", "--budget_minutes", "2", "--results", "results.md"]
+    argv += ["--json_dir", "out", "--resume"]
+    first = main(argv)["runs"]["two stages"][0]
+    commands = [json.loads((in_tmp / d / "metrics.json").read_text())["command"] for d in first["stage_runs"]]
+    # 2 minutes: 60 s for the first stage, 30 s for the second.
+    assert [c.split("--trainer.max_time ")[1].split()[0] for c in commands] == ["00:00:01:00", "00:00:00:30"]
+
+    assert main(argv)["runs"]["two stages"][0]["stage_runs"] == first["stage_runs"]  # resumed
+    (in_tmp / "tiny_cc.yaml").write_text(TINY_CC + "# edited\n")  # same name, new contents: run again
+    again = main(argv)["runs"]["two stages"][0]["stage_runs"]
+    assert not set(again) & set(first["stage_runs"])
