@@ -212,7 +212,7 @@ def pretext_checkpoint(folder: Path) -> str:
     return str(path)
 
 
-# method: (config, bare step); Fashion-MNIST (60,000 training images: the timed steps stay inside
+# method: (config, bare step); Fashion-MNIST (70,000 training images: the timed steps stay inside
 # the first epoch, so no epoch-end work is timed on either side).
 METHODS = {
     "CC": ("experiments/cc_fashion_mnist.yaml", cc_bare_step),
