@@ -24,7 +24,6 @@ import platform
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,13 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput import build, clusterlab_images_per_s  # noqa: E402
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+from throughput import _seconds, build, clusterlab_images_per_s, pretext_checkpoint  # noqa: E402
 
 
 def parts(config: str, overrides: list[str], steps: int) -> dict[str, float]:
@@ -64,7 +57,7 @@ def parts(config: str, overrides: list[str], steps: int) -> dict[str, float]:
         evaluation = _seconds(
             lambda: [model.evaluation_outputs(images[i : i + 1024]) for i in range(0, len(images), 1024)]
         )
-    return {"views": views, "backbone": backbone_s, "eval_pass": evaluation, "batch": batch, "n": len(images)}
+    return {"views": views, "backbone": backbone_s, "eval_pass": evaluation, "batch": batch}
 
 
 def main() -> None:
@@ -84,16 +77,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    if "nnm" in " ".join(args.configs):
-        from throughput import pretext_checkpoint
-
+    pretext = None
+    if any("nnm" in Path(c).name for c in args.configs):  # NNM starts from a (any) SimCLR checkpoint
         folder = Path("/tmp/profile_step")
         folder.mkdir(exist_ok=True)
-        os.environ.setdefault("CLUSTERLAB_PRETEXT", pretext_checkpoint(folder))
+        pretext = pretext_checkpoint(folder)
 
     def overrides(config: str) -> list[str]:
         if "nnm" in Path(config).name:
-            return [f"--model.init_args.pretext_checkpoint={os.environ['CLUSTERLAB_PRETEXT']}"]
+            return [f"--model.init_args.pretext_checkpoint={pretext}"]
         return []
 
     measured: dict[str, list[dict[str, float]]] = {c: [] for c in args.configs}
@@ -105,8 +97,7 @@ def main() -> None:
             measured[config].append(row)
 
     def median(config: str, key: str) -> float:
-        values = [r[key] for r in measured[config] if key in r]
-        return statistics.median(values) if values else float("nan")
+        return statistics.median(r[key] for r in measured[config])
 
     baseline = median(args.configs[0], "step_images_per_s")
     lines = [
@@ -125,7 +116,7 @@ def main() -> None:
     ]
     for config in args.configs:
         rate = median(config, "step_images_per_s")
-        batch = measured[config][0].get("batch", 256)
+        batch = measured[config][0]["batch"]
         step_ms = 1000 * batch / rate
         views, backbone = 1000 * median(config, "views"), 1000 * median(config, "backbone")
         lines.append(
