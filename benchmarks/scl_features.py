@@ -1,0 +1,80 @@
+"""Is an SCL run's weak ACC its representation or its classifier? A diagnosis of one checkpoint.
+
+    python benchmarks/scl_features.py runs/scl_fashion_mnist/<run>/checkpoints/last.ckpt \
+        [--out benchmarks/results/scl-features-fashion.md]
+
+On the run's training set (the checkpoint's data set and split), compares the clusters of the
+target task's classifier (what the run reports) with k-means (faiss, 10 restarts) on the
+L2-normalised backbone features and on the clustering task's q. Labels only score the partitions.
+If k-means on q is no better than the classifier, the representation is what holds ACC back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from clusterlab.data.datamodule import ClusterDataModule
+from clusterlab.methods import SCL
+from clusterlab.metrics import evaluate
+from clusterlab.neighbors import kmeans
+
+
+@torch.no_grad()
+def diagnose(checkpoint: Path, batch_size: int = 1000) -> list[tuple[str, dict, list[int]]]:
+    model = SCL.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    data_args = torch.load(checkpoint, map_location="cpu", weights_only=False)["datamodule_hyper_parameters"]
+    data_args.pop("_instantiator", None)  # LightningCLI's note of how it built the module
+    data = ClusterDataModule(**data_args)
+    data.setup("fit")
+    images, labels = data.train_set.images, data.train_set.labels
+    backbone, q, predicted = [], [], []
+    for start in range(0, len(images), batch_size):
+        h = model.backbone(model.plain(images[start : start + batch_size]))
+        q_batch = model.projections["clustering"](h)
+        backbone.append(F.normalize(h, dim=1))
+        q.append(F.normalize(q_batch, dim=1))
+        predicted.append(model.task_logits("clustering", q_batch).argmax(1))
+    k = model.num_clusters
+    rows = [("the run's classifier (reported)", torch.cat(predicted))]
+    for name, features in (("k-means, backbone features", torch.cat(backbone)), ("k-means, q", torch.cat(q))):
+        rows.append((name, kmeans(features, k, seed=0)[0]))
+    return [(name, evaluate(p, labels), sorted(torch.bincount(p, minlength=k).tolist())) for name, p in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    lines = [
+        "# SCL: classifier against k-means on its features",
+        "",
+        "```",
+        "python " + shlex.join(sys.argv),
+        "```",
+        "",
+        f"Machine: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads.",
+        "",
+        "| clusters from | ACC | NMI | ARI | cluster sizes, smallest to largest |",
+        "|---|---|---|---|---|",
+    ]
+    for name, scores, sizes in diagnose(args.checkpoint):
+        lines.append(
+            f"| {name} | {scores['acc']:.4f} | {scores['nmi']:.4f} | {scores['ari']:.4f} | "
+            f"{', '.join(map(str, sizes))} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
