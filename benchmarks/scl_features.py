@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from clusterlab.data.datamodule import ClusterDataModule
 from clusterlab.methods import SCL
@@ -36,11 +35,11 @@ def diagnose(checkpoint: Path, batch_size: int = 1000) -> list[tuple[str, dict, 
     images, labels = data.train_set.images, data.train_set.labels
     backbone, q, predicted = [], [], []
     for start in range(0, len(images), batch_size):
-        h = model.backbone(model.plain(images[start : start + batch_size]))
-        q_batch = model.projections["clustering"](h)
-        backbone.append(F.normalize(h, dim=1))
-        q.append(F.normalize(q_batch, dim=1))
-        predicted.append(model.task_logits("clustering", q_batch).argmax(1))
+        batch = images[start : start + batch_size]
+        logits, q_batch = model.assignments(batch)[0]  # the target task's (Eq. 5's input), q normalised
+        backbone.append(model.cluster_features(model.plain(batch)))
+        q.append(q_batch)
+        predicted.append(logits.argmax(1))
     k = model.num_clusters
     rows = [("the run's classifier (reported)", torch.cat(predicted))]
     for name, features in (("k-means, backbone features", torch.cat(backbone)), ("k-means, q", torch.cat(q))):
