@@ -21,7 +21,6 @@ running them again.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -36,6 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
+
+from clusterlab.console import OneLineParser
 
 METRICS = ("nmi", "acc", "ari")
 
@@ -149,9 +150,7 @@ def machine(threads: int | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="python -m clusterlab.benchmark", description=__doc__.split("\n\n")[0]
-    )
+    parser = OneLineParser(prog="python -m clusterlab.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("suite", help="suite file (benchmarks/suites/*.yaml)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
@@ -176,8 +175,20 @@ def main(argv: list[str] | None = None) -> dict:
         help="reuse the finished runs recorded in <json_dir>/<key>.progress.json",
     )
     args = parser.parse_args(argv)
+    if args.budget_minutes is not None and not 0 < args.budget_minutes < float("inf"):
+        parser.error(f"--budget_minutes {args.budget_minutes:g}: give a number of minutes above 0")
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: run at least 1 job at a time")
+    if not Path(args.suite).is_file():
+        parser.error(f"the suite file {args.suite} does not exist (the suites: benchmarks/suites/*.yaml)")
 
     suite = yaml.safe_load(Path(args.suite).read_text())
+    unknown = sorted(set(args.methods or []) - {m["name"] for m in suite["methods"]})
+    if unknown:
+        parser.error(
+            f"--methods {' '.join(unknown)}: not in {args.suite} (its methods: "
+            f"{', '.join(m['name'] for m in suite['methods'])})"
+        )
     extra = list(suite.get("args", []))
 
     def budget(share: float) -> list[str]:

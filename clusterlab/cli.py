@@ -28,9 +28,9 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import sys
 import time
-import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -43,8 +43,11 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 from clusterlab import runs
 from clusterlab.callbacks.assignments import Assignments
 from clusterlab.callbacks.figures import ClusterFigures
+from clusterlab.checkpointing import EpochRowFirst
+from clusterlab.config_checks import check_checkpoint_model, check_config
+from clusterlab.console import plain, quiet_libraries
 from clusterlab.data.datamodule import ClusterDataModule
-from clusterlab.errors import CheckpointError, UserError
+from clusterlab.errors import CheckpointError, OutputError, UserError, disk_full
 from clusterlab.methods.base import ClusteringMethod
 
 # Keys that belong to one subcommand only: a saved config leaves them out, so that it loads in all.
@@ -180,10 +183,12 @@ class ClusterLabCLI(LightningCLI):
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand") or "fit"
         config = self._subconfig()
+        check_config(config)  # before a run folder is made or data is read
         name = config.name or _config_name(config) or "run"
         portable = _portable_config(parser, self.config, name)
         decision = runs.agree(lambda: _decide_run(subcommand, config, name, portable))
         self.run_dir = Path(decision["run_dir"])
+        _current_run.append(self.run_dir)
         self.checkpoint_meta = decision["checkpoint"]
         if "ckpt_path" in config:
             config.ckpt_path = decision["ckpt_path"]
@@ -224,8 +229,17 @@ class ClusterLabCLI(LightningCLI):
 
     # -- fit report -------------------------------------------------------------------------
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception:  # a user error or a crash while building: the run never started
+            _remove_unstarted_run(self.run_dir)
+            raise
+
     def before_fit(self) -> None:
         self._started = time.time()
+        # The epoch's epoch-end row reaches metrics.csv before the checkpoint that ends the epoch.
+        self.trainer.callbacks.append(EpochRowFirst())
         if self.checkpoint_meta:  # a resumed run: its metrics.csv keeps the rows before the checkpoint, once
             for logger in self.trainer.loggers:
                 if hasattr(logger, "continue_from"):
@@ -250,6 +264,11 @@ class ClusterLabCLI(LightningCLI):
                 # Lightning's SIGTERMException exits with code 0; a scheduler or a script would
                 # read that as a finished run. 128 + 15, as a process killed by SIGTERM.
                 raise SystemExit(143) from None
+            raise  # a stop before the first checkpoint keeps its directory: `--ckpt_path last` restarts it
+        except Exception:
+            # A user error or a crash: without a checkpoint there is nothing to continue, and an
+            # empty run directory would only stand in the way of `--ckpt_path last`.
+            _remove_unstarted_run(self.run_dir)
             raise
 
     def _start_clock(self) -> None:
@@ -381,6 +400,47 @@ def print_report(report: dict, run_dir: Path) -> None:
 
 # -- deciding the run (rank 0) ------------------------------------------------------------------
 
+# The fit run directories this process made, to start a run in: the only ones a failed start may
+# remove (`_remove_unstarted_run`). Rank 0 alone makes them (clusterlab.runs.agree), so the other
+# ranks never remove anything; a run directory continued or started again is never in here.
+_MADE_HERE: set[str] = set()
+
+# What a fit writes into its run directory before its first checkpoint: its config, and the
+# loggers' files (hparams.yaml, metrics.csv, wandb/). Anything else (a checkpoint, the
+# unreadable.csv that an error names, a file put there by someone else) keeps the directory.
+_STARTUP_FILES = ("config.yaml", "hparams.yaml", "metrics.csv", "metrics.csv.tmp")
+
+
+def _remove_unstarted_run(run_dir: Path) -> None:
+    """Remove a run directory that this process made and that a start which failed before its first
+    checkpoint left with nothing to continue, so that `--ckpt_path last` finds the run that has work.
+    A directory holding anything but `_STARTUP_FILES`, an empty checkpoints/ and wandb/ is kept."""
+    if str(run_dir) not in _MADE_HERE or not run_dir.is_dir() or run_dir.is_symlink():
+        return
+    for entry in run_dir.iterdir():
+        if entry.is_symlink():
+            return
+        if entry.is_file() and entry.name in _STARTUP_FILES:
+            continue
+        empty = entry.name == "checkpoints" and entry.is_dir() and not any(entry.iterdir())
+        if empty or (entry.name == "wandb" and entry.is_dir()):
+            continue
+        return
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        try:  # its offline run would go on writing into wandb/
+            wandb.finish(exit_code=1)
+        except Exception:  # noqa: BLE001 - the error being reported is the run's, not this one
+            pass
+    # Renamed first, in one step, out of the names `runs.fit_runs` lists: never seen half removed.
+    doomed = run_dir.with_name(f".{run_dir.name}.failed-{os.getpid()}")
+    try:
+        os.rename(run_dir, doomed)
+    except OSError:
+        return
+    _MADE_HERE.discard(str(run_dir))
+    shutil.rmtree(doomed, ignore_errors=True)
+
 
 def _decide_run(subcommand: str, config, name: str, portable: str) -> dict:
     """Resolve `--ckpt_path last`, check the checkpoint against the config, make the run directory
@@ -388,6 +448,7 @@ def _decide_run(subcommand: str, config, name: str, portable: str) -> dict:
     runs_root = Path(config.runs_dir) / name
     ckpt_path = config.get("ckpt_path")
     run_dir = None
+    passed_over: list[Path] = []
     if subcommand == "fit" and ckpt_path == "last":
         previous = runs.fit_runs(runs_root, seed=config.seed_everything)
         if not previous:
@@ -395,9 +456,12 @@ def _decide_run(subcommand: str, config, name: str, portable: str) -> dict:
                 "--ckpt_path last: no run of this name to continue (no "
                 f"{runs_root}/*-seed{config.seed_everything}/)"
             )
-        run_dir = previous[-1]
-        last = run_dir / "checkpoints" / "last.ckpt"
-        ckpt_path = str(last) if last.is_file() else None
+        # The newest run with a checkpoint: a newer one without (stopped before its first epoch
+        # ended) holds no work, and must not hide the one that does.
+        started = [p for p in previous if (p / "checkpoints" / "last.ckpt").is_file()]
+        run_dir = started[-1] if started else previous[-1]
+        passed_over = previous[previous.index(run_dir) + 1 :]
+        ckpt_path = str(run_dir / "checkpoints" / "last.ckpt") if started else None
         if ckpt_path is None:
             rank_zero_info(
                 f"--ckpt_path last: {run_dir} was stopped before its first checkpoint; starting it again"
@@ -406,6 +470,14 @@ def _decide_run(subcommand: str, config, name: str, portable: str) -> dict:
     if ckpt_path:
         meta = runs.read_checkpoint(ckpt_path)
         check_checkpoint_fits(meta, config, subcommand)
+        hparams = runs.load_checkpoint(ckpt_path, mmap=True).get("hyper_parameters") or {}
+        check_checkpoint_model(hparams, yaml.safe_load(portable).get("model") or {}, ckpt_path)
+    if run_dir is not None and meta is not None:
+        newer = ", ".join(p.name for p in passed_over)
+        rank_zero_info(
+            f"--ckpt_path last: continuing {run_dir} from its checkpoint, {runs.describe_checkpoint(meta)}"
+            + (f"; passed over the newer {newer}, stopped before a checkpoint" if passed_over else "")
+        )
     if run_dir is None:
         own_run = runs.run_of_checkpoint(ckpt_path)
         if subcommand == "fit" and own_run is not None:
@@ -415,6 +487,8 @@ def _decide_run(subcommand: str, config, name: str, portable: str) -> dict:
         else:
             stage = "" if subcommand == "fit" else f"-{subcommand}"
             run_dir = runs.make_run_dir(runs_root, f"{runs.timestamp()}{stage}-seed{config.seed_everything}")
+            if subcommand == "fit":
+                _MADE_HERE.add(str(run_dir))
     (run_dir / "config.yaml").write_text(portable)
     return {"run_dir": str(run_dir), "ckpt_path": ckpt_path, "checkpoint": meta}
 
@@ -493,11 +567,11 @@ def _config_name(config) -> str | None:
 
 def main(args: list[str] | None = None) -> None:
     """`clusterlab ...`: user errors are one line and exit code 1 (`--debug`: the traceback)."""
-    warnings.filterwarnings("ignore", message=".*Sparse invariant checks.*")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     argv = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in argv or os.environ.get("CLUSTERLAB_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
+    if not debug:
+        quiet_libraries()
     if args is None:
         sys.argv[1:] = argv
     try:
@@ -513,13 +587,40 @@ def main(args: list[str] | None = None) -> None:
             raise
         report_user_error(error)
         raise SystemExit(1) from None
+    except OSError as error:  # a full disk or quota, wherever the write was (logs, metrics, figures)
+        if debug or disk_full(error) is None:
+            raise
+        report_user_error(OutputError(_disk_full(error)))
+        raise SystemExit(1) from None
+
+
+_current_run: list[Path] = []  # the run directory of this process's run, once decided
+
+
+def _disk_full(error: OSError) -> str:
+    """What a full disk stopped, and what the run folder still holds to continue from."""
+    where = f" writing {error.filename}" if error.filename else ""
+    if not _current_run:
+        return f"{error.strerror}{where}; nothing of a run was written yet"
+    run_dir = _current_run[-1]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        kept = (
+            f"{run_dir} keeps {last}; free some space, then continue with: clusterlab fit --config "
+            f"{run_dir / 'config.yaml'} --ckpt_path last"
+        )
+    else:  # a fit's folder without a checkpoint is removed on the way out (ClusterLabCLI.fit)
+        kept = (
+            f"{run_dir} held no checkpoint yet; free some space (or pass another --runs_dir) and start again"
+        )
+    return f"{error.strerror}{where}; {kept}"
 
 
 def report_user_error(error: UserError) -> None:
     from clusterlab.distributed import rank
 
     where = f" (rank {rank()})" if rank() else ""
-    sys.stderr.write(f"clusterlab: error{where}: {error}\n")
+    sys.stderr.write(plain(f"clusterlab: error{where}: {error}\n"))
     sys.stderr.flush()
 
 

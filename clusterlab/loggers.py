@@ -148,6 +148,9 @@ class WandbLogger(_WandbLogger):
             dir=save_dir,
             settings=_quiet_settings(),
         )
+        # Lightning passes `anonymous=None` on to wandb.init, which warns on every run that the
+        # setting has no effect: it is not ours to pass.
+        self._wandb_init.pop("anonymous", None)
 
 
 def _quiet_settings():

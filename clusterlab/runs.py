@@ -89,24 +89,44 @@ def run_of_checkpoint(ckpt_path: str | os.PathLike | None) -> Path | None:
     return None
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """What a checkpoint says about itself, without its weights: the "clusterlab" entry (method,
-    clusters, input shape, epochs trained) plus Lightning's epoch and global step. A file that
-    cannot be read is named in a CheckpointError."""
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """A checkpoint file, read weights-only: tensors, numbers, strings and containers, never a
+    pickled object, whose unpickling could run code that a planted file names. Every checkpoint
+    clusterlab reads goes through here or through `AtomicCheckpointIO.load_checkpoint`, which
+    loads the same way. A file that cannot be read is named in a CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # noqa: BLE001 - every way a file can fail to be a checkpoint
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
-            f"cannot read checkpoint {path} ({path.stat().st_size} bytes): {reason}. It is truncated or not "
-            "a "
-            f"checkpoint; use another one (a run's checkpoints/last.ckpt)."
+            f"cannot read checkpoint {path} ({path.stat().st_size} bytes): {load_failure(error)}. It is "
+            "truncated, not a checkpoint, or holds pickled objects (clusterlab loads weights only); use "
+            "another one (a run's checkpoints/last.ckpt)."
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    return checkpoint
+
+
+def load_failure(error: Exception) -> str:
+    """Why torch.load refused a file, in a few words: for a weights-only refusal, the code the file
+    names (torch's own message goes on to suggest `weights_only=False`, the one thing not to do)."""
+    text = str(error)
+    named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"GLOBAL ([\w.]+)", text)
+    if "Weights only load failed" in text:
+        return (
+            f"it names {named.group(1)}, code that loading would run" if named else "it holds pickled objects"
+        )
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return first
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """What a checkpoint says about itself, without its weights: the "clusterlab" entry (method,
+    clusters, input shape, epochs trained) plus Lightning's epoch and global step."""
+    checkpoint = load_checkpoint(path, mmap=True)
     meta = dict(checkpoint.get("clusterlab") or {})
     meta.update(path=str(path), epoch=checkpoint.get("epoch"), global_step=checkpoint.get("global_step"))
     return meta

@@ -293,3 +293,16 @@ def fit_digits(model, devices=1, epochs=1, batch_size=64, callbacks=(), **kwargs
     )
     run.fit(model, ClusterDataModule("digits", batch_size=batch_size))
     return run
+
+
+def user_error(capsys, *args) -> str:
+    """Runs `clusterlab *args` in this process, which must stop with a user error: exit code 1 and
+    one line on stderr (returned)."""
+    from clusterlab.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(list(args))
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("clusterlab")]
+    assert done.value.code == 1 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]

@@ -1,7 +1,8 @@
 """`clusterlab predict`: which image is in which cluster, written as the batches come.
 
 <run dir>/assignments.csv has one row per readable image, in the order of a sorted walk of the
-folder: `index,path,cluster,confidence` (path is empty for data sets without files). Rows are
+folder: `index,path,cluster,confidence` (path is empty for data sets without files; a path a
+spreadsheet would run as a formula, `=1+1.png`, is written `'=1+1.png`: clusterlab.csvsafe). Rows are
 written batch by batch, so a method that predicts online (all of clusterlab's) needs no pass
 over the whole data set first. <run dir>/clusters/cluster_<k>.png is a contact sheet of cluster
 k's most confident images. It is kept as a running top-N, so streaming needs no second pass
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from pytorch_lightning.callbacks import BasePredictionWriter
 from rich.console import Console
 
+from clusterlab import csvsafe
 from clusterlab.callbacks.figures import Clusterer
 from clusterlab.contracts import require
 from clusterlab.distributed import is_distributed
@@ -57,7 +59,8 @@ class Assignments(BasePredictionWriter):
         for index, cluster, confidence in zip(
             prediction["index"].tolist(), prediction["cluster"].tolist(), prediction["confidence"].tolist()
         ):
-            self.rows.writerow([index, self.paths[index] if self.paths else "", cluster, f"{confidence:.4f}"])
+            path = self.paths[index] if self.paths else ""
+            self.rows.writerow([index, csvsafe.cell(path), cluster, f"{confidence:.4f}"])
             heap = self.best.setdefault(cluster, [])
             (heapq.heappush if len(heap) < self.sheet_images else heapq.heappushpop)(
                 heap, (confidence, index)
@@ -102,7 +105,7 @@ class Assignments(BasePredictionWriter):
         )
         if skipped:
             with open(folder / "skipped.csv", "w", newline="") as f:
-                csv.writer(f).writerows([("path", "reason"), *skipped])
+                csv.writer(f).writerows([("path", "reason"), *map(csvsafe.row, skipped)])
             console.print(f"Skipped {len(skipped)} unreadable image(s) (skipped.csv):", highlight=False)
             for path, reason in skipped[:20]:
                 console.print(f"  {path}: {reason}", highlight=False, markup=False)
@@ -129,7 +132,8 @@ def _skipped(data, written: set[int]) -> list[tuple[str, str]]:
 
 
 def _merge_parts(folder: Path, world: int) -> None:
-    """One assignments.csv in folder order from the processes' parts."""
+    """One assignments.csv in folder order from the processes' parts (their cells already
+    went through csvsafe: copied as they are)."""
     rows = []
     for rank in range(world):
         part = folder / f"assignments.rank{rank}.csv"

@@ -242,6 +242,14 @@ def embedding_figure(outputs: dict, max_points: int, title: str, path: Path) -> 
     pick = rng.choice(finite, size=min(max_points, len(finite)), replace=False)
     scale = np.abs(features[pick]).max()
     chosen = features[pick] / (scale if scale > 0 else 1.0)
+    # Identical features (a folder of copies of one image) crash the process, not just t-SNE:
+    # scikit-learn's PCA start divides by the spread of the first component, 0, and its
+    # Barnes-Hut tree then segfaults on the non-finite points. A layout of one point says nothing:
+    # refuse it while it is an exception (the caller leaves the figure out and says why).
+    # Features equal to 6 decimals count as equal: a spread of float noise would start the same way.
+    distinct = len(np.unique(np.round(chosen, 6), axis=0))
+    if distinct < 2:
+        raise ValueError(f"the features of all {len(pick)} samples are the same: there is no layout to draw")
     points = TSNE(
         n_components=2, init="pca", perplexity=min(30.0, len(pick) - 1.0), random_state=0
     ).fit_transform(chosen)

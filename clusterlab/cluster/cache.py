@@ -29,10 +29,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clusterlab.data.sources import IMAGE_EXTENSIONS, CorruptDataError, ImageFolder, ImageSet, decode_image
+from clusterlab.data.sources import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    CorruptDataError,
+    ImageFolder,
+    ImageSet,
+    decode_image,
+)
 from clusterlab.errors import UserError
 
-_FORMAT = 1  # bump when the layout of the cache changes
+_FORMAT = 2  # bump when the layout of the cache or the decoding changes (2: JPEGs drafted, --max_pixels)
 _CHUNK = 256  # files decoded per round trip through the pool
 
 
@@ -44,7 +51,9 @@ class FolderError(UserError):
 class Scan:
     """The image files of a folder in the order of a sorted walk, with their class labels
     (the top sub-folder when there are at least two, as `--data.dataset image_folder` reads
-    them; -1 otherwise). Labels only ever report metrics."""
+    them; -1 otherwise). Labels only ever report metrics. Every image under the folder is in
+    it: those beside `train/` and `test/` folders, which no split of `--data.dataset
+    image_folder` reads, come last, unlabelled (grouping a folder is not split by split)."""
 
     root: Path
     paths: list[Path]
@@ -62,9 +71,19 @@ def scan(root: Path) -> Scan:
     if not root.is_dir():
         raise FolderError(f"{root} is a file, not a folder. Pass the folder that holds your images.")
     source = ImageFolder(root)
-    try:
-        paths, labels = source.listing("train+test")
-    except UserError:  # no image file: say what is there instead
+    source.tell_unread = False  # read here too, not skipped: see Scan
+    paths, labels = [], [torch.empty(0, dtype=torch.long)]
+    for split in source.splits:  # train, and test when the folder has one
+        try:
+            listed, listed_labels = source.listing(split)
+        except UserError:  # a split folder without images: the others may have some
+            continue
+        paths += listed
+        labels.append(listed_labels)
+    beside = source.unread()
+    paths += beside
+    labels = torch.cat([*labels, torch.full((len(beside),), -1, dtype=torch.long)])
+    if not paths:  # no image file: say what is there instead
         others = Counter(p.suffix.lower() or p.name for p in root.rglob("*") if p.is_file())
         found = (
             (", ".join(f"{n} {kind}" for kind, n in others.most_common(5)) + " files")
@@ -74,7 +93,7 @@ def scan(root: Path) -> Scan:
         raise FolderError(
             f"no images under {root} (found {found}). It needs files ending in "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))}, in it or in its sub-folders."
-        ) from None
+        )
     return Scan(root, paths, labels, source.classes)
 
 
@@ -89,8 +108,8 @@ class DecodedFolder:
     memmap: np.memmap
 
 
-def folder_key(found: Scan, size: int, channels: int) -> str:
-    digest = hashlib.sha256(f"{_FORMAT}:{size}:{channels}".encode())
+def folder_key(found: Scan, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+    digest = hashlib.sha256(f"{_FORMAT}:{size}:{channels}:{max_pixels}".encode())
     for path in found.paths:
         try:
             stat = path.stat()
@@ -108,13 +127,16 @@ def decode(
     reuse: Path | None = None,
     workers: int | None = None,
     progress=None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> DecodedFolder:
     """Decode every image of the scan into `cache` (a folder), or take the cache at `reuse` when it
     holds this very folder (hard-linked, so nothing is copied). `progress(done, total)` is called
-    after every chunk."""
+    after every chunk. An image of more than `max_pixels` pixels is skipped, with its size as the
+    reason, before it is decoded; the decodes running at once hold at most about
+    `sources.DECODE_MEMORY` bytes, whatever `workers` is (`decode_image`)."""
     started = time.time()
     cache.mkdir(parents=True, exist_ok=True)
-    key = folder_key(found, size, channels)
+    key = folder_key(found, size, channels, max_pixels)
     index = _reusable(reuse, key) if reuse is not None else None
     reused = index is not None
     if reused:
@@ -122,7 +144,14 @@ def decode(
             _link_or_copy(reuse / name, cache / name)
     else:
         index = _decode_into(
-            found, cache, size, channels, key, workers or min(8, 2 * (os.cpu_count() or 1)), progress
+            found,
+            cache,
+            size,
+            channels,
+            key,
+            workers or min(8, 2 * (os.cpu_count() or 1)),
+            progress,
+            max_pixels,
         )
         (cache / "index.json").write_text(json.dumps(index) + "\n")
     skipped = [tuple(s) for s in index["skipped"]]
@@ -164,9 +193,9 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def _try_decode(path: Path, size: int, channels: int) -> np.ndarray | str:
+def _try_decode(path: Path, size: int, channels: int, max_pixels: int) -> np.ndarray | str:
     try:
-        return decode_image(path, size, channels)
+        return decode_image(path, size, channels, max_pixels)
     except CorruptDataError as error:
         cause = error.__cause__
         reason = str(cause).strip() if cause is not None else ""
@@ -175,18 +204,37 @@ def _try_decode(path: Path, size: int, channels: int) -> np.ndarray | str:
         return reason or (type(cause).__name__ if cause is not None else "unreadable")
 
 
+def _allocate(target: Path, size: int) -> None:
+    """The cache file with its blocks reserved. A memmap writes through page faults: on a full
+    disk (or tmpfs) a write to an unreserved page kills the process with SIGBUS, with no message.
+    Reserved first, a full disk is an OSError (ENOSPC) here, which the command reports in one line."""
+    import errno
+
+    with open(target, "wb") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except AttributeError:  # no posix_fallocate (macOS): a sparse file, as numpy makes it
+            f.truncate(size)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            f.truncate(size)  # a file system that cannot reserve: a sparse file
+
+
 def _decode_into(
-    found: Scan, cache: Path, size: int, channels: int, key: str, workers: int, progress
+    found: Scan, cache: Path, size: int, channels: int, key: str, workers: int, progress, max_pixels: int
 ) -> dict:
     row_bytes = channels * size * size
     target = cache / "images.u8"
     total = len(found.paths)
-    array = np.memmap(target, dtype=np.uint8, mode="w+", shape=(max(total, 1), channels, size, size))
+    _allocate(target, max(total, 1) * row_bytes)
+    array = np.memmap(target, dtype=np.uint8, mode="r+", shape=(max(total, 1), channels, size, size))
     kept, labels, skipped, row = [], [], [], 0
     with ThreadPoolExecutor(workers) as pool:
         for start in range(0, total, _CHUNK):
             chunk = found.paths[start : start + _CHUNK]
-            for offset, decoded in enumerate(pool.map(lambda p: _try_decode(p, size, channels), chunk)):
+            decodes = pool.map(lambda p: _try_decode(p, size, channels, max_pixels), chunk)
+            for offset, decoded in enumerate(decodes):
                 path = chunk[offset]
                 if isinstance(decoded, str):
                     skipped.append((found.relative(path), decoded))

@@ -43,6 +43,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from clusterlab.errors import ConfigError
+
 METHOD = (
     "modularity of the kNN graph of the SimCLR features, over-clustered by k-means then merged; "
     "the fewest clusters within one standard error of the best"
@@ -132,6 +134,16 @@ def choose(features: torch.Tensor, candidates: range, seed: int = 0) -> Choice:
         groups = np.unique(groups.numpy(), return_inverse=True)[1]  # no empty group
         curves.append(modularity_by_merging(graph, groups))
     ks = [k for k in ks if all(k in q for q in curves)]
+    if not ks:
+        # Some over-clustering found a single group: k-means put every feature in one place, so
+        # the images are the same to the model (copies, or as near as the features can tell).
+        # Any K would split alike images at random; say so instead of choosing one.
+        found = min(max(q) for q in curves)  # a curve holds K = groups found .. 1
+        raise ConfigError(
+            f"the features of the {n} images do not tell them apart ({found} group"
+            f"{'s' if found != 1 else ''} found, at least 2 needed): the images are the same or nearly "
+            "so, and there is nothing to group. Give --num_clusters K to split them anyway."
+        )
     table = np.array([[q[k] for k in ks] for q in curves])  # repeats x K
     values = table.mean(0)
     errors = table.std(0, ddof=1) / np.sqrt(len(curves))

@@ -26,7 +26,9 @@ and `checkpoints/last.ckpt` are what `clusterlab predict` needs to group new ima
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import errno
 import json
 import math
 import os
@@ -40,8 +42,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clusterlab import csvsafe
 from clusterlab.cluster import cache, choose_k, output, recipe, report
-from clusterlab.errors import ConfigError
+from clusterlab.console import OneLineParser
+from clusterlab.data.sources import DEFAULT_MAX_PIXELS
+from clusterlab.errors import ConfigError, OutputError, disk_full
 
 PHASES = 7
 DEFAULT_MINUTES = 10.0
@@ -50,14 +55,8 @@ TARGET_STEPS = 2400  # optimizer steps per phase when the folder is small enough
 MAX_K = 20  # the largest K that --num_clusters auto considers (fewer for small folders)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, as every clusterlab error
-        sys.stderr.write(f"clusterlab cluster: error: {message} (see: clusterlab cluster --help)\n")
-        raise SystemExit(2)
-
-
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="clusterlab cluster",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -96,6 +95,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=256, help="training batch (default: 256)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument(
+        "--max_pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="skip an image of more pixels than this, read from its header before decoding (a JPEG "
+        "counts at the 1/2 to 1/8 scale it is decoded at), with its size in skipped.csv (default: "
+        f"{DEFAULT_MAX_PIXELS:,}: above nearly every camera's photo; a small PNG that decodes to "
+        "gigabytes is skipped). The decodes running at once hold about 2 GB at most, whatever their number",
+    )
+    parser.add_argument(
         "--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu (default: auto)"
     )
     args = parser.parse_args(argv)
@@ -117,6 +125,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise ConfigError(f"--epochs {args.epochs}: train for at least 1 epoch")
     if args.image_size < 8:
         raise ConfigError(f"--image_size {args.image_size}: use at least 8 pixels")
+    if args.max_pixels < args.image_size**2:
+        raise ConfigError(
+            f"--max_pixels {args.max_pixels}: every image would be skipped; give at least "
+            f"{args.image_size**2} (--image_size squared), or leave the default {DEFAULT_MAX_PIXELS:,}"
+        )
     if args.batch_size < 2:
         raise ConfigError(
             f"--batch_size {args.batch_size}: contrastive training needs at least 2 images per batch"
@@ -150,8 +163,9 @@ def main(argv: list[str]) -> None:
     _exit_on_sigterm()  # `kill` (or a scheduler's) removes the partial folder too; SIGKILL cannot
     try:
         summary = run(args, folder, out, staging)
-        (staging / output.MARKER).write_text(json.dumps(summary, indent=2) + "\n")
-        output.swap_in(staging, out)
+        with _full_disk_is_one_line(out, staging):
+            (staging / "cluster.json").write_text(json.dumps(summary, indent=2) + "\n")
+            output.swap_in(staging, out)
     except BaseException:
         output.discard(staging)
         raise
@@ -159,6 +173,45 @@ def main(argv: list[str]) -> None:
 
 
 def run(args, folder: Path, out: Path, staging: Path) -> dict:
+    """Every phase (`_run_phases`), writing into `staging`; returns the summary that cluster.json
+    records. A full disk (or quota, or file-size limit) under any of the phases' writes is one
+    OutputError that names --out and what is kept, not the traceback of whichever write met it
+    (torch.save, numpy's memmap, matplotlib, the CSV logger: each words it its own way)."""
+    with _full_disk_is_one_line(out, staging):
+        return _run_phases(args, folder, out, staging)
+
+
+@contextlib.contextmanager
+def _full_disk_is_one_line(out: Path, staging: Path):
+    try:
+        yield
+    except Exception as error:
+        full = disk_full(error)
+        if full is None:
+            raise
+        raise OutputError(_full_message(full, out, staging)) from None
+
+
+def _full_message(error: OSError, out: Path, staging: Path) -> str:
+    where = f" ({error.filename})" if error.filename else ""
+    kept = (
+        f"the previous output in {out} is kept as it was"
+        if (out / output.MARKER).is_file()
+        else (f"{out} is left as it was" if out.exists() else f"{out} was not created")
+    )
+    if error.errno == errno.EFBIG:
+        fix = "Raise the limit on the size of a file (ulimit -f) or pass --out on another file system"
+    elif error.errno == errno.EDQUOT:
+        fix = "Free space within your disk quota or pass --out on another disk"
+    else:
+        fix = "Free space on that disk or pass --out on another one"
+    return (
+        f"cannot write the output for --out {out}: {error.strerror or error}{where}, while building it in "
+        f"{staging}. Nothing was replaced: {kept}, and the partial output is removed. {fix}, and run again."
+    )
+
+
+def _run_phases(args, folder: Path, out: Path, staging: Path) -> dict:
     """Every phase, writing into `staging`; returns the summary that cluster.json records."""
     import pytorch_lightning as pl
 
@@ -176,6 +229,7 @@ def run(args, folder: Path, out: Path, staging: Path) -> dict:
         args.image_size,
         reuse=out / "cache" if out.is_dir() else None,
         progress=_decode_progress(),
+        max_pixels=args.max_pixels,
     )
     images = decoded.images
     n = len(images)
@@ -186,7 +240,8 @@ def run(args, folder: Path, out: Path, staging: Path) -> dict:
         else f"{n / max(decoded.seconds, 1e-9):,.0f} images/s"
     )
     phases.note(
-        f"{n:,} decoded, {len(decoded.skipped)} unreadable (skipped.csv), {decoded.seconds:.1f} s ({how})"
+        f"{n:,} decoded, {len(decoded.skipped)} unreadable or over --max_pixels (skipped.csv), "
+        f"{decoded.seconds:.1f} s ({how})"
     )
     if isinstance(args.num_clusters, int) and args.num_clusters > n:
         raise ConfigError(
@@ -196,6 +251,19 @@ def run(args, folder: Path, out: Path, staging: Path) -> dict:
     if n < 4 and args.num_clusters == "auto":
         raise ConfigError(
             f"only {n} readable image(s) under {folder}: too few to group; choosing K needs at least 4"
+        )
+    wanted = args.num_clusters if isinstance(args.num_clusters, int) else MAX_K
+    distinct = _distinct_images(images.images, enough=wanted)
+    if distinct < 2:
+        raise ConfigError(
+            f"the {n} readable images under {folder} are all the same picture (identical once decoded to "
+            f"{args.image_size} px): there is nothing to group. Add images that differ."
+        )
+    if distinct < wanted and isinstance(args.num_clusters, int):
+        raise ConfigError(
+            f"--num_clusters {args.num_clusters}: the {n} readable images under {folder} are only "
+            f"{distinct} different pictures (the others are copies of them, at {args.image_size} px); "
+            f"give at most {distinct} clusters, or auto"
         )
 
     if args.flip == "auto":
@@ -238,7 +306,8 @@ def run(args, folder: Path, out: Path, staging: Path) -> dict:
         np.save(
             staging / "cache" / "features.npy", features.numpy()
         )  # what K was chosen on, to look at again
-        choice = choose_k.choose(features, range(2, min(MAX_K, n // 2) + 1), seed=args.seed)
+        # No more clusters than different pictures: copies of one picture are one group.
+        choice = choose_k.choose(features, range(2, min(MAX_K, n // 2, distinct) + 1), seed=args.seed)
         num_clusters, k_curve = choice.k, choice.curve
         phases.note(f"K = {num_clusters} ({choice.method}; {time.time() - started:.1f} s)")
     else:
@@ -269,10 +338,12 @@ def run(args, folder: Path, out: Path, staging: Path) -> dict:
     renumbered[order] = torch.arange(num_clusters)
     outputs["cluster"] = renumbered[outputs["cluster"]]
     outputs["num_clusters"] = num_clusters
-    # Renumbered: predict names the clusters as the report does.
-    trainer.save_checkpoint(staging / "checkpoints" / "last.ckpt", weights_only=False)
     if args.method == "nnm":  # where the pretext checkpoint will be once the output is swapped in
         resolved["init_args"]["pretext_checkpoint"] = str(out / "features" / "last.ckpt")
+        # The checkpoint records the same (a checkpoint rebuilds the model from its hyper-parameters).
+        model.hparams["pretext_checkpoint"] = resolved["init_args"]["pretext_checkpoint"]
+    # Renumbered: predict names the clusters as the report does.
+    trainer.save_checkpoint(staging / "checkpoints" / "last.ckpt", weights_only=False)
     config = _config(resolved, folder, args, num_clusters, epochs)
     (staging / "config.yaml").write_text(config)
     paths = [found.relative(p) for p in images.paths]
@@ -287,7 +358,8 @@ def run(args, folder: Path, out: Path, staging: Path) -> dict:
     phases.start("writing the report")
     sizes = torch.bincount(outputs["cluster"], minlength=num_clusters).tolist()
     _contact_sheets(outputs, images.images, staging / "clusters")
-    figures = report.draw_figures(outputs, found.classes, k_curve, staging / "figures")
+    missing: dict[str, str] = {}  # figures that could not be drawn: the page says why in their place
+    figures = report.draw_figures(outputs, found.classes, k_curve, staging / "figures", missing=missing)
     views = report.cluster_views(
         outputs, paths, images.images, [Path(p) for p in images.paths], staging / "thumbs"
     )
@@ -310,6 +382,7 @@ def run(args, folder: Path, out: Path, staging: Path) -> dict:
         "train_minutes": trainer_seconds / 60,
         "cluster_sizes": sizes,
         "metrics": metrics,
+        "figures_not_drawn": missing,
         "predict_command": (
             f"clusterlab predict --config {out / 'config.yaml'} --ckpt_path "
             f"{out / 'checkpoints' / 'last.ckpt'} --data.dataset image_folder --data.root NEW_FOLDER"
@@ -318,7 +391,7 @@ def run(args, folder: Path, out: Path, staging: Path) -> dict:
         "command": "clusterlab cluster " + shlex.join(args.argv),
     }
     summary["total_minutes"] = (time.time() - phases.started) / 60
-    report.write_html(staging / "report.html", summary, views, figures, metrics)
+    report.write_html(staging / "report.html", summary, views, figures, metrics, missing)
     phases.note(f"{num_clusters} clusters, sizes {sizes}; {summary['total_minutes']:.1f} min in all")
     return summary
 
@@ -339,23 +412,15 @@ def _exit_on_sigterm() -> None:
 
 
 def _quiet_lightning() -> None:
-    """The phase lines and the progress bar are the output: Lightning's start-up notes (devices,
-    tips, SLURM hints) and the warnings that do not apply to this command are left out."""
+    """The phase lines and the progress bar are the output: Lightning's start-up notes (devices)
+    are left out too, beside what every command leaves out (clusterlab.console)."""
     import logging
-    import warnings
 
+    from clusterlab.console import quiet_libraries
+
+    quiet_libraries()
     for name in ("pytorch_lightning", "lightning_fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    for message in (
-        ".*srun.*",
-        ".*LeafSpec.*",
-        ".*does not have many workers.*",
-        ".*Sparse invariant checks.*",
-        ".*exists and is not empty.*",
-        ".*smaller than the logging interval.*",
-        ".*is an instance of `nn.Module` and is already saved.*",  # the recipe's config is the record
-    ):
-        warnings.filterwarnings("ignore", message=message)
 
 
 def _trained(model, epochs: int, seconds: float, n: int) -> str:
@@ -477,6 +542,7 @@ def _config(model: dict, folder: Path, args, num_clusters: int, epochs: int) -> 
             "image_size": args.image_size,
             "channels": 3,
             "batch_size": min(args.batch_size, 256),
+            "max_pixels": args.max_pixels,
         },
         "name": "cluster",
         "kmeans_baseline": False,
@@ -491,31 +557,59 @@ def _config(model: dict, folder: Path, args, num_clusters: int, epochs: int) -> 
 
 
 def _write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
+    """skipped.csv: path, reason. Paths are the user's file names: a spreadsheet must not run them
+    (clusterlab.csvsafe)."""
     with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([("path", "reason"), *skipped])
+        csv.writer(f).writerows([("path", "reason"), *map(csvsafe.row, skipped)])
 
 
 def _write_assignments(path: Path, paths: list[str], outputs: dict) -> None:
+    """assignments.csv: path, cluster, confidence; paths through clusterlab.csvsafe."""
     with open(path, "w", newline="") as f:
         rows = csv.writer(f)
         rows.writerow(["path", "cluster", "confidence"])
         for i in range(len(paths)):
-            rows.writerow([paths[i], int(outputs["cluster"][i]), f"{float(outputs['confidence'][i]):.4f}"])
+            rows.writerow(
+                [csvsafe.cell(paths[i]), int(outputs["cluster"][i]), f"{float(outputs['confidence'][i]):.4f}"]
+            )
+
+
+def _distinct_images(images: torch.Tensor, enough: int) -> int:
+    """How many different pictures the decoded images are (exact copies count once), counted up
+    to `enough`: a folder of copies has nothing to group (choose_k's k-means finds one group,
+    t-SNE crashes), and K clusters need K different pictures. Read a chunk at a time from the
+    memmap; most folders stop after a few dozen images."""
+    import hashlib
+
+    seen: set[bytes] = set()
+    for start in range(0, len(images), 1024):
+        for row in images[start : start + 1024].numpy():
+            seen.add(hashlib.blake2b(row.tobytes(), digest_size=16).digest())
+            if len(seen) >= enough:
+                return len(seen)
+    return len(seen)
 
 
 def _contact_sheets(outputs: dict, images: torch.Tensor, folder: Path, per_sheet: int = 48) -> None:
+    import warnings
+
     from clusterlab.callbacks.assignments import contact_sheet
 
     folder.mkdir(parents=True, exist_ok=True)
     for k in range(int(outputs["num_clusters"])):
         members = (outputs["cluster"] == k).nonzero().flatten()
         ranked = members[outputs["confidence"][members].argsort(descending=True)][:per_sheet]
-        contact_sheet(
-            images[ranked],
-            outputs["confidence"][ranked].tolist(),
-            f"cluster {k}: {len(members)} images (the {len(ranked)} most confident)",
-            folder / f"{k}.png",
-        )
+        try:
+            contact_sheet(
+                images[ranked],
+                outputs["confidence"][ranked].tolist(),
+                f"cluster {k}: {len(members)} images (the {len(ranked)} most confident)",
+                folder / f"{k}.png",
+            )
+        except Exception as error:  # noqa: BLE001 - a figure never ends the run; a full disk does
+            if disk_full(error) is not None:
+                raise
+            warnings.warn(f"contact sheet {k}.png not drawn: {type(error).__name__}: {error}", stacklevel=2)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,9 @@ def thumbnail(source: Path, fallback: torch.Tensor, target: Path) -> None:
 
     try:
         with Image.open(source) as image:
+            # A JPEG at the smallest scale that covers the thumbnail, as decode_image decodes it:
+            # --max_pixels let it through at that scale, not at full size (a 65,000-px side).
+            image.draft(None, (THUMB_SIDE, THUMB_SIDE))
             image = ImageOps.exif_transpose(image).convert("RGB")
             image.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.BICUBIC)
             if max(image.size) < THUMB_SIDE:  # small images: enlarged without blurring
@@ -101,11 +104,20 @@ def k_curve_figure(curve: dict, path: Path) -> Path:
 
 
 def draw_figures(
-    outputs: dict, class_names: list[str], k_curve: dict | None, folder: Path, embedding_points: int = 2000
+    outputs: dict,
+    class_names: list[str],
+    k_curve: dict | None,
+    folder: Path,
+    embedding_points: int = 2000,
+    missing: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """The page's figures into folder/; returns name -> file name. A figure that cannot be drawn
-    is left out of the page (a warning says why); it never ends the run."""
+    (a t-SNE of identical features, say) never ends the run: a warning says why, and so does the
+    page in its place (`missing`, filled with name -> reason, for write_html). A full disk is not
+    the figure's fault and does end the run (clusterlab.errors.disk_full)."""
     import warnings
+
+    from clusterlab.errors import disk_full
 
     folder.mkdir(parents=True, exist_ok=True)
     sizes = torch.bincount(outputs["cluster"], minlength=int(outputs["num_clusters"])).tolist()
@@ -123,7 +135,11 @@ def draw_figures(
         try:
             drawn[name] = draw(folder / f"{name}.png").relative_to(folder.parent).as_posix()
         except Exception as error:  # noqa: BLE001 - a figure is a by-product
+            if disk_full(error) is not None:
+                raise
             warnings.warn(f"figure {name}.png not drawn: {type(error).__name__}: {error}", stacklevel=2)
+            if missing is not None:
+                missing[name] = f"{type(error).__name__}: {error}"
     return drawn
 
 
@@ -149,6 +165,14 @@ nav a { margin-right: 0.6em; white-space: nowrap; }
 """
 
 
+_TITLES = {
+    "sizes": "The cluster sizes",
+    "k_curve": "The curve K was chosen from",
+    "embedding": "The t-SNE of the features",
+    "confusion": "The confusion matrix",
+}
+
+
 def _e(text) -> str:
     return html.escape(str(text), quote=True)
 
@@ -162,9 +186,15 @@ def _thumbs(items: list[tuple[str, str, float]]) -> str:
 
 
 def write_html(
-    path: Path, summary: dict, clusters: list[ClusterView], figures: dict[str, str], metrics: dict | None
+    path: Path,
+    summary: dict,
+    clusters: list[ClusterView],
+    figures: dict[str, str],
+    metrics: dict | None,
+    missing: dict[str, str] | None = None,
 ) -> Path:
-    """The page itself. `summary` holds the folder, counts, K and how it was chosen, and timings."""
+    """The page itself. `summary` holds the folder, counts, K and how it was chosen, and timings;
+    `missing`: the figures that could not be drawn, with why (shown in their place)."""
     s = summary
     k_line = (
         f"K = {s['num_clusters']} chosen from the data ({_e(s['k_method'])})"
@@ -207,6 +237,11 @@ def write_html(
             parts.append(
                 f'<figure><img src="{_e(figures[name])}" alt="{name}">'
                 f"<figcaption>{_e(captions[name])}</figcaption></figure>"
+            )
+        elif missing and name in missing:
+            parts.append(
+                f'<figure class="missing"><p class="muted">{_e(_TITLES[name])} could not be drawn: '
+                f"{_e(missing[name])}</p><figcaption>{_e(captions[name])}</figcaption></figure>"
             )
     parts.append("</div>")
     if metrics:

@@ -16,7 +16,16 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from clusterlab.data.sources import SOURCES, ImageFolder, ImageSet, Source, UnreadableImagesError
+from clusterlab import csvsafe
+from clusterlab.config_checks import check_data_arguments
+from clusterlab.data.sources import (
+    DEFAULT_MAX_PIXELS,
+    SOURCES,
+    ImageFolder,
+    ImageSet,
+    Source,
+    UnreadableImagesError,
+)
 from clusterlab.errors import ConfigError
 from clusterlab.seeding import derive_seed, run_seed
 
@@ -133,7 +142,7 @@ class ChunkBatches(Sampler[list[int]]):
         self.chunk_size, self.repeats, self.batch_repeats = chunk_size, repeats, batch_repeats
         self.global_batch = batch_size * world
         if not self.global_batch <= chunk_size <= num_samples:
-            raise ValueError(
+            raise ConfigError(
                 f"chunk_size {chunk_size} must lie between the global batch ({self.global_batch}) and the "
                 f"{num_samples} training images"
             )
@@ -211,6 +220,9 @@ class ClusterDataModule(pl.LightningDataModule):
             fit / validate / test) or is reported by path and skipped ("skip", the default of predict).
         stream: image_folder, predict only: decode the folder batch by batch instead of loading it
             whole first, so that predictions stream out (with --data.num_workers decoding ahead).
+        max_pixels: image_folder only: an image of more pixels (width x height, read from its
+            header; a JPEG at the reduced scale it is decoded at) is not decoded but unreadable,
+            as `on_error` says (default: clusterlab.data.sources.DEFAULT_MAX_PIXELS, 120,000,000).
     """
 
     def __init__(
@@ -228,12 +240,30 @@ class ClusterDataModule(pl.LightningDataModule):
         channels: Literal[1, 3] | None = None,
         on_error: Literal["raise", "skip"] | None = None,
         stream: bool = False,
+        max_pixels: int | None = None,
     ) -> None:
         super().__init__()
+        check_data_arguments(
+            dataset,
+            batch_size,
+            eval_batch_size,
+            num_workers,
+            num_clusters,
+            image_size,
+            channels,
+            stream,
+            max_pixels,
+        )
         self.save_hyperparameters(ignore=["num_clusters"])  # the model logs the resolved value
         self._num_clusters = num_clusters
         if dataset == "image_folder":
-            self.source: Source = ImageFolder(root, image_size or 64, channels or 3, on_error or "raise")
+            self.source: Source = ImageFolder(
+                root,
+                image_size or 64,
+                channels or 3,
+                on_error or "raise",
+                max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+            )
         else:
             self.source = SOURCES[dataset](root)
         self.eval_split = eval_split or train_split
@@ -290,7 +320,7 @@ class ClusterDataModule(pl.LightningDataModule):
         folder = Path(self.trainer.default_root_dir) if self.trainer is not None else Path.cwd()
         listing = folder / "unreadable.csv"
         with open(listing, "w", newline="") as f:
-            csv.writer(f).writerows([("path", "reason"), *error.failures])
+            csv.writer(f).writerows([("path", "reason"), *map(csvsafe.row, error.failures)])
         return UnreadableImagesError(error.failures, error.total, error.root, listing)
 
     def setup(self, stage: str | None = None) -> None:
@@ -298,7 +328,7 @@ class ClusterDataModule(pl.LightningDataModule):
             self.source.on_error = "skip" if stage == "predict" else "raise"
         if stage == "predict" and self.hparams.stream:
             if not isinstance(self.source, ImageFolder):
-                raise ValueError("--data.stream true needs --data.dataset image_folder")
+                raise ConfigError("--data.stream true needs --data.dataset image_folder")
             self.predict_set = LazyImageFolder(self.source, self.eval_split)
             return
         self.eval_set = self.split(self.eval_split)
@@ -332,7 +362,7 @@ class ClusterDataModule(pl.LightningDataModule):
         world, rank = self._world()
         dataset = IndexedImages(self.train_set)
         if len(dataset) < self.hparams.batch_size * world:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.source.name} {self.hparams.train_split}: {len(dataset)} images do not fill one "
                 "global batch of "
                 f"{self.hparams.batch_size} x {world} processes; lower --data.batch_size"
@@ -368,7 +398,7 @@ class ClusterDataModule(pl.LightningDataModule):
         if self.train_set is None:
             raise RuntimeError("set_neighbors() needs the training split: call it after setup('fit')")
         if neighbors.ndim != 2 or len(neighbors) != len(self.train_set):
-            raise ValueError(
+            raise ConfigError(
                 f"neighbour table of shape {tuple(neighbors.shape)}: expected "
                 f"{len(self.train_set)} rows (one per training image) x K"
             )

@@ -9,11 +9,14 @@ Splits follow the evaluation protocols of the papers: "train", "test", "train+te
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
+import threading
 import warnings
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,12 +199,38 @@ class FashionMNIST(Source):
         )
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR batch holds (dicts, lists, strings, numbers and numpy arrays) and
+    nothing else: a pickle names functions that unpickling calls, so a planted file could run code;
+    any other name is refused."""
+
+    _allowed = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # how Python 3 pickles bytes made under Python 2 (the CIFAR files)
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._allowed:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch does not hold")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
     except (OSError, EOFError, pickle.UnpicklingError, ValueError) as err:
         raise CorruptDataError(f"cannot read CIFAR batch {path}: {err}") from err
+    if not isinstance(batch, dict):
+        raise CorruptDataError(
+            f"cannot read CIFAR batch {path}: it holds a {type(batch).__name__}, not a dict"
+        )
+    return batch
 
 
 class CIFAR10(Source):
@@ -308,20 +337,99 @@ class STL10(Source):
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
-def decode_image(path: Path, size: int, channels: int) -> np.ndarray:
-    """Decode one image, resize its shorter side to `size` and centre-crop a square: C x size x size."""
+# The most pixels one image may be decoded at (`clusterlab cluster --max_pixels`, `--data.max_pixels`).
+# 120 MP is above every camera's full-size photo but the rarest (102-MP medium format, 108-MP phones)
+# and a 600-dpi A3 scan (70 MP), below PIL's own "decompression bomb" error (179 MP), and a PNG or
+# TIFF of that size holds at most about 1 GB while it is decoded (BYTES_PER_PIXEL). JPEGs count at
+# the reduced scale they are decoded at (PIL's draft: 1/2, 1/4 or 1/8 of each side, never below the
+# working size), so a photo from any camera passes; the limit stops the small files that decode to
+# gigabytes (a 20,000 x 20,000 PNG of one colour is a few KB on disk and 1.6 GB decoded).
+DEFAULT_MAX_PIXELS = 120_000_000
+# Worst case per decoded pixel: the decoded image (PIL keeps at most 4 bytes a pixel: RGB is
+# stored as RGBX) and its converted copy (4 more) when its mode is not the one wanted.
+BYTES_PER_PIXEL = 8
+# What the decodes running at one time in a process may hold together, whatever the number of
+# decoding threads (see _DecodeMemory): 8 threads of 120-MP PNGs would otherwise hold 7.7 GB.
+DECODE_MEMORY = 2 * 2**30
+
+
+class ImageTooLargeError(ValueError):
+    """An image whose header declares more pixels than the limit; its text is the reason a
+    skipped-files list gives ("20000 x 20000 = 400,000,000 pixels, over --max_pixels ...")."""
+
+
+class _DecodeMemory:
+    """A counting semaphore in bytes: a decode waits until the decodes already running leave room
+    for its pixels (known from the header, before decoding), so that the threads of a process
+    never hold more than DECODE_MEMORY at once. Small images take a sliver and run side by side;
+    an image larger than the whole budget waits for the others and then runs alone."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.used = total, 0
+        self.changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, amount: int):
+        amount = min(amount, self.total)
+        with self.changed:
+            self.changed.wait_for(lambda: self.used + amount <= self.total)
+            self.used += amount
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.used -= amount
+                self.changed.notify_all()
+
+
+_decode_memory = _DecodeMemory(DECODE_MEMORY)
+
+
+def _fresh_decode_memory() -> None:  # a forked DataLoader worker starts with the budget free
+    global _decode_memory
+    _decode_memory = _DecodeMemory(DECODE_MEMORY)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_decode_memory)
+
+
+def decode_image(path: Path, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode one image, resize its shorter side to `size` and centre-crop a square: C x size x size.
+
+    The header is read first (PIL.Image.open decodes nothing): a JPEG is set to decode at the
+    smallest scale that still covers `size` (PIL's draft), and an image of more than `max_pixels`
+    pixels is refused before a byte of it is decoded (CorruptDataError, caused by an
+    ImageTooLargeError that says its size). PIL's own process-wide limit is turned off: it raises
+    without the image's size past 179 MP and warns past 89 MP whatever `max_pixels` says, and this
+    check, per call, replaces it."""
     from PIL import Image, UnidentifiedImageError
 
+    Image.MAX_IMAGE_PIXELS = None  # the check below is the limit (see the docstring)
     try:
         with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
+            width, height = img.size
+            if img.format == "JPEG":
+                scale = size / max(1, min(width, height))
+                img.draft(None, (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))))
             w, h = img.size
-            scale = size / min(w, h)
-            img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+            if min(w, h) < 1:
+                raise ValueError(f"the image is {width} x {height} pixels: nothing to decode")
+            if w * h > max_pixels:
+                drafted = f" (decoded at {w} x {h} = {w * h:,})" if (w, h) != (width, height) else ""
+                raise ImageTooLargeError(
+                    f"{width} x {height} = {width * height:,} pixels{drafted}, over --max_pixels "
+                    f"{max_pixels:,}"
+                )
+            with _decode_memory.hold(w * h * BYTES_PER_PIXEL):
+                mode = "L" if channels == 1 else "RGB"
+                img = img.convert(mode) if img.mode != mode else img
+                scale = size / min(w, h)
+                img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
             w, h = img.size
             left, top = (w - size) // 2, (h - size) // 2
             array = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise CorruptDataError(f"cannot read image {path}: {err}") from err
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
@@ -332,8 +440,12 @@ class ImageFolder(Source):
     With at least two sub-folders, each names the class of the images below it (images directly
     under a split folder have no label, -1); a single sub-folder is no class structure, and every
     image is unlabeled. A root with `train/` and `test/` (or `val/`) folders offers those splits;
-    otherwise the whole root is the train split. Images are resized (shorter side) and
-    centre-cropped to `image_size`, decoded in `num_workers` threads.
+    otherwise the whole root is the train split. Images beside the split folders (`cat/` next to
+    `train/`, or `val/` next to `test/`) are in no split: the first listing of a split says so in
+    one line on stdout, naming them (`unread()`), unless `tell_unread` is False (`clusterlab
+    cluster` reads them too). Images are resized (shorter side) and centre-cropped to
+    `image_size`, decoded in `num_workers` threads; an image of more than `max_pixels` pixels is
+    not decoded (`decode_image`) and counts as unreadable.
     `on_error="skip"` reports unreadable images by path and leaves them out; "raise" stops, after
     reading them all, with their number and the first of them (`CorruptDataError.failures`: all).
     """
@@ -348,6 +460,7 @@ class ImageFolder(Source):
         channels: int = 3,
         on_error: str = "raise",
         num_workers: int = 8,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         super().__init__(root)
         if self.root is None:
@@ -360,7 +473,9 @@ class ImageFolder(Source):
             on_error,
             num_workers,
         )
+        self.max_pixels = max_pixels
         self.skipped: list[tuple[str, str]] = []
+        self.tell_unread = True  # say once which images lie in no split (see the class docstring)
 
     def _split_dirs(self) -> dict[str, Path]:
         self._require(self.root)
@@ -386,11 +501,50 @@ class ImageFolder(Source):
             )
         return sorted(names) if len(names) >= 2 else []  # one sub-folder is no class structure
 
-    def files(self, split: str) -> list[Path]:
-        folder = self._split_dirs()[split]
+    def _images_in(self, folder: Path) -> list[Path]:
         found = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
         if folder == self.root:  # a root without split folders: don't descend into train/test/val
             found = [p for p in found if p.relative_to(folder).parts[0] not in ("train", "test", "val")]
+        return found
+
+    def unread(self) -> list[Path]:
+        """The images under the root that no split reads, sorted: those beside `train/` (the
+        root is then no split itself), and `val/` when `test/` is the test split."""
+        read = {p for folder in set(self._split_dirs().values()) for p in self._images_in(folder)}
+        every = [p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+        return sorted(p for p in every if p not in read)
+
+    def _tell_unread(self) -> None:
+        """One line on stdout, once, naming the folders (and loose files) that no split reads: a
+        layout that reads 60 of 66 images must not do it silently."""
+        if not self.tell_unread:
+            return
+        self.tell_unread = False
+        unread = self.unread()
+        if not unread:
+            return
+        tops: dict[str, int] = {}
+        for p in unread:
+            parts = p.relative_to(self.root).parts
+            top = f"{parts[0]}/" if len(parts) > 1 else "files directly in the root"
+            tops[top] = tops.get(top, 0) + 1
+        splits = " and ".join(
+            f"{folder.relative_to(self.root).as_posix()}/"
+            if folder != self.root
+            else "the root's other images"
+            for folder in dict.fromkeys(self._split_dirs().values())
+        )
+        print(
+            f"{self.name}: {self.root}: {splits} read as the splits; "
+            + ", ".join(f"{top} ({n} image{'s' if n != 1 else ''})" for top, n in tops.items())
+            + " beside them are in no split and are skipped (move them into a split folder to use them)",
+            flush=True,
+        )
+
+    def files(self, split: str) -> list[Path]:
+        folder = self._split_dirs()[split]
+        self._tell_unread()
+        found = self._images_in(folder)
         if not found:
             raise DataNotFoundError(
                 f"{self.name}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {folder}"
@@ -413,7 +567,7 @@ class ImageFolder(Source):
     def decode(self, path: Path) -> np.ndarray | None:
         """One image as C x size x size uint8; None (reported by path) when unreadable and on_error="skip"."""
         try:
-            return decode_image(path, self.image_size, self.channels)
+            return decode_image(path, self.image_size, self.channels, self.max_pixels)
         except CorruptDataError as err:
             if self.on_error == "raise":
                 raise
@@ -423,7 +577,7 @@ class ImageFolder(Source):
 
     def _try_decode(self, path: Path) -> np.ndarray | str:
         try:
-            return decode_image(path, self.image_size, self.channels)
+            return decode_image(path, self.image_size, self.channels, self.max_pixels)
         except CorruptDataError as err:
             return str(err.__cause__) or "unreadable"
 

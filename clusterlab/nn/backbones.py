@@ -16,6 +16,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from clusterlab.errors import ConfigError
+
 Norm = Literal["batch", "group", "none"]
 
 
@@ -101,11 +103,11 @@ class SmallCNN(nn.Module):
     ) -> None:
         super().__init__()
         if len(widths) != len(downsample):
-            raise ValueError(f"widths {list(widths)} and downsample {list(downsample)} differ in length")
+            raise ConfigError(f"widths {list(widths)} and downsample {list(downsample)} differ in length")
         if shallow_block is None:
             shallow_block = next((i for i, pool in enumerate(downsample) if pool), 0)
         if not 0 <= shallow_block < len(widths):
-            raise ValueError(f"shallow_block {shallow_block} is not a block of widths {list(widths)}")
+            raise ConfigError(f"shallow_block {shallow_block} is not a block of widths {list(widths)}")
         layers: list[nn.Module] = []
         channels = in_channels
         for block, (width, pool) in enumerate(zip(widths, downsample)):
@@ -176,7 +178,7 @@ class DCCMNet(nn.Module):
 
     def forward(self, x: Tensor, with_shallow: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         if self.padding == 0 and min(x.shape[-2:]) < 20:
-            raise ValueError(
+            raise ConfigError(
                 f"DCCMNet(padding=0) needs images of at least 20 px; got {tuple(x.shape[-2:])}: "
                 f"use padding: 1 for small images"
             )

@@ -9,7 +9,7 @@ import torch
 from clusterlab.cli import ClusterLabCLI, main
 from clusterlab.methods import CC
 from clusterlab.methods.base import CheckpointMismatchError
-from tests.helpers import REPO, TINY_CC, save_pretext
+from tests.helpers import REPO, TINY_CC, save_pretext, user_error
 
 EXPERIMENTS = sorted(Path(REPO, "experiments").glob("*.yaml"))
 
@@ -167,16 +167,6 @@ def test_wandb_runs_offline_without_login_or_network(in_tmp, monkeypatch):
     main(["fit", "--config", "tiny.yaml", "--trainer.max_epochs", "1"])
     run_dir = next((in_tmp / "runs" / "tiny").iterdir())
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run"
-
-
-def user_error(capsys, *args) -> str:
-    """Runs `clusterlab *args`, which must stop with a user error: exit code 1 and one line."""
-    with pytest.raises(SystemExit) as done:
-        main(list(args))
-    assert done.value.code == 1
-    lines = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("clusterlab")]
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 def test_a_nan_loss_stops_the_run_naming_the_term_step_and_learning_rate(in_tmp, capsys):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from clusterlab.cli import main
-from tests.helpers import TINY_CC, state
+from tests.helpers import TINY_CC, state, user_error
 from tests.launch import clusterlab, environment
 
 FIT = ["fit", "--config", "tiny.yaml"]
@@ -219,16 +219,6 @@ def test_stages_never_touch_the_fits_files_and_every_saved_config_loads_everywhe
 
 
 # -- divergence and collapse --------------------------------------------------------------------
-
-
-def user_error(capsys, *args: str) -> str:
-    """`clusterlab *args` must stop with a user error: exit code 1, one line, no traceback."""
-    with pytest.raises(SystemExit) as done:
-        main(list(args))
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("clusterlab")]
-    assert done.value.code == 1 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    return lines[0]
 
 
 def test_a_diverging_run_stops_at_that_step_with_one_line_and_no_report(in_tmp, capsys):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from clusterlab.cli import main
+from clusterlab.cluster import output
 
 KINDS = ("stripes", "bars", "checks", "rings")  # four kinds no colour cast can hide
 FORMATS = (("png", "PNG"), ("jpg", "JPEG"), ("webp", "WEBP"), ("bmp", "BMP"), ("tiff", "TIFF"))
@@ -181,8 +182,13 @@ def test_predict_groups_images_as_the_report_does_with_the_written_checkpoint(gr
 def test_a_rerun_into_the_same_out_replaces_the_previous_output_whole(grouped, tmp_path, capsys):
     folder, previous = grouped
     out = tmp_path / "again"
-    shutil.copytree(previous, out)
+    # (Without the predict-* folders that other tests' `clusterlab predict` wrote into it: a re-run
+    # never replaces those, tests/hostile/test_output_folder.py.)
+    shutil.copytree(previous, out, ignore=shutil.ignore_patterns("predict-*"))
+    # A file that an earlier run wrote (and its marker lists) but this run does not write.
     (out / "leftover.txt").write_text("from an earlier run")
+    marker = json.loads((out / output.MARKER).read_text())
+    (out / output.MARKER).write_text(json.dumps({**marker, "files": [*marker["files"], "leftover.txt"]}))
     main(
         [
             "cluster",
