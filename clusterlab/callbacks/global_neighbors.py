@@ -91,16 +91,23 @@ class GlobalNeighbors(pl.Callback):
             neighbor = candidates[torch.arange(len(candidates)), column].to(g.device)
         neighbor = broadcast(neighbor)
         self.neighbor_index = neighbor.cpu()
-        self.table = h[:, neighbor].cpu()
+        # The table stays on the training device: every step looks rows up in it, and a table on
+        # the host would cost two blocking copies a step (the indices there, the rows back).
+        self.table = h[:, neighbor].to(pl_module.device)
         self.epoch = trainer.current_epoch
 
     def predictions(self, index: Tensor) -> Tensor | None:
-        """N_global(h)_b: the stored rows of the batch's samples (heads x B x C); None before the
-        first epoch end."""
-        return None if self.table is None else self.table[:, index.cpu()]
+        """N_global(h)_b: the stored rows of the batch's samples (heads x B x C), on the device of
+        `index`; None before the first epoch end."""
+        if self.table is None:
+            return None
+        if self.table.device != index.device:  # once, after a checkpoint was loaded to the host
+            self.table = self.table.to(index.device)
+        return self.table[:, index]
 
     def state_dict(self) -> dict:
-        return {"table": self.table, "neighbor_index": self.neighbor_index, "epoch": self.epoch}
+        table = None if self.table is None else self.table.cpu()
+        return {"table": table, "neighbor_index": self.neighbor_index, "epoch": self.epoch}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.table, self.neighbor_index = state_dict["table"], state_dict["neighbor_index"]

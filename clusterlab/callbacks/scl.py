@@ -73,6 +73,7 @@ class PseudoLabelRefresh(pl.Callback):
                 )
                 labels = broadcast(guarded.to(pl_module.device)).cpu()
             table.update(task, labels)  # Eq. 6: count the changes
+            table.cluster_sizes(task, clusters)  # counted here, once per refresh, not in a step
         table.epoch.fill_(trainer.current_epoch)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

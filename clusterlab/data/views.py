@@ -17,7 +17,11 @@ import kornia
 import kornia.augmentation as K
 import torch
 import torch.nn.functional as F
+from kornia.augmentation._2d.intensity.base import _clamp_unit_range
+from kornia.augmentation._2d.intensity.color_jiggle import _FACTOR_KEYS as _JITTER_FACTORS
 from torch import Tensor, nn
+
+from clusterlab.errors import ConfigError
 
 
 class Views(nn.Module):
@@ -43,9 +47,9 @@ class Views(nn.Module):
         self.augment = K.AugmentationSequential(*augmentations) if augmentations else nn.Identity()
         self.size = size
         if (mean is None) != (std is None):
-            raise ValueError("give both mean and std, or neither")
+            raise ConfigError("give both mean and std, or neither")
         if standardize and mean is not None:
-            raise ValueError("standardize replaces mean and std: give one or the other")
+            raise ConfigError("standardize replaces mean and std: give one or the other")
         self.normalize = (
             K.Normalize(torch.tensor(mean), torch.tensor(std)) if mean is not None else nn.Identity()
         )
@@ -113,13 +117,59 @@ class SimCLRViews(Views):
         if flip:
             augmentations.append(K.RandomHorizontalFlip())
         augmentations += [
-            K.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s if hue is None else hue, p=jitter_p),
+            ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s if hue is None else hue, p=jitter_p),
             K.RandomGrayscale(p=grayscale_p),
         ]
         if blur:
             kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
             augmentations.append(K.RandomGaussianBlur((kernel, kernel), sigma=(0.1, 2.0), p=0.5))
         super().__init__(augmentations, size, mean, std, standardize)
+
+
+class ColorJitter(K.ColorJitter):
+    """kornia's ColorJitter with the same draws and the same arithmetic, without its host reads.
+
+    kornia reads the random order of the four adjustments back to the host (`order.tolist()`) and
+    checks each adjustment's factors with a Python `if (factors != neutral).any()` (on grey images
+    always: its branch-free path is for RGB only): five waits for the device per call. Here every
+    round of the order applies each adjustment that can change anything and keeps the one the order
+    names there, selected on the device (`torch.where`). An adjustment whose range is the neutral
+    value alone (saturation and hue of `SmallImageViews`) is left out when the module is built,
+    which kornia's check does at every call with the same outcome. 4 rounds x the adjustments in
+    use: on small images the extra arithmetic costs less than the waits.
+    """
+
+    _NEUTRAL = (1.0, 1.0, 1.0, 0.0)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        ranges = [self.brightness, self.contrast, self.saturation, self.hue]
+        self._active = [k for k, r in enumerate(ranges) if not _neutral_range(r, self._NEUTRAL[k], k == 3)]
+
+    def apply_transform(
+        self, input: Tensor, params: dict[str, Tensor], flags: dict, transform: Tensor | None = None
+    ) -> Tensor:
+        if self._fixed_order is not None:  # kornia's own path is sync-free on RGB only
+            return super().apply_transform(input, params, flags, transform)
+        factors = [params[key] for key in _JITTER_FACTORS]
+        steps = (self._brightness_fn, self._contrast_fn, self._saturation_fn, self._adjust_hue_turns)
+        output = _clamp_unit_range(input)
+        for chosen in params["order"]:  # the adjustments' random order: on the device, never read
+            current = output
+            for k in self._active:
+                output = torch.where(chosen == k, steps[k](current, factors[k]), output)
+        # kornia returns a copy when every step was skipped; torch.where's outputs are new tensors.
+        return _clamp_unit_range(output.clone() if output is input else output)
+
+
+def _neutral_range(value, neutral: float, hue: bool) -> bool:
+    """Whether kornia's ColorJitter range for `value` holds the neutral factor alone."""
+    if isinstance(value, Tensor):
+        value = value.tolist()
+    if isinstance(value, (int, float)):
+        return value == 0
+    low, high = value
+    return low == high == neutral
 
 
 class ImageStandardize(nn.Module):
@@ -180,14 +230,14 @@ class SmallImageViews(Views):
         augmentations: list[nn.Module] = []
         if crop_scale is not None:
             if size is None:
-                raise ValueError("a random resized crop needs the output size: set size")
+                raise ConfigError("a random resized crop needs the output size: set size")
             augmentations.append(K.RandomResizedCrop((size, size), scale=crop_scale))
         if rotation or translate or scale != (1.0, 1.0) or shear:
             augmentations.append(_PixelAffine(rotation, translate, scale, shear))
         if flip:
             augmentations.append(K.RandomHorizontalFlip())
         if brightness or contrast:
-            augmentations.append(K.ColorJitter(brightness=brightness, contrast=contrast, p=jitter_p))
+            augmentations.append(ColorJitter(brightness=brightness, contrast=contrast, p=jitter_p))
         if noise_std:
             augmentations.append(K.RandomGaussianNoise(std=noise_std, p=noise_p))
         if erasing is not None:
@@ -279,7 +329,10 @@ def _grey(images: Tensor) -> Tensor:
 def _affine(images: Tensor, matrix: Tensor) -> Tensor:
     """Warp by per-sample 2x3 matrices given about the image centre, in pixels."""
     h, w = images.shape[-2:]
-    centre = torch.tensor([(w - 1) / 2, (h - 1) / 2], device=images.device)
+    # Filled on the device: torch.tensor([...], device=...) copies from the host, and a blocking
+    # copy waits for the device.
+    centre = torch.full((2,), (w - 1) / 2, device=images.device)
+    centre[1] = (h - 1) / 2
     matrix = matrix.clone()
     matrix[:, :, 2] += centre - matrix[:, :, :2] @ centre
     return kornia.geometry.transform.warp_affine(images, matrix, (h, w), align_corners=True)
@@ -348,26 +401,29 @@ class RandAugment(nn.Module):
         ops = ops if ops is not None else {name: None for name in RANDAUGMENT_OPS}
         unknown = sorted(set(ops) - set(RANDAUGMENT_OPS))
         if unknown:
-            raise ValueError(f"unknown RandAugment ops {unknown}; known: {', '.join(RANDAUGMENT_OPS)}")
+            raise ConfigError(f"unknown RandAugment ops {unknown}; known: {', '.join(RANDAUGMENT_OPS)}")
         self.num_ops = num_ops
         self.ops = [
             (name, *(RANDAUGMENT_OPS[name][1:3] if rng is None else rng)) for name, rng in ops.items()
         ]
 
     def forward(self, images: Tensor) -> Tensor:
-        n = len(images)
-        choice = torch.randint(len(self.ops), (n, self.num_ops), device=images.device)
-        images = images.clone()
+        # Every op runs on the whole batch and each image keeps the result of its own op
+        # (torch.where): picking the images of an op (nonzero, boolean indexing) would make the host
+        # wait for the device once per op and step. On small images the extra arithmetic is cheap.
+        # Per step, one uniform draw and one sign per image, scaled to the range of the image's op.
+        n, device = len(images), images.device
+        choice = torch.randint(len(self.ops), (n, self.num_ops), device=device)
         for step in range(self.num_ops):
+            unit = torch.rand(n, device=device)
+            sign = torch.randint(0, 2, (n,), device=device) * 2 - 1
+            chosen, current = choice[:, step].view(-1, 1, 1, 1), images
             for k, (name, low, high) in enumerate(self.ops):
-                rows = (choice[:, step] == k).nonzero().squeeze(1)
-                if len(rows) == 0:
-                    continue
                 op, _, _, symmetric = RANDAUGMENT_OPS[name]
-                magnitude = low + (high - low) * torch.rand(len(rows), device=images.device)
+                magnitude = low + (high - low) * unit
                 if symmetric:
-                    magnitude = magnitude * (torch.randint(0, 2, (len(rows),), device=images.device) * 2 - 1)
-                images[rows] = op(images[rows], magnitude).clamp(0.0, 1.0)
+                    magnitude = magnitude * sign
+                images = torch.where(chosen == k, op(current, magnitude).clamp(0.0, 1.0), images)
         return images
 
 
@@ -424,7 +480,7 @@ class StrongViews(Views):
         steps: list[nn.Module] = []
         if crop_scale is not None:
             if size is None:
-                raise ValueError("a random resized crop needs the output size: set size")
+                raise ConfigError("a random resized crop needs the output size: set size")
             steps.append(K.RandomResizedCrop((size, size), scale=crop_scale))
         if flip:
             steps.append(K.RandomHorizontalFlip())

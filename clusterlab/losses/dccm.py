@@ -97,7 +97,12 @@ def triplet_pairs(
 
 
 @float32
-def mutual_information_loss(joint_scores: Tensor, marginal_scores: Tensor) -> Tensor:
+def mutual_information_loss(
+    joint_scores: Tensor,
+    marginal_scores: Tensor,
+    joint_weights: Tensor | None = None,
+    marginal_weights: Tensor | None = None,
+) -> Tensor:
     """L_MI, Eqs. 13-14: minus the Jensen-Shannon MI estimate between deep and shallow features,
 
         L_MI = -(E_J[-sp(-T(d, s))] - E_M[sp(T(d, s))]) = E_J[sp(-T(d, s))] + E_M[sp(T(d, s))],
@@ -105,9 +110,17 @@ def mutual_information_loss(joint_scores: Tensor, marginal_scores: Tensor) -> Te
     with the discriminator's scores T of the joint pairs (same image, pseudo-graph positives) and
     of the marginal pairs (pseudo-graph negatives), at every position of the shallow map. An
     expectation over no pairs (a batch without negatives) contributes 0.
+
+    `*_weights` (one per pair, 0 or 1) say which rows are pairs: a fixed number of rows, with
+    the missing pairs weighted 0, keeps the host from waiting to learn how many pairs exist.
     """
 
-    def mean(x: Tensor) -> Tensor:
-        return x.mean() if x.numel() else x.sum()
+    def mean(x: Tensor, weights: Tensor | None) -> Tensor:
+        if weights is None:
+            return x.mean() if x.numel() else x.sum()
+        weights = weights.to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+        positions = x[0].numel() if len(x) else 1
+        return (weights * x).sum() / (weights.sum() * positions).clamp_min(1)
 
-    return mean(F.softplus(-joint_scores)) + mean(F.softplus(marginal_scores))
+    joint, marginal = F.softplus(-joint_scores), F.softplus(marginal_scores)
+    return mean(joint, joint_weights) + mean(marginal, marginal_weights)

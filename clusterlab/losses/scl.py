@@ -33,7 +33,8 @@ def hard_sample_weights(changes: Tensor) -> Tensor:
     """
     s = changes.float()
     total = s.sum()
-    return s / total if total > 0 else torch.full_like(s, 1.0 / len(s))
+    # Selected on the device: `if total > 0` would make the host wait for it every step.
+    return torch.where(total > 0, s / total, torch.full_like(s, 1.0 / len(s)))
 
 
 @float32

@@ -105,20 +105,18 @@ class ClusteringMethod(pl.LightningModule, ABC):
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         reseed(self.current_epoch, batch_idx, self.global_rank)
         self._batch_size = len(batch["index"])
+        trainer = self._trainer
+        # The divergence guard reads its device flags when Lightning reads the logged values anyway
+        # (every log_every_n_steps) and on each epoch's last batch, before validation uses the weights.
+        self._read_divergence = trainer is None or (
+            trainer._logger_connector.should_update_logs or batch_idx + 1 >= trainer.num_training_batches
+        )
 
     def objective(self, terms: dict[str, Tensor], head_losses: Tensor | None = None) -> Tensor:
         """The total loss: the sum of the (already weighted) terms. Logs each term, stops the run on
         a non-finite one, and records each head's loss for label-free head selection."""
         loss = torch.stack(list(terms.values())).sum()
-        if not torch.isfinite(loss):
-            bad = {name: value.item() for name, value in terms.items() if not torch.isfinite(value)}
-            raise DivergenceError(
-                f"{type(self).__name__} diverged: non-finite loss at epoch {self.current_epoch}, step "
-                f"{self.global_step} "
-                f"(lr {self._learning_rate()}): "
-                + ", ".join(f"{name} = {value}" for name, value in bad.items())
-                + ". Lower the learning rate, or check the input data."
-            )
+        self._watch_loss(terms, loss)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=self._batch_size)
         self.log_dict(
             {f"train/{name}": value.detach() for name, value in terms.items()},
@@ -133,21 +131,90 @@ class ClusteringMethod(pl.LightningModule, ABC):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # A step can leave the loss finite and the weights or running statistics not (a huge
-        # learning rate): stop here, before anything downstream (evaluation, figures) uses them.
-        named = [
+        # learning rate): stop before anything downstream (evaluation, figures) uses them.
+        named = self._watched_tensors()
+        if named:
+            finite = torch.stack([t.abs().amax() for _, t in named]).isfinite().all()
+            self._flag_divergence("parameter_step", ~finite, self.global_step)
+        if getattr(self, "_read_divergence", True):
+            self.check_divergence()
+
+    def on_train_end(self) -> None:
+        self.check_divergence()  # a run stopped by max_steps between two reads
+
+    # -- the divergence guard -----------------------------------------------------------------
+    # Whether a loss or a parameter is finite is known on the device; reading it every step would
+    # make the host wait for the device every step. The guard keeps, on the device, the first step
+    # with a non-finite loss (and its terms' values) and the first with a non-finite parameter, and
+    # reads both in one transfer when Lightning reads the logged values anyway (`_read_divergence`),
+    # so a diverged run stops within log_every_n_steps steps, naming the first bad step.
+
+    def _watched_tensors(self) -> list[tuple[str, Tensor]]:
+        return [
             (n, t.detach())
             for n, t in (*self.named_parameters(), *self.named_buffers())
             if t.is_floating_point() and t.numel() and not n.startswith("head_loss")
         ]
-        if named and not torch.stack([t.abs().amax() for _, t in named]).isfinite().all():
-            broken = [name for name, t in named if not t.isfinite().all()]
+
+    def _divergence_state(self, device: torch.device) -> dict:
+        state = self.__dict__.get("_divergence")
+        if state is None or state["loss_step"].device != device:
+            minus_one = torch.tensor(-1, device=device)
+            state = {"loss_step": minus_one, "parameter_step": minus_one, "terms": {}, "context": {}}
+            self.__dict__["_divergence"] = state  # not a buffer: no part of the checkpoint
+        return state
+
+    def _flag_divergence(self, key: str, bad: Tensor, step: int) -> Tensor:
+        """Records `step` as the first bad one of `key` if `bad` and none was; returns whether
+        this step is that first one (on the device)."""
+        state = self._divergence_state(bad.device)
+        if not state["context"] or max(state["context"]) < step:
+            state["context"][step] = (self.current_epoch, self._learning_rate())
+        first = bad & (state[key] < 0)
+        state[key] = torch.where(first, step, state[key])
+        return first
+
+    def _watch_loss(self, terms: dict[str, Tensor], loss: Tensor) -> None:
+        first = self._flag_divergence("loss_step", ~torch.isfinite(loss.detach()), self.global_step)
+        values = self._divergence_state(loss.device)["terms"]
+        for name, value in terms.items():
+            value = value.detach().float()
+            values[name] = torch.where(first, value, values.get(name, torch.zeros_like(value)))
+        if self._trainer is None:  # called on its own (a test): no logging step to wait for
+            self.check_divergence()
+
+    def check_divergence(self) -> None:
+        """Raises DivergenceError if a loss or a parameter was non-finite at a step since the last
+        check (one read of the device's flags: call it where the host waits anyway)."""
+        state = self.__dict__.get("_divergence")
+        if state is None:
+            return
+        names = list(state["terms"])
+        flags = torch.stack([state["loss_step"], state["parameter_step"]]).tolist()
+        context = state["context"]
+        if flags == [-1, -1]:
+            context.clear()
+            return
+        loss_step, parameter_step = flags
+        if loss_step >= 0:
+            epoch, lr = context.get(loss_step, (self.current_epoch, self._learning_rate()))
+            values = torch.stack([state["terms"][name] for name in names]).tolist() if names else []
+            bad = {name: value for name, value in zip(names, values) if not math.isfinite(value)}
             raise DivergenceError(
-                f"{type(self).__name__} diverged: parameters are no longer finite after epoch "
-                f"{self.current_epoch}, "
-                f"step {self.global_step} (lr {self._learning_rate()}; {', '.join(broken[:3])}"
-                + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
-                + "). Lower the learning rate."
+                f"{type(self).__name__} diverged: non-finite loss at epoch {epoch}, step {loss_step} "
+                f"(lr {lr}): "
+                + ", ".join(f"{name} = {value}" for name, value in bad.items())
+                + ". Lower the learning rate, or check the input data."
             )
+        epoch, lr = context.get(parameter_step, (self.current_epoch, self._learning_rate()))
+        broken = [name for name, t in self._watched_tensors() if not t.isfinite().all()]
+        raise DivergenceError(
+            f"{type(self).__name__} diverged: parameters are no longer finite after epoch "
+            f"{epoch}, "
+            f"step {parameter_step} (lr {lr}; {', '.join(broken[:3])}"
+            + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+            + "). Lower the learning rate."
+        )
 
     def _learning_rate(self) -> str:
         trainer = self._trainer
@@ -268,6 +335,24 @@ class ClusteringMethod(pl.LightningModule, ABC):
             "epochs_trained": int(self.epochs_trained),
             "version": __version__,
         }
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """torch's load, with weights that do not fit this model (another backbone, another number
+        of heads) refused in one line that says which, instead of a list of every key."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as error:
+            if "Error(s) in loading state_dict" not in str(error):
+                raise
+            details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+            first = details[0] if details else ""
+            first = first if len(first) <= 200 else first[:200] + "..."
+            where = getattr(self._trainer, "ckpt_path", None) if self._trainer else None
+            raise CheckpointMismatchError(
+                f"checkpoint{f' {where}' if where else ''}: its weights do not fit this config's "
+                f"{type(self).__name__} ({len(details)} problem(s); first: {first}). Use the config the "
+                "checkpoint was trained with (its run directory has config.yaml)."
+            ) from None
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         where = getattr(self._trainer, "ckpt_path", None) if self._trainer else None

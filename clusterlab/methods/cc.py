@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from clusterlab.data.views import Views
 from clusterlab.distributed import gather
+from clusterlab.errors import ConfigError
 from clusterlab.losses.cc import cluster_entropy, cluster_loss, instance_loss
 from clusterlab.methods.base import ClusteringMethod, LRSchedulerCallable, OptimizerCallable
 from clusterlab.nn.heads import ClusterHeads, KMeansHead, mlp
@@ -74,7 +75,7 @@ class CC(ClusteringMethod):
         )
         self.save_hyperparameters()
         if not (use_instance_loss or use_cluster_loss or use_cluster_entropy):
-            raise ValueError(
+            raise ConfigError(
                 "CC needs at least one of use_instance_loss, use_cluster_loss, use_cluster_entropy"
             )
         self.views = views
@@ -89,7 +90,7 @@ class CC(ClusteringMethod):
             None if use_cluster_loss or use_cluster_entropy else KMeansHead(num_clusters, instance_dim)
         )
         if self.kmeans is not None and num_heads != 1:
-            raise ValueError(
+            raise ConfigError(
                 'CC without a cluster loss ("ICH only") clusters by k-means: num_heads must be 1'
             )
 

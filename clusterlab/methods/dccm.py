@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from clusterlab.data.views import Views
 from clusterlab.distributed import gather
+from clusterlab.errors import ConfigError
 from clusterlab.losses.dccm import (
     mutual_information_loss,
     pseudo_graph,
@@ -97,12 +98,12 @@ class DCCM(ClusteringMethod):
         )
         self.save_hyperparameters()
         if not (use_pseudo_graph_loss or use_pseudo_label_loss or use_mutual_information_loss):
-            raise ValueError(
+            raise ConfigError(
                 "DCCM needs at least one of use_pseudo_graph_loss, use_pseudo_label_loss, "
                 "use_mutual_information_loss"
             )
         if (use_pseudo_graph_loss or use_pseudo_label_loss) and not (original_images or use_local_robustness):
-            raise ValueError(
+            raise ConfigError(
                 "original_images=false and use_local_robustness=false leave the pseudo-graph and "
                 "pseudo-label terms no images to train on"
             )
@@ -119,6 +120,7 @@ class DCCM(ClusteringMethod):
         # The current chunk's targets (chunk_size set): its training-set indices, sorted, and each
         # head's predictions of its original images when it started. Buffers: a run resumed inside
         # a chunk continues with the targets it had.
+        self._all_labelled = False  # set in setup
         self.register_buffer("chunk_rows", torch.zeros(chunk_size or 0, dtype=torch.long))
         self.register_buffer("chunk_probs", torch.zeros(num_heads, chunk_size or 0, num_clusters))
         self.discriminators = (
@@ -148,6 +150,10 @@ class DCCM(ClusteringMethod):
             state["chunk_probs"] = state["chunk_probs"][None]
 
     def setup(self, stage: str) -> None:
+        # Whether every training sample has a label (for the logged BCubed diagnostics), read once
+        # from the host's copy of the labels rather than per batch from the device's.
+        labels = getattr(getattr(self.trainer.datamodule, "train_set", None), "labels", None)
+        self._all_labelled = labels is not None and bool((torch.as_tensor(labels) >= 0).all())
         if stage == "fit" and self.hparams.chunk_size:
             self.trainer.datamodule.set_chunks(
                 self.hparams.chunk_size, self.hparams.chunk_repeats, self.hparams.chunk_batch_repeats
@@ -256,15 +262,20 @@ class DCCM(ClusteringMethod):
         positive, positive_valid, negatives, negatives_valid = triplet_pairs(
             graph, scores, self.hparams.num_negatives
         )
+        # Every anchor's pairs are scored, the ones that do not exist (`*_valid`) with weight 0:
+        # picking the existing ones by boolean masks would make the host wait for the device.
         anchor = torch.arange(len(deep), device=deep.device)
-        joint = (torch.cat([anchor, anchor[positive_valid]]), torch.cat([anchor, positive[positive_valid]]))
-        marginal = (anchor[:, None].expand_as(negatives)[negatives_valid], negatives[negatives_valid])
+        joint = (torch.cat([anchor, anchor]), torch.cat([anchor, positive]))
+        joint_weights = torch.cat([torch.ones_like(positive_valid), positive_valid]).float()
+        marginal = (anchor[:, None].expand_as(negatives).flatten(), negatives.flatten())
         # index_select, not deep[...]: its backward (index_add_) is deterministic on the CPU, while
         # advanced indexing's (index_put_ with accumulate) adds repeated rows in a varying order,
         # and one flipped threshold of the pseudo-graph then makes two identical runs drift apart.
         deep_rows, shallow_rows = torch.cat([joint[0], marginal[0]]), torch.cat([joint[1], marginal[1]])
         scores = discriminator(deep.index_select(0, deep_rows), shallow.index_select(0, shallow_rows))
-        return mutual_information_loss(scores[: len(joint[0])], scores[len(joint[0]) :])
+        return mutual_information_loss(
+            scores[: len(joint[0])], scores[len(joint[0]) :], joint_weights, negatives_valid.flatten().float()
+        )
 
     def pair_scores(self, index: Tensor, batch_idx: int) -> Tensor:
         """I.i.d. uniform scores of all pairs of the global batch, which pick the random positives
@@ -290,11 +301,14 @@ class DCCM(ClusteringMethod):
             "max_probability": probs.max(1).values.mean(),
             "graph_positives": (graph.sum() - n).float() / max(n * (n - 1), 1),
         }
-        known = labels >= 0
-        if known.sum() > 1:
-            stats["graph_precision"], stats["graph_recall"] = graph_bcubed(
-                graph[known][:, known], labels[known]
-            )
+        if self._all_labelled and n > 1:  # known on the host: no wait for the device
+            stats["graph_precision"], stats["graph_recall"] = graph_bcubed(graph, labels)
+        elif not self._all_labelled:  # some samples without a label (-1): picking the others waits
+            known = labels >= 0
+            if known.sum() > 1:
+                stats["graph_precision"], stats["graph_recall"] = graph_bcubed(
+                    graph[known][:, known], labels[known]
+                )
         suffix = f"_head{head}" if head else ""
         self.log_dict(
             {f"train/{name}{suffix}": value.float() for name, value in stats.items()},

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from clusterlab.callbacks.global_neighbors import GlobalNeighbors, HasFeaturesAndLogits
 from clusterlab.data.views import Views
 from clusterlab.distributed import broadcast, gather, rank
-from clusterlab.errors import UserError
+from clusterlab.errors import CheckpointError, ConfigError, UserError
 from clusterlab.losses.nnm import class_contrastive_loss, consistency_loss, entropy_loss
 from clusterlab.methods.base import (
     CheckpointMismatchError,
@@ -35,6 +36,7 @@ from clusterlab.methods.base import (
 from clusterlab.neighbors import knn, neighbor_agreement
 from clusterlab.nn.heads import ClusterHeads
 from clusterlab.passes import Step, pass_over
+from clusterlab.runs import load_checkpoint, load_failure
 from clusterlab.seeding import run_seed
 
 
@@ -102,7 +104,7 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
             use_consistency_loss or use_class_contrastive_loss
         )
         if not (matching or use_entropy_loss):
-            raise ValueError("NNM: every loss term is switched off; keep at least one")
+            raise ConfigError("NNM: every loss term is switched off; keep at least one")
         self.views = views
         self.cluster_heads = ClusterHeads(backbone.out_dim, num_clusters, num_heads)
         self.global_neighbors = GlobalNeighbors(global_neighbors)
@@ -166,7 +168,7 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
         n_pre = self._assign(self.backbone(self.views(batch["neighbor_image"])))  # N_pre(p) (line 9)
         # Everything below is over the global batch.
         f = gather(f)
-        local = knn(f.detach(), 1)[0][:, 0].to(f.device)  # N_local(f): nearest other anchor, Eq. 6
+        local = nearest_other(f.detach())  # N_local(f): nearest other anchor, Eq. 6
         n_local = p[:, local]  # N_local(p)
         a, positives = torch.cat([p, p_aug], 1), torch.cat([n_pre, n_local], 1)  # A and P of Eqs. 7-8
         n_global = (
@@ -220,6 +222,15 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
         return self.cluster_heads(self.backbone(x))
 
 
+def nearest_other(features: Tensor) -> Tensor:
+    """The index of each row's most cosine-similar other row, computed where the features are
+    (`clusterlab.neighbors.knn` would search through faiss on the host: two blocking copies and
+    boolean indexing per step). The same neighbours as knn(features, 1) but for exact ties."""
+    unit = F.normalize(features.float(), dim=1)
+    similarity = unit @ unit.T
+    return similarity.fill_diagonal_(-math.inf).argmax(1)
+
+
 def global_blocks(p: Tensor, p_aug: Tensor, n_pre: Tensor, n_local: Tensor, form: str = "paper") -> Tensor:
     """The rows Eqs. 9-10 match with N_global(h)_b, block after block (each B x C): the paper's
     [p; N_local(p); N_pre(p)], or the authors' code's [p; p_aug; N_pre(p); N_local(p)]."""
@@ -227,7 +238,7 @@ def global_blocks(p: Tensor, p_aug: Tensor, n_pre: Tensor, n_local: Tensor, form
         return torch.cat([p, n_local, n_pre])
     if form == "code":
         return torch.cat([p, p_aug, n_pre, n_local])
-    raise ValueError(f"global_matching must be 'paper' or 'code', not {form!r}")
+    raise ConfigError(f"global_matching must be 'paper' or 'code', not {form!r}")
 
 
 # -- the pretext hand-over ----------------------------------------------------------------------
@@ -250,9 +261,14 @@ def resolve_pretext_checkpoint(pattern: str) -> Path:
 
 
 def load_pretext_backbone(path: Path, backbone: nn.Module) -> None:
-    """Copy the backbone weights of a SimCLR checkpoint (its contrastive head is left behind)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    meta = checkpoint.get("clusterlab") if isinstance(checkpoint, dict) else None
+    """Copy the backbone weights of a SimCLR checkpoint (its contrastive head is left behind).
+    Read weights-only (`clusterlab.runs.load_checkpoint`): the file comes from a pattern in a
+    config, and a pickle that names a function would run it."""
+    try:
+        checkpoint = load_checkpoint(path)
+    except CheckpointError as error:
+        raise CheckpointMismatchError(f"NNM's pretext checkpoint: {error}") from None
+    meta = checkpoint.get("clusterlab")
     if meta is None:
         raise CheckpointMismatchError(
             f"pretext checkpoint {path} was not written by clusterlab (no 'clusterlab' entry)"
@@ -281,6 +297,24 @@ def checkpoint_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _read_neighbors(cache: Path, num_images: int, k: int) -> Tensor:
+    """The cached N x k neighbour table, read weights-only (a planted pickle cannot run code); a
+    file that is not one is refused with its path, not overwritten (clusterlab may not have written it)."""
+    try:
+        neighbors = torch.load(cache, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - every way a file can fail to be a tensor
+        raise CheckpointError(
+            f"NNM: the neighbour cache {cache} cannot be read ({load_failure(error)}); delete it to mine the "
+            "neighbours again"
+        ) from None
+    if not isinstance(neighbors, Tensor) or tuple(neighbors.shape) != (num_images, k):
+        raise CheckpointError(
+            f"NNM: the neighbour cache {cache} is not a {num_images} x {k} table; delete it to mine the "
+            "neighbours again"
+        )
+    return neighbors.long()
+
+
 def mine_neighbors(
     path: Path, k: int, module: nn.Module, loader, features: Step, num_images: int, metric: str = "cosine"
 ) -> Tensor:
@@ -294,14 +328,20 @@ def mine_neighbors(
         k = num_images - 1
     device = next(module.parameters()).device
     cache = path.parent / f"neighbors-{checkpoint_digest(path)[:16]}-n{num_images}-k{k}-{metric}.pt"
-    cached = bool(
-        broadcast(torch.tensor(int(rank() == 0 and cache.exists()), device=device))
-    )  # rank 0 decides
+    # Rank 0 looks at the cache and says what it found (0: none, 1: read, 2: unreadable), so that
+    # every process takes the same branch (and stops together on a bad file, not in a hang).
     neighbors = torch.zeros(num_images, k, dtype=torch.long, device=device)
-    if cached:
-        if rank() == 0:
-            rank_zero_info(f"NNM: neighbours from the cache {cache}")
-            neighbors = torch.load(cache).to(device)
+    found, problem = 0, None
+    if rank() == 0 and cache.exists():
+        try:
+            neighbors, found = _read_neighbors(cache, num_images, k).to(device), 1
+        except CheckpointError as error:
+            found, problem = 2, error
+    found = int(broadcast(torch.tensor(found, device=device)))
+    if found == 2:
+        raise problem or CheckpointError(f"NNM: the neighbour cache {cache} cannot be read (rank 0 says why)")
+    if found == 1:
+        rank_zero_info(f"NNM: neighbours from the cache {cache}")
     else:
         mined = pass_over(module, loader, features, description="Mining neighbours")["features"]
         if rank() == 0:

@@ -47,6 +47,7 @@ from clusterlab.callbacks.momentum import HasMomentumEncoder, MomentumEncoder
 from clusterlab.callbacks.scl import PseudoLabelled, PseudoLabelRefresh
 from clusterlab.data.views import Views
 from clusterlab.distributed import gather
+from clusterlab.errors import ConfigError
 from clusterlab.losses.scl import (
     cluster_size_weights,
     concept_loss,
@@ -128,7 +129,7 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
         super().__init__(num_clusters, backbone, num_heads=1, optimizer=optimizer, lr_scheduler=lr_scheduler)
         self.save_hyperparameters()
         if not (use_instance_loss or use_concept_loss):
-            raise ValueError("SCL needs use_instance_loss, use_concept_loss or both")
+            raise ConfigError("SCL needs use_instance_loss, use_concept_loss or both")
         if under_clustering and num_clusters // 2 < 2:
             rank_zero_warn(
                 f"SCL: {num_clusters} clusters leave no under-clustering task (C // 2 < 2); it is left out"
@@ -140,9 +141,11 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
         self.task_clusters_by_name = {t: c for t, c in clustering_tasks.items() if enabled[t]}
         self.tasks = [*self.task_clusters_by_name, *([OVER] if over_clustering else [])]
         if not self.tasks:
-            raise ValueError("SCL needs at least one of clustering_task, under_clustering, over_clustering")
+            raise ConfigError("SCL needs at least one of clustering_task, under_clustering, over_clustering")
         if not self.task_clusters_by_name and use_concept_loss and not use_instance_loss:
-            raise ValueError("use_concept_loss needs a clustering task (clustering_task or under_clustering)")
+            raise ConfigError(
+                "use_concept_loss needs a clustering task (clustering_task or under_clustering)"
+            )
         self.views = views
         dim = backbone.out_dim
 
@@ -245,7 +248,7 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
                 logits = gather(self.classifiers[task](q_local))  # p = W^T q + B
                 size_weights = None
                 if self.hparams.size_reweighting:  # ODC's n_c^-0.5, n_c over the whole training set
-                    sizes = self.sample_table.labels[row].bincount(minlength=logits.shape[1])
+                    sizes = self.sample_table.cluster_sizes(row, logits.shape[1])  # once per refresh
                     size_weights = cluster_size_weights(own, sizes)
                 terms[f"{task}/concept"] = concept_loss(logits, target, size_weights)  # L_xent, Eq. 4
             # "After every backward pass, k_i enqueues to M_{y_i} with the oldest one inside

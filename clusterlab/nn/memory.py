@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clusterlab.errors import ConfigError
+
 
 class KeyQueues(nn.Module):
     """`num_queues` FIFO queues of `queue_size` L2-normalised keys.
@@ -29,7 +31,7 @@ class KeyQueues(nn.Module):
     def __init__(self, num_queues: int, queue_size: int, dim: int) -> None:
         super().__init__()
         if num_queues < 1 or queue_size < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"a memory needs at least one queue of at least one key, not {num_queues} x {queue_size}"
             )
         self.register_buffer("keys", F.normalize(torch.randn(num_queues, queue_size, dim), dim=-1))
@@ -63,17 +65,23 @@ class KeyQueues(nn.Module):
         n, size = len(keys), self.queue_size
         if n == 0:
             return
+        # Fixed shapes throughout, so that the host never waits for the device (no bincount, no
+        # boolean mask): counts and starts of the queues come from binary searches in the sorted
+        # queue numbers, and a key that an unusually full call pushes out again at once is written
+        # with the value of the key that ends in its slot (the latest of its queue with the same
+        # slot), so that every write to a slot carries the same value, in whatever order they land.
         queue = queue.to(self.pointer.device)
         order = torch.argsort(queue, stable=True)  # grouped by queue, in arrival order within each
         grouped = queue[order]
-        counts = torch.bincount(queue, minlength=self.num_queues)
-        first = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(n, device=queue.device) - first[grouped]  # arrival rank within its queue
-        keep = rank >= counts[grouped] - size
+        queues = torch.arange(self.num_queues, device=queue.device)
+        starts = torch.searchsorted(grouped, queues)
+        counts = torch.searchsorted(grouped, queues, right=True) - starts
+        rank = torch.arange(n, device=queue.device) - starts[grouped]  # arrival rank within its queue
+        latest = rank + size * torch.div(counts[grouped] - 1 - rank, size, rounding_mode="floor")
+        source = order[starts[grouped] + latest]
         slot = (self.pointer[grouped] + rank) % size
-        rows, slot, order = grouped[keep], slot[keep], order[keep]
-        self.keys[rows, slot] = keys[order].to(self.keys.dtype)
-        self.index[rows, slot] = index.to(self.index.device)[order]
+        self.keys[grouped, slot] = keys[source].to(self.keys.dtype)
+        self.index[grouped, slot] = index.to(self.index.device)[source]
         self.pointer.copy_((self.pointer + counts) % size)
 
 
@@ -89,6 +97,7 @@ class SampleTable(nn.Module):
         self.register_buffer("labels", torch.zeros(num_tasks, 0, dtype=torch.long))
         self.register_buffer("changes", torch.zeros(num_tasks, 0, dtype=torch.long))
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
+        self._sizes: dict[tuple[int, int], Tensor] = {}  # cluster sizes per (task, C): see cluster_sizes
 
     def __len__(self) -> int:
         return self.labels.shape[1]
@@ -104,12 +113,23 @@ class SampleTable(nn.Module):
         self.labels = labels.to(device)
         self.changes = torch.zeros_like(self.labels)
         self.epoch.zero_()
+        self._sizes.clear()
+
+    def cluster_sizes(self, task: int, num_clusters: int) -> Tensor:
+        """How many samples each of the task's clusters holds (at least `num_clusters` entries).
+        Counted once per change of the labels, not per step: bincount makes the host wait for the
+        device (it sizes its output by the largest label)."""
+        sizes = self._sizes.get((task, num_clusters))
+        if sizes is None or sizes.device != self.labels.device:
+            sizes = self._sizes[task, num_clusters] = self.labels[task].bincount(minlength=num_clusters)
+        return sizes
 
     def update(self, task: int, labels: Tensor) -> None:
         """New labels of one task: s_i^e = s_i^{e-1} + 1[y_i^e != y_i^{e-1}] (Eq. 6)."""
         labels = labels.to(self.labels.device)
         self.changes[task] += labels != self.labels[task]
         self.labels[task] = labels
+        self._sizes = {key: value for key, value in self._sizes.items() if key[0] != task}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # The table has the training set's length; a model built for `test` or `predict` has not
@@ -118,4 +138,5 @@ class SampleTable(nn.Module):
             saved = state_dict.get(prefix + name)
             if saved is not None and saved.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+        self._sizes.clear()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
