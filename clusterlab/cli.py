@@ -232,8 +232,15 @@ class ClusterLabCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except Exception:  # a user error or a crash while building: the run never started
+        except Exception as error:  # a user error or a crash while building: the run never started
             _remove_unstarted_run(self.run_dir)
+            # jsonargparse wraps what a class's constructor raised in a ValueError of its own, with
+            # the whole config in its text: the user error it wraps is the one line to show.
+            cause = error
+            while cause is not None and not isinstance(cause, UserError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None and cause is not error:
+                raise cause from None
             raise
 
     def before_fit(self) -> None:

@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 
 from clusterlab.checkpointing import AtomicCheckpointIO
-from tests.helpers import TINY_CC
+from tests.helpers import TINY_CC, user_error
 from tests.launch import clusterlab
 
 FIT = ["fit", "--config", "tiny.yaml"]
@@ -81,13 +81,28 @@ def one_line(finished) -> str:
     return lines[0]
 
 
-def test_a_failed_start_leaves_no_directory_and_ckpt_path_last_continues_the_run_with_work(work):
+def fit_here(caplog, *args: str) -> str:
+    """`clusterlab fit --config tiny.yaml *args` in this process (the cwd is the work folder); what it
+    logged (Lightning's info lines, which a process prints on stderr)."""
+    from clusterlab.cli import main
+
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        main([*FIT, *args])
+    return caplog.text
+
+
+def test_a_failed_start_leaves_no_directory_and_ckpt_path_last_continues_the_run_with_work(
+    work, capsys, caplog, monkeypatch
+):
+    monkeypatch.chdir(work)
     [run] = before = run_dirs(work)
     # Refused while the data loads (inside trainer.fit): too large a batch.
-    assert "lower --data.batch_size" in one_line(clusterlab(*FIT, "--data.batch_size", "100000", cwd=work))
+    assert "lower --data.batch_size" in user_error(capsys, *FIT, "--data.batch_size", "100000")
     assert run_dirs(work) == before
-    # Refused while the data module is built (LightningCLI's instantiation).
-    assert "at least 2 clusters" in one_line(clusterlab(*FIT, "--data.num_clusters", "1", cwd=work))
+    # Refused while the classes are built (LightningCLI's instantiation): the views' own check.
+    mean_only = ["--model.init_args.views.init_args.mean", "[0.5]"]
+    assert "give both mean and std, or neither" in user_error(capsys, *FIT, *mean_only)
     assert run_dirs(work) == before
     # Stopped at the first training step, after the loggers had written their files.
     diverged = [
@@ -96,20 +111,20 @@ def test_a_failed_start_leaves_no_directory_and_ckpt_path_last_continues_the_run
         "--model.init_args.optimizer.init_args.lr",
         "1e30",
     ]
-    assert "diverged" in one_line(clusterlab(*FIT, *diverged, cwd=work))
+    assert "diverged" in user_error(capsys, *FIT, *diverged)
     assert run_dirs(work) == before
     assert not list((work / "runs").glob("tiny/.*"))  # nothing half removed left behind
 
-    resumed = clusterlab(*FIT, "--ckpt_path", "last", "--trainer.max_epochs", "4", *RECORD_START, cwd=work)
-    assert resumed.returncode == 0, resumed.tail()
+    said = fit_here(caplog, "--ckpt_path", "last", "--trainer.max_epochs", "4", *RECORD_START)
     run_dir = work / "runs" / "tiny" / run
-    assert f"continuing {run_dir.relative_to(work)} from its checkpoint" in resumed.stderr
+    assert f"continuing {run_dir.relative_to(work)} from its checkpoint" in said
     assert (work / "start.txt").read_text() == "2 6"  # from the checkpoint of epoch 1, not from scratch
     assert run_dirs(work) == before
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
 
 
-def test_ckpt_path_last_passes_over_a_newer_run_without_a_checkpoint(work):
+def test_ckpt_path_last_passes_over_a_newer_run_without_a_checkpoint(work, caplog, monkeypatch):
+    monkeypatch.chdir(work)
     [run] = run_dirs(work)
     # Newer starts killed before their first checkpoint: a config alone, or with the loggers' files.
     for newer, files in (("29991231-235958-seed3", []), ("29991231-235959-seed3", ["hparams.yaml"])):
@@ -118,9 +133,8 @@ def test_ckpt_path_last_passes_over_a_newer_run_without_a_checkpoint(work):
             shutil.copy(work / "runs" / "tiny" / run / name, work / "runs" / "tiny" / newer / name)
     left = {p: p.read_bytes() for p in (work / "runs" / "tiny").glob("2999*/*") if p.is_file()}
 
-    resumed = clusterlab(*FIT, "--ckpt_path", "last", "--trainer.max_epochs", "3", *RECORD_START, cwd=work)
-    assert resumed.returncode == 0, resumed.tail()
-    [said] = [line for line in resumed.stderr.splitlines() if line.startswith("--ckpt_path last")]
+    logged = fit_here(caplog, "--ckpt_path", "last", "--trainer.max_epochs", "3", *RECORD_START)
+    [said] = [line for line in logged.splitlines() if "--ckpt_path last" in line]
     assert f"continuing {Path('runs', 'tiny', run)} from its checkpoint" in said
     assert "passed over the newer 29991231-235958-seed3, 29991231-235959-seed3" in said
     assert (work / "start.txt").read_text() == "2 6"
