@@ -52,6 +52,7 @@ def test_killed_and_resumed_nnm_run_continues_with_the_same_global_table(tmp_pat
 # wrap around within an epoch.
 
 
+@pytest.mark.slow  # method-specific resume, as NNM's and DCCM's (the generic one stays in make test)
 def test_killed_and_resumed_scl_run_continues_with_the_same_state(tmp_path):
     (tmp_path / "tiny.yaml").write_text(TINY_SCL)
     expected, saved, got = kill_and_resume(tmp_path, "tiny.yaml")  # killed mid-epoch 2, after its refresh
