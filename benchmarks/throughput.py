@@ -63,6 +63,12 @@ class StepTimer(pl.Callback):
 
     def __init__(self, warmup: int) -> None:
         self.warmup, self.start, self.seconds, self.images = warmup, None, 0.0, 0
+        self.dtypes: set[torch.dtype] = set()  # of the backbone's output in the training steps: what ran
+        self._hook = None
+
+    def on_train_start(self, trainer, module):
+        record = lambda _module, _inputs, output: self.dtypes.add(output.dtype)  # noqa: E731
+        self._hook = module.backbone.register_forward_hook(record)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if trainer.global_step == self.warmup:
@@ -76,14 +82,50 @@ class StepTimer(pl.Callback):
     def on_train_end(self, trainer, module):
         sync(module.device.type)
         self.seconds = time.perf_counter() - self.start
+        if self._hook is not None:
+            self._hook.remove()
+
+
+def build_cli(config: str, overrides: list[str]):
+    """The parsed and built `clusterlab fit --config <config> <overrides>` (its run folder goes to a
+    scratch --runs_dir): the method, the data module and the trainer settings, as a fit gets them."""
+    import tempfile
+
+    from clusterlab.cli import ClusterLabCLI
+
+    scratch = tempfile.mkdtemp(prefix="clusterlab-benchmark-")
+    args = ["--config", config, "--trainer.logger", "false", "--runs_dir", scratch, *overrides]
+    return ClusterLabCLI(args=args, run=False)
 
 
 def build(config: str, overrides: list[str]):
     """A method and its data module, exactly as `clusterlab fit --config <config>` builds them."""
-    from clusterlab.cli import ClusterLabCLI
-
-    cli = ClusterLabCLI(args=["--config", config, "--trainer.logger", "false", *overrides], run=False)
+    cli = build_cli(config, overrides)
     return cli.model, cli.datamodule
+
+
+def timed_fit(config: str, overrides: list[str], device: str, steps: int, warmup: int):
+    """`warmup + steps` training steps of the config under a lean Trainer that takes its precision
+    from the same parsed config as `clusterlab fit` (so `--trainer.precision bf16-mixed` is what
+    runs); returns the StepTimer (images, seconds, the dtypes that ran) and the Trainer."""
+    torch.manual_seed(0)
+    cli = build_cli(config, overrides)
+    timer = StepTimer(warmup)
+    trainer = pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        precision=cli.config.trainer.precision,
+        max_steps=warmup + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
+    )
+    trainer.fit(cli.model, cli.datamodule)
+    return timer, trainer
 
 
 def cc_bare_step(model, batch: dict, optimizer) -> torch.Tensor:
@@ -224,22 +266,7 @@ METHODS = {
 
 
 def clusterlab_images_per_s(config: str, overrides: list[str], device: str, steps: int, warmup: int) -> float:
-    torch.manual_seed(0)
-    model, data = build(config, overrides)
-    timer = StepTimer(warmup)
-    trainer = pl.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu",
-        devices=1,
-        max_steps=warmup + steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[timer],
-    )
-    trainer.fit(model, data)
+    timer, _ = timed_fit(config, overrides, device, steps, warmup)
     return timer.images / timer.seconds
 
 
