@@ -67,7 +67,9 @@ class StepTimer(pl.Callback):
         self._hook = None
 
     def on_train_start(self, trainer, module):
-        record = lambda _module, _inputs, output: self.dtypes.add(output.dtype)  # noqa: E731
+        def record(_module, _inputs, output):  # DCCM's backbone also returns its shallow map
+            self.dtypes.add((output[0] if isinstance(output, tuple) else output).dtype)
+
         self._hook = module.backbone.register_forward_hook(record)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
