@@ -45,8 +45,10 @@ def knn(
     if backend == "auto":
         backend = "torch" if device.type != "cpu" and not faiss_gpus() else "faiss"
     skip = int(exclude_self and queries is None)
-    search = _torch_search if backend == "torch" else _faiss_search
-    indices, scores = search(features, features if queries is None else queries, k + skip, metric)
+    if backend == "torch":  # each row's own score masked before the top-k: fixed shapes, no host wait
+        indices, scores = _torch_search(features, features if queries is None else queries, k, metric, skip)
+        return indices.to(device), scores.to(device)
+    indices, scores = _faiss_search(features, features if queries is None else queries, k + skip, metric)
     if skip:  # drop each row itself (wherever ties put it), keep k others
         keep = indices != torch.arange(len(indices), device=indices.device)[:, None]
         keep[keep.sum(1) > k, -1] = False  # the row did not find itself: drop the farthest instead
@@ -68,18 +70,28 @@ def _faiss_search(features, queries, k: int, metric: str) -> tuple[Tensor, Tenso
 
 
 @torch.no_grad()
-def _torch_search(features, queries, k: int, metric: str, block: int = 4096) -> tuple[Tensor, Tensor]:
+def _torch_search(
+    features, queries, k: int, metric: str, exclude_self: bool = False, block: int = 4096
+) -> tuple[Tensor, Tensor]:
+    """Blocked matrix products; with `exclude_self` (queries are the features), row i's score
+    against itself is set to the worst value before the top-k, so it is never among the k."""
     base = torch.as_tensor(features).float().flatten(1)
     query = torch.as_tensor(queries).float().flatten(1).to(base.device)
     if metric == "cosine":
         base, query = torch.nn.functional.normalize(base, dim=1), torch.nn.functional.normalize(query, dim=1)
     indices, scores = [], []
-    for rows in query.split(block):
+    for start, rows in zip(range(0, len(query), block), query.split(block)):
         if metric == "cosine":
-            best = (rows @ base.T).topk(k, dim=1)
+            similarity = rows @ base.T
+            if exclude_self:
+                similarity.diagonal(offset=start).fill_(-torch.inf)
+            best = similarity.topk(k, dim=1)
             scores.append(best.values)
         else:
-            best = torch.cdist(rows, base).topk(k, dim=1, largest=False)
+            distance = torch.cdist(rows, base)
+            if exclude_self:
+                distance.diagonal(offset=start).fill_(torch.inf)
+            best = distance.topk(k, dim=1, largest=False)
             scores.append(best.values.square())
         indices.append(best.indices)
     return torch.cat(indices), torch.cat(scores)

@@ -38,3 +38,13 @@ def test_kmeans_recovers_well_separated_blobs():
     assignments, found = kmeans(points, 3, seed=0)
     assert len(set(assignments.view(3, 50).mode(1).values.tolist())) == 3
     assert (assignments.view(3, 50) == assignments.view(3, 50)[:, :1]).all()
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_the_torch_search_leaves_each_row_out_in_every_block(metric):
+    """Blocks of 64 queries: row i's own score is masked at column i, whatever block it is in."""
+    from clusterlab.neighbors import _torch_search
+
+    features = torch.randn(300, 16, generator=torch.Generator().manual_seed(3))
+    blocked, _ = _torch_search(features, features, 5, metric, exclude_self=True, block=64)
+    assert torch.equal(blocked, knn(features, 5, metric=metric, backend="faiss")[0])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -168,7 +167,9 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
         n_pre = self._assign(self.backbone(self.views(batch["neighbor_image"])))  # N_pre(p) (line 9)
         # Everything below is over the global batch.
         f = gather(f)
-        local = nearest_other(f.detach())  # N_local(f): nearest other anchor, Eq. 6
+        # N_local(f): nearest other anchor, Eq. 6; searched where f is (faiss would mean a round
+        # trip through the host every step).
+        local = knn(f.detach(), 1, backend="torch")[0][:, 0]
         n_local = p[:, local]  # N_local(p)
         a, positives = torch.cat([p, p_aug], 1), torch.cat([n_pre, n_local], 1)  # A and P of Eqs. 7-8
         n_global = (
@@ -220,15 +221,6 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
 
     def cluster_logits(self, x: Tensor) -> Tensor:
         return self.cluster_heads(self.backbone(x))
-
-
-def nearest_other(features: Tensor) -> Tensor:
-    """The index of each row's most cosine-similar other row, computed where the features are
-    (`clusterlab.neighbors.knn` would search through faiss on the host: two blocking copies and
-    boolean indexing per step). The same neighbours as knn(features, 1) but for exact ties."""
-    unit = F.normalize(features.float(), dim=1)
-    similarity = unit @ unit.T
-    return similarity.fill_diagonal_(-math.inf).argmax(1)
 
 
 def global_blocks(p: Tensor, p_aug: Tensor, n_pre: Tensor, n_local: Tensor, form: str = "paper") -> Tensor:
