@@ -21,8 +21,6 @@ CLUSTERLAB_DEBUG=1) shows the traceback.
 from __future__ import annotations
 
 import difflib
-import importlib
-import inspect
 import json
 import os
 import platform
@@ -44,7 +42,7 @@ from clusterlab import runs
 from clusterlab.callbacks.assignments import Assignments
 from clusterlab.callbacks.figures import ClusterFigures
 from clusterlab.checkpointing import EpochRowFirst
-from clusterlab.config_checks import check_checkpoint_model, check_config
+from clusterlab.config_checks import check_checkpoint_model, check_config, class_signature
 from clusterlab.console import plain, quiet_libraries
 from clusterlab.data.datamodule import ClusterDataModule
 from clusterlab.errors import CheckpointError, OutputError, UserError, disk_full
@@ -94,12 +92,8 @@ def explain_config_error(message: str, known_keys: list[str]) -> str:
 
 
 def _init_parameters(class_path: str) -> list[str]:
-    try:
-        module, _, name = class_path.rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return []
-    return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+    signature = class_signature(class_path)
+    return [p for p in signature.parameters if p not in ("self", "args", "kwargs")] if signature else []
 
 
 class ClusterLabCLI(LightningCLI):
@@ -475,9 +469,10 @@ def _decide_run(subcommand: str, config, name: str, portable: str) -> dict:
             )
     meta = None
     if ckpt_path:
-        meta = runs.read_checkpoint(ckpt_path)
+        checkpoint = runs.load_checkpoint(ckpt_path, mmap=True)  # once: its identity and its model
+        meta = runs.read_checkpoint(ckpt_path, checkpoint)
         check_checkpoint_fits(meta, config, subcommand)
-        hparams = runs.load_checkpoint(ckpt_path, mmap=True).get("hyper_parameters") or {}
+        hparams = checkpoint.get("hyper_parameters") or {}
         check_checkpoint_model(hparams, yaml.safe_load(portable).get("model") or {}, ckpt_path)
     if run_dir is not None and meta is not None:
         newer = ", ".join(p.name for p in passed_over)

@@ -10,6 +10,9 @@ takes them from there).
 
 from __future__ import annotations
 
+import importlib
+import inspect
+
 from clusterlab.errors import ConfigError
 
 MIN_IMAGE_SIZE = 8  # the smallest input of any backbone here (8x8 digits)
@@ -108,17 +111,19 @@ def _check_links(config) -> None:
             )
 
 
-def _default(class_path: str | None, name: str):
-    """The default of parameter `name` of the class at `class_path` (None when there is none)."""
-    import importlib
-    import inspect
-
+def class_signature(class_path: str | None) -> inspect.Signature | None:
+    """The constructor signature of the class at `class_path` (None when it cannot be imported)."""
     try:
         module, _, attribute = str(class_path).rpartition(".")
-        cls = getattr(importlib.import_module(module), attribute)
-        parameter = inspect.signature(cls).parameters.get(name)
+        return inspect.signature(getattr(importlib.import_module(module), attribute))
     except (ImportError, AttributeError, ValueError, TypeError):
         return None
+
+
+def _default(class_path: str | None, name: str):
+    """The default of parameter `name` of the class at `class_path` (None when there is none)."""
+    signature = class_signature(class_path)
+    parameter = signature.parameters.get(name) if signature else None
     return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
@@ -173,11 +178,7 @@ def _first_difference(trained, asked, key: str):
             _first_difference(a, b, key) is None for a, b in zip(trained, asked)
         )
         return None if same else (key, trained, asked)
-    if trained == asked or (
-        isinstance(trained, (int, float))
-        and isinstance(asked, (int, float))
-        and float(trained) == float(asked)
-    ):
+    if trained == asked:  # also 1 == 1.0
         return None
     return key, trained, asked
 

@@ -123,10 +123,11 @@ def load_failure(error: Exception) -> str:
     return first
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
+def read_checkpoint(path: str | os.PathLike, checkpoint: dict | None = None) -> dict:
     """What a checkpoint says about itself, without its weights: the "clusterlab" entry (method,
-    clusters, input shape, epochs trained) plus Lightning's epoch and global step."""
-    checkpoint = load_checkpoint(path, mmap=True)
+    clusters, input shape, epochs trained) plus Lightning's epoch and global step. `checkpoint`:
+    the file's contents when the caller has loaded them already."""
+    checkpoint = load_checkpoint(path, mmap=True) if checkpoint is None else checkpoint
     meta = dict(checkpoint.get("clusterlab") or {})
     meta.update(path=str(path), epoch=checkpoint.get("epoch"), global_step=checkpoint.get("global_step"))
     return meta

@@ -391,7 +391,7 @@ def _run_phases(args, folder: Path, out: Path, staging: Path) -> dict:
         "command": "clusterlab cluster " + shlex.join(args.argv),
     }
     summary["total_minutes"] = (time.time() - phases.started) / 60
-    report.write_html(staging / "report.html", summary, views, figures, metrics, missing)
+    report.write_html(staging / "report.html", summary, views, figures, metrics)
     phases.note(f"{num_clusters} clusters, sizes {sizes}; {summary['total_minutes']:.1f} min in all")
     return summary
 

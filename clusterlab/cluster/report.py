@@ -191,11 +191,11 @@ def write_html(
     clusters: list[ClusterView],
     figures: dict[str, str],
     metrics: dict | None,
-    missing: dict[str, str] | None = None,
 ) -> Path:
-    """The page itself. `summary` holds the folder, counts, K and how it was chosen, and timings;
-    `missing`: the figures that could not be drawn, with why (shown in their place)."""
+    """The page itself. `summary` holds the folder, counts, K and how it was chosen, and timings,
+    and `figures_not_drawn`: name -> why, shown in the place of each figure that could not be drawn."""
     s = summary
+    missing = s.get("figures_not_drawn") or {}
     k_line = (
         f"K = {s['num_clusters']} chosen from the data ({_e(s['k_method'])})"
         if s["k_auto"]
@@ -238,7 +238,7 @@ def write_html(
                 f'<figure><img src="{_e(figures[name])}" alt="{name}">'
                 f"<figcaption>{_e(captions[name])}</figcaption></figure>"
             )
-        elif missing and name in missing:
+        elif name in missing:
             parts.append(
                 f'<figure class="missing"><p class="muted">{_e(_TITLES[name])} could not be drawn: '
                 f"{_e(missing[name])}</p><figcaption>{_e(captions[name])}</figcaption></figure>"

@@ -363,8 +363,9 @@ def test_a_figure_that_cannot_be_drawn_is_named_in_the_report_in_its_place(tmp_p
         "train_minutes": 0.1,
         "total_minutes": 0.2,
         "predict_command": "clusterlab predict ...",
+        "figures_not_drawn": missing,  # as the command records it in cluster.json
     }
-    page = report.write_html(tmp_path / "report.html", summary, [], figures, None, missing).read_text()
+    page = report.write_html(tmp_path / "report.html", summary, [], figures, None).read_text()
     assert (
         "The t-SNE of the features could not be drawn: ValueError: the features of all 12 samples are the "
         "same: there is no layout to draw" in page
