@@ -5,6 +5,7 @@
     clusterlab test --config runs/cc_digits/<run>/config.yaml \
         --ckpt_path runs/cc_digits/<run>/checkpoints/last.ckpt
     clusterlab fit --config experiments/cc_cifar10.yaml --print_config
+    clusterlab env [--json]        # versions, GPUs, bf16 / TF32, the faiss build (clusterlab.env)
 
 Each fit writes into runs/<name>/<timestamp>-seed<S>/ (clusterlab.runs): config.yaml (the resolved
 config, loadable by every subcommand), checkpoints/last.ckpt (after every epoch), metrics.csv,
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from lightning_fabric.plugins.collectives.torch_collective import default_pg_timeout
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
@@ -41,10 +43,12 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 from clusterlab import runs
 from clusterlab.callbacks.assignments import Assignments
 from clusterlab.callbacks.figures import ClusterFigures
+from clusterlab.callbacks.speed import Speed
 from clusterlab.checkpointing import EpochRowFirst
 from clusterlab.config_checks import check_checkpoint_model, check_config, class_signature
 from clusterlab.console import plain, quiet_libraries
 from clusterlab.data.datamodule import ClusterDataModule
+from clusterlab.distributed import process_group_timeout
 from clusterlab.errors import CheckpointError, OutputError, UserError, disk_full
 from clusterlab.methods.base import ClusteringMethod
 
@@ -164,6 +168,7 @@ class ClusterLabCLI(LightningCLI):
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
         parser.add_lightning_class_args(ClusterFigures, "figures")
         parser.add_lightning_class_args(Assignments, "assignments")
+        parser.add_lightning_class_args(Speed, "speed")  # channels_last, cuDNN autotuning, TF32, compile
 
     # -- the run directory ------------------------------------------------------------------
 
@@ -208,6 +213,12 @@ class ClusterLabCLI(LightningCLI):
                 args.name = f"{self.run_dir.parent.name}/{self.run_dir.name}"
 
     def after_instantiate_classes(self) -> None:
+        # The process group is made later (trainer.fit): a DDP strategy left at Lightning's 30-minute
+        # default waits clusterlab's PROCESS_GROUP_TIMEOUT instead (rank 0's k-means and neighbour
+        # searches, while the other ranks wait in a broadcast); one the config set is kept.
+        strategy = self.trainer.strategy
+        if getattr(strategy, "_timeout", None) == default_pg_timeout:
+            strategy._timeout = process_group_timeout()
         minutes = self._subconfig().get("checkpoint_every_minutes")
         if minutes:  # a second writer of last.ckpt, inside epochs (Lightning's triggers exclude each other)
             self.trainer.callbacks.append(
@@ -583,6 +594,10 @@ def main(args: list[str] | None = None) -> None:
             from clusterlab.cluster.command import main as cluster
 
             return cluster(argv[1:])
+        if argv[:1] in (["env"], ["--version"]):  # clusterlab.env: versions, devices, the faiss build
+            from clusterlab.env import main as env
+
+            return env(argv)
         ClusterLabCLI(args=None if args is None else argv)
     except UserError as error:
         if debug:

@@ -4,11 +4,15 @@ The methods' losses are functions of the *global* batch: contrastive similaritie
 marginals and memory updates all span every rank. `gather` is the one way to get there. It keeps
 gradients, so a run on N processes computes the same loss and, after DDP's gradient averaging,
 the same gradients as one process with the concatenated batch (tests/test_distributed.py).
+What only rank 0 reads (the evaluation it reports, the features it searches) goes there alone,
+through `gather_to_rank0`.
 """
 
 from __future__ import annotations
 
 import atexit
+import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -27,14 +31,36 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def _gather_rows(x: Tensor) -> tuple[Tensor, list[int]]:
-    """all_gather along dim 0 when ranks hold different numbers of rows: pad, gather, trim."""
+# How long a rank waits in a collective before the run fails (the CLI gives it to Lightning's DDP
+# strategy, whose default is 30 minutes). Rank 0 alone runs the k-means of a k-means head and the
+# neighbour searches while the other ranks wait in a broadcast. At 1M x 512 on a shared 2-core CPU
+# (benchmarks/results/scale-cpu.md) k-means on its 100k-row subsample took 3.3 min (k = 100, 10
+# runs, KMeansHead's setting) and 1.8 min for one run at k = 1000 (18 min for 10): 2 hours leaves a
+# wide margin. Searching all 1M rows' neighbours on a CPU takes hours (2.2 h extrapolated), longer
+# than a timeout should wait for a hung rank: a GPU run searches on its GPU; a CPU-only run that
+# large sets CLUSTERLAB_PROCESS_GROUP_TIMEOUT_MINUTES.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=120)
+
+
+def process_group_timeout() -> timedelta:
+    minutes = os.environ.get("CLUSTERLAB_PROCESS_GROUP_TIMEOUT_MINUTES")
+    return timedelta(minutes=float(minutes)) if minutes else PROCESS_GROUP_TIMEOUT
+
+
+def _padded_rows(x: Tensor) -> tuple[Tensor, list[int]]:
+    """`x` padded with zero rows to the most rows any rank holds, and every rank's row count."""
     size = torch.tensor([x.shape[0]], device=x.device)
     all_sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
     dist.all_gather(all_sizes, size)
     sizes = [int(s) for s in all_sizes]
     padded = x.new_zeros((max(sizes), *x.shape[1:]))
     padded[: x.shape[0]] = x
+    return padded, sizes
+
+
+def _gather_rows(x: Tensor) -> tuple[Tensor, list[int]]:
+    """all_gather along dim 0 when ranks hold different numbers of rows: pad, gather, trim."""
+    padded, sizes = _padded_rows(x)
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sizes
@@ -69,6 +95,17 @@ def gather(x: Tensor) -> Tensor:
     return _gather_rows(x.detach())[0]
 
 
+def gather_to_rank0(x: Tensor) -> Tensor | None:
+    """On rank 0, `x` of every rank concatenated along dim 0 in rank order; None on the others
+    (no gradient). Ranks may hold different numbers of rows (padded and trimmed as `gather`)."""
+    if not is_distributed():
+        return x
+    padded, sizes = _padded_rows(x.detach())
+    parts = [torch.empty_like(padded) for _ in sizes] if dist.get_rank() == 0 else None
+    dist.gather(padded, parts, dst=0)
+    return None if parts is None else torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
 def all_reduce_sum(x: Tensor) -> Tensor:
     """Sum of `x` over ranks (no gradient), for counters and per-head loss statistics."""
     if not is_distributed():
@@ -85,6 +122,15 @@ def broadcast(x: Tensor, src: int = 0) -> Tensor:
     x = x.detach().clone().contiguous()
     dist.broadcast(x, src)
     return x
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` (anything picklable: a report, a figure) on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
 
 
 @atexit.register

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
-from clusterlab.distributed import gather
+from clusterlab.distributed import broadcast_object, gather, gather_to_rank0
 from clusterlab.losses.cc import cluster_entropy, cluster_loss, instance_loss
 
 
@@ -27,6 +27,29 @@ def loss_worker(rank: int, world: int, store: str, inputs: list[torch.Tensor], o
     loss = cc_loss(*local)
     loss.backward()
     torch.save({"loss": loss.detach(), "grads": [x.grad for x in local]}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def rank0_gather_worker(rank: int, world: int, store: str, out: str) -> None:
+    """Uneven shards (rank 0: samples 0, 2, 4; rank 1: 1, 3) gathered to rank 0 alone and to all."""
+    from clusterlab.passes import SampleOutputs
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    index = torch.arange(rank, 5, world)
+    features = index[:, None].float().expand(-1, 3) * 10
+    outputs = SampleOutputs()
+    outputs.add(index, features=features, cluster=index % 2)
+    split = outputs.gather(rank0_only=("features",))
+    outputs.add(index, features=features)
+    whole = outputs.gather(rank0_only=True)
+    result = {
+        "rows": gather_to_rank0(features),
+        "none_from_one": gather_to_rank0(features if rank == 0 else features[:0]),
+        "split": split,
+        "whole": whole,
+        "report": broadcast_object({"acc": 0.5} if rank == 0 else None),
+    }
+    torch.save(result, f"{out}/gather_rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -56,6 +79,23 @@ class RecordEvaluation(pl.Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         Path(self.out, f"eval_rank{trainer.global_rank}.json").write_text(json.dumps(pl_module.eval_results))
+
+
+class RecordKMeansEvaluation(pl.Callback):
+    """Saves what each rank holds after a k-means head's evaluation: report, diagnostics, centres."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        torch.save(
+            {
+                "eval": pl_module.eval_results,
+                "diagnostics": dict(pl_module.diagnostics),
+                "centroids": pl_module.kmeans.centroids.clone(),
+            },
+            Path(self.out) / f"kmeans_rank{trainer.global_rank}.pt",
+        )
 
 
 class RecordGlobalTable(pl.Callback):

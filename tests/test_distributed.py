@@ -1,10 +1,11 @@
-"""The gather helper: N processes compute the loss and gradients of one with the whole batch."""
+"""The gather helpers: N processes compute the loss and gradients of one with the whole batch; what only
+rank 0 reads reaches rank 0 alone."""
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.ddp_workers import cc_loss, loss_worker
+from tests.ddp_workers import cc_loss, loss_worker, rank0_gather_worker
 
 
 def test_gathered_cc_loss_on_two_processes_equals_one_process(tmp_path):
@@ -27,3 +28,18 @@ def test_gathered_cc_loss_on_two_processes_equals_one_process(tmp_path):
             # Each process's rows get every process's gradient (summed); DDP's averaging over
             # the 2 processes then gives the single-process gradient.
             torch.testing.assert_close(local_grad / 2, full.grad[r * 4 : (r + 1) * 4], rtol=1e-5, atol=1e-7)
+
+
+def test_gather_to_rank0_on_two_processes_reaches_rank0_alone(tmp_path):
+    mp.spawn(rank0_gather_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    zero, one = (torch.load(tmp_path / f"gather_rank{r}.pt") for r in range(2))
+    rows = torch.tensor([0.0, 2, 4, 1, 3])[:, None].expand(-1, 3) * 10  # rank order, uneven shards
+    assert torch.equal(zero["rows"], rows) and one["rows"] is None
+    assert torch.equal(zero["none_from_one"], rows[:3])  # a rank with no rows adds none
+    # SampleOutputs: dataset order; rank0_only outputs on rank 0 only, the others everywhere
+    assert torch.equal(zero["split"]["features"], torch.arange(5.0)[:, None].expand(-1, 3) * 10)
+    assert "features" not in one["split"]
+    for split in (zero["split"], one["split"]):
+        assert split["index"].tolist() == [0, 1, 2, 3, 4] and split["cluster"].tolist() == [0, 1, 0, 1, 0]
+    assert zero["whole"]["index"].tolist() == [0, 1, 2, 3, 4] and one["whole"] == {}
+    assert zero["report"] == one["report"] == {"acc": 0.5}

@@ -32,3 +32,16 @@ def test_pass_over_runs_in_eval_mode_without_gradients_and_restores_the_mode():
     out = pass_over(module, batches, step)
     assert seen == [(False, False), (False, False)] and module.training
     assert out["index"].tolist() == [0, 1, 2] and out["y"].shape == (3, 2) and not out["y"].requires_grad
+
+
+def test_pass_over_runs_every_batch_in_the_trainers_mixed_precision():
+    """An AMP plugin's forward_context can be entered once: each batch gets its own (a bf16 run's
+    evaluation over more than one batch raised AttributeError before)."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    module = nn.Linear(4, 2)
+    batches = [{"index": torch.tensor([i]), "x": torch.randn(1, 4)} for i in range(3)]
+    out = pass_over(
+        module, batches, lambda b: {"y": module(b["x"])}, precision=MixedPrecision("bf16-mixed", "cpu")
+    )
+    assert out["y"].dtype == torch.bfloat16 and out["index"].tolist() == [0, 1, 2]

@@ -72,16 +72,16 @@ class Assignments(BasePredictionWriter):
         self.file.close()
         folder = Path(trainer.default_root_dir)
         best, written = self.best, self.written
-        if is_distributed():
-            shares = [None] * dist.get_world_size()
-            dist.all_gather_object(shares, (best, written))
+        if is_distributed():  # only rank 0 writes: the shares (a set of every index) go to it alone
+            shares = [None] * dist.get_world_size() if trainer.is_global_zero else None
+            dist.gather_object((best, written), shares, dst=0)
+        if is_distributed() and trainer.is_global_zero:
             best = {
                 c: heapq.nlargest(self.sheet_images, [x for b, _ in shares for x in b.get(c, [])])
                 for c in {c for b, _ in shares for c in b}
             }
             written = set().union(*(w for _, w in shares))
-            if trainer.is_global_zero:
-                _merge_parts(folder, trainer.world_size)
+            _merge_parts(folder, trainer.world_size)  # every rank closed its part before the gather
         if not trainer.is_global_zero:
             return
         data = trainer.datamodule

@@ -38,9 +38,9 @@ class Clusterer(Protocol):
 
 
 def collect_predictions(trainer: pl.Trainer | None, module, loader) -> dict[str, torch.Tensor]:
-    """Index, cluster, confidence, features and label of every evaluation sample, on every rank,
-    in dataset order (`clusterlab.passes.pass_over`; in the trainer's precision when there is
-    one), on the CPU."""
+    """Index, cluster, confidence, features and label of every evaluation sample, on rank 0 only
+    (which draws; the other ranks get {}), in dataset order (`clusterlab.passes.pass_over`; in the
+    trainer's precision when there is one), on the CPU."""
 
     def step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         cluster, confidence = module.assign(batch["image"])
@@ -52,7 +52,9 @@ def collect_predictions(trainer: pl.Trainer | None, module, loader) -> dict[str,
         }
 
     precision = trainer.precision_plugin if trainer is not None else None
-    outputs = pass_over(module, loader, step, precision=precision, description="Drawing figures")
+    outputs = pass_over(
+        module, loader, step, precision=precision, description="Drawing figures", rank0_only=True
+    )
     return {key: value.cpu() for key, value in outputs.items()}
 
 
@@ -88,7 +90,7 @@ class ClusterFigures(pl.Callback):
         self.draw(trainer, pl_module, trainer.datamodule.test_dataloader())
 
     def draw(self, trainer: pl.Trainer, module, loader) -> list[Path]:
-        """Every rank computes and gathers its shard (collectives), then rank 0 draws (none)."""
+        """Every rank computes its shard and sends it to rank 0 (collectives), which draws (none)."""
         if not self.enabled or trainer.fast_dev_run:
             return []
         outputs = collect_predictions(trainer, module, loader)

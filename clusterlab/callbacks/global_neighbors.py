@@ -8,9 +8,10 @@ prediction of i's own nearest neighbour, looked up by the sample index every bat
 which pairs samples with the wrong rows.)
 
 Under DDP every rank extracts its share of the training set (`clusterlab.passes.pass_over`), the
-shares are gathered in dataset order, rank 0 searches the neighbours and broadcasts them, so the
-table is the same on every rank. It is this callback's state, so it lives in the checkpoint and a resumed run
-continues with the table it stopped with.
+shares are gathered in dataset order (the features g to rank 0 only, the predictions h to every
+rank), rank 0 searches the neighbours and broadcasts them, so the table is the same on every rank.
+It is this callback's state, so it lives in the checkpoint and a resumed run continues with the
+table it stopped with.
 """
 
 from __future__ import annotations
@@ -79,16 +80,22 @@ class GlobalNeighbors(pl.Callback):
             f, logits = pl_module.features_and_logits(pl_module.plain(batch["image"]))
             return {"g": F.normalize(f.float(), dim=1), "h": logits.float().softmax(-1).transpose(0, 1)}
 
-        out = pass_over(pl_module, data.train_eval_dataloader(), step, precision=trainer.precision_plugin)
-        g, h = out["g"], out["h"].transpose(0, 1)  # N x D, heads x N x C, dataset order
-        neighbor = torch.zeros(len(g), dtype=torch.long, device=g.device)
+        out = pass_over(
+            pl_module,
+            data.train_eval_dataloader(),
+            step,
+            precision=trainer.precision_plugin,
+            rank0_only=("g",),  # only rank 0 searches
+        )
+        h = out["h"].transpose(0, 1)  # heads x N x C, dataset order
+        neighbor = torch.zeros(h.shape[1], dtype=torch.long, device=h.device)
         if trainer.global_rank == 0:
-            candidates, _ = knn(g, self.num_neighbors)
+            candidates, _ = knn(out["g"], self.num_neighbors)  # g: N x D, dataset order
             generator = torch.Generator().manual_seed(
                 derive_seed(trainer.current_epoch, _GLOBAL_NEIGHBOR_STREAM)
             )
             column = torch.randint(self.num_neighbors, (len(candidates),), generator=generator)
-            neighbor = candidates[torch.arange(len(candidates)), column].to(g.device)
+            neighbor = candidates[torch.arange(len(candidates)), column].to(h.device)
         neighbor = broadcast(neighbor)
         self.neighbor_index = neighbor.cpu()
         # The table stays on the training device: every step looks rows up in it, and a table on

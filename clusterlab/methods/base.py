@@ -4,9 +4,9 @@ A method subclasses `ClusteringMethod`, builds its heads, writes `training_step`
 paper's algorithm reads, and returns `self.objective(terms)`. It also says how it assigns
 clusters (`cluster_logits`). The base class does the rest, the same way for every method:
 
-- evaluation: ACC / NMI / ARI per head, from the gathered per-sample outputs of the evaluation
-  set (`clusterlab.passes.SampleOutputs`), labels used only to report them; cluster sizes and a
-  collapse check (no label involved);
+- evaluation: ACC / NMI / ARI per head, from the per-sample outputs of the evaluation set
+  gathered to rank 0 (`clusterlab.passes.SampleOutputs`), labels used only to report them;
+  cluster sizes and a collapse check (no label involved), broadcast to every rank;
 - label-free head selection: the head with the lowest unsupervised training loss (SCAN's rule);
 - online prediction: cluster and confidence of any batch, a single image included (`assign`);
 - optimizer and schedule from the config (`optimizer`, `lr_scheduler` callables);
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from clusterlab import __version__
-from clusterlab.distributed import all_reduce_sum
+from clusterlab.distributed import all_reduce_sum, broadcast_object
 from clusterlab.errors import CheckpointError, DivergenceError
 from clusterlab.metrics import evaluate
 from clusterlab.passes import SampleOutputs
@@ -264,10 +264,11 @@ class ClusteringMethod(pl.LightningModule, ABC):
         """What the evaluation keeps of each sample, rows first: every head's cluster (B x heads)."""
         return {"cluster": self.predict_proba(images).argmax(-1).T}
 
-    def evaluation_clusters(self, outputs: dict[str, Tensor], stage: str) -> Tensor:
-        """Every head's cluster of every evaluation sample (N x heads), from the gathered outputs
-        (on every process). A method with a k-means head fits it here, on the whole set."""
-        return outputs["cluster"]
+    def evaluation_clusters(self, outputs: dict[str, Tensor], stage: str) -> Tensor | None:
+        """Every head's cluster of every evaluation sample (N x heads), from the outputs gathered to
+        rank 0. Called on every process, with no outputs off rank 0 (it returns None there): a
+        method with a k-means head fits it here, on the whole set (a broadcast every rank joins)."""
+        return outputs.get("cluster")
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         with torch.no_grad():
@@ -286,25 +287,29 @@ class ClusteringMethod(pl.LightningModule, ABC):
 
     def _report(self, stage: str) -> None:
         """ACC / NMI / ARI of every head (labels only report), the selected head's cluster sizes
-        and whether the clusters collapsed. Every process gathers the outputs and computes the
-        same figures from them, so no process waits for another afterwards."""
-        outputs = self._evaluation.gather()
-        if not outputs:
+        and whether the clusters collapsed. The outputs are gathered to rank 0 only, which
+        computes the figures; every process then holds and logs rank 0's (broadcast)."""
+        if not self._evaluation:
             return
-        clusters = self.evaluation_clusters(outputs, stage).cpu()
-        labels = outputs["label"].cpu()
-        heads = [evaluate(clusters[:, h], labels) for h in range(clusters.shape[1])]
-        selected = self.selected_head
-        sizes = torch.bincount(clusters[:, selected], minlength=self.num_clusters)[
-            : self.num_clusters
-        ].tolist()
-        self.eval_results = {
-            "heads": heads,
-            "selected_head": selected,
-            **heads[selected],
-            "cluster_sizes": sizes,
-            "collapsed": collapsed(sizes),
-        }
+        outputs = self._evaluation.gather(rank0_only=True)  # empty off rank 0
+        clusters = self.evaluation_clusters(outputs, stage)
+        results = None
+        if outputs:
+            clusters, labels = clusters.cpu(), outputs["label"].cpu()
+            heads = [evaluate(clusters[:, h], labels) for h in range(clusters.shape[1])]
+            selected = self.selected_head
+            sizes = torch.bincount(clusters[:, selected], minlength=self.num_clusters)[
+                : self.num_clusters
+            ].tolist()
+            results = {
+                "heads": heads,
+                "selected_head": selected,
+                **heads[selected],
+                "cluster_sizes": sizes,
+                "collapsed": collapsed(sizes),
+            }
+        self.eval_results = broadcast_object(results)
+        heads, selected = self.eval_results["heads"], self.eval_results["selected_head"]
         for name, value in heads[selected].items():
             self.log(
                 f"{stage}/{name}", value, prog_bar=name == "acc", sync_dist=True

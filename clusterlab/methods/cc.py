@@ -8,7 +8,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from clusterlab.data.views import Views
-from clusterlab.distributed import gather
+from clusterlab.distributed import broadcast, gather
 from clusterlab.errors import ConfigError
 from clusterlab.losses.cc import cluster_entropy, cluster_loss, instance_loss
 from clusterlab.methods.base import ClusteringMethod, LRSchedulerCallable, OptimizerCallable
@@ -132,30 +132,39 @@ class CC(ClusteringMethod):
         """g_C := the spherical k-means assignment of z = g_I(h), as one MLP: g_I's hidden layer,
         then logits z . c_k / (T |z|_median) with z = W a + b written out, so logits = (C W) a + C b.
         The argmax is exactly k-means' (|z| does not change it). Every rank sets the same weights:
-        the features are gathered and KMeansHead.fit broadcasts rank 0's centres."""
+        the features are gathered to rank 0, which broadcasts the scale and (KMeansHead.fit) the
+        centres."""
         data = self.trainer.datamodule
 
         def instance(batch: dict[str, Tensor]) -> dict[str, Tensor]:
             return {"z": self.instance_features(self.plain(batch["image"])).float()}
 
         passed = pass_over(
-            self, data.train_eval_dataloader(), instance, precision=self.trainer.precision_plugin
+            self,
+            data.train_eval_dataloader(),
+            instance,
+            precision=self.trainer.precision_plugin,
+            rank0_only=True,
         )
-        z = passed["z"]
+        z = passed.get("z")  # rank 0 only
         hidden, output = self.instance_projector[0], self.instance_projector[2]  # z = output(relu(hidden(h)))
-        scale = 1.0 / (self.hparams.head_init_temperature * z.norm(dim=1).median())
-        spherical = KMeansHead(self.num_clusters, z.shape[1]).to(z.device)
+        scale = torch.zeros((), device=self.device)
+        if z is not None:
+            scale = 1.0 / (self.hparams.head_init_temperature * z.norm(dim=1).median())
+        scale = broadcast(scale)
+        spherical = KMeansHead(self.num_clusters, self.hparams.instance_dim).to(self.device)
         for h, head in enumerate(self.cluster_projector.heads):
             seed = derive_seed(h, _HEAD_INIT_STREAM) % 2**31  # each head its own k-means run
-            spherical.fit(F.normalize(z, dim=1), seed=seed)
+            spherical.fit(None if z is None else F.normalize(z, dim=1), seed=seed)
             centres = F.normalize(spherical.centroids, dim=1)
             head[0].load_state_dict(hidden.state_dict())
             head[2].weight.copy_(scale * centres @ output.weight)
             head[2].bias.copy_(scale * centres @ output.bias)
-        rank_zero_info(
-            f"CC: epoch {self.current_epoch}: cluster head set to k-means of the instance features "
-            f"({len(z)} images)"
-        )
+        if z is not None:
+            rank_zero_info(
+                f"CC: epoch {self.current_epoch}: cluster head set to k-means of the instance features "
+                f"({len(z)} images)"
+            )
 
     def cluster_logits(self, x: Tensor) -> Tensor:
         """c = argmax g_C(f(x)) (Algorithm 1, test); "ICH only": the nearest k-means centre of g_I(f(x))."""
@@ -172,11 +181,12 @@ class CC(ClusteringMethod):
             return super().evaluation_outputs(images)
         return {"features": self.instance_features(self.plain(images))}
 
-    def evaluation_clusters(self, outputs: dict[str, Tensor], stage: str) -> Tensor:
+    def evaluation_clusters(self, outputs: dict[str, Tensor], stage: str) -> Tensor | None:
         if self.kmeans is None:
             return super().evaluation_clusters(outputs, stage)
-        self.kmeans.fit(outputs["features"])
-        return self.kmeans(outputs["features"]).argmax(1)[:, None]
+        features = outputs.get("features")  # rank 0's; every rank joins the fit's broadcast
+        self.kmeans.fit(features)
+        return None if features is None else self.kmeans(features).argmax(1)[:, None]
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:

@@ -313,7 +313,8 @@ def mine_neighbors(
     """Top-k neighbours (N x k) of every image by its pretext features (Algorithm 1, line 2),
     through faiss, by `metric` ("cosine" or "l2", `clusterlab.neighbors.knn`). `features(batch)`
     gives the features of a batch ({"features": ...}); every process passes over its shard of
-    `loader` (`clusterlab.passes.pass_over`) and rank 0 searches and broadcasts. Cached beside the
+    `loader` (`clusterlab.passes.pass_over`), the features are gathered to rank 0, which searches
+    and broadcasts (the others wait: clusterlab.distributed.PROCESS_GROUP_TIMEOUT). Cached beside the
     checkpoint under the checkpoint's content hash, so a changed checkpoint is mined again."""
     if k > num_images - 1:
         rank_zero_info(f"NNM: only {num_images} training images: mining {num_images - 1} neighbours, not {k}")
@@ -335,9 +336,10 @@ def mine_neighbors(
     if found == 1:
         rank_zero_info(f"NNM: neighbours from the cache {cache}")
     else:
-        mined = pass_over(module, loader, features, description="Mining neighbours")["features"]
+        # Only rank 0 searches: the features go there alone; the table is broadcast to every rank.
+        mined = pass_over(module, loader, features, description="Mining neighbours", rank0_only=True)
         if rank() == 0:
-            neighbors = knn(mined, k, metric=metric)[0].to(device)
+            neighbors = knn(mined["features"], k, metric=metric)[0].to(device)
             torch.save(neighbors.cpu(), cache)
             rank_zero_info(f"NNM: mined top-{k} neighbours of {num_images} images, cached in {cache}")
     return broadcast(neighbors).cpu()

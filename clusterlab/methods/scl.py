@@ -292,8 +292,9 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
             return super().evaluation_outputs(images)
         return {"features": self.cluster_features(self.plain(images))}
 
-    def evaluation_clusters(self, outputs: dict[str, Tensor], stage: str) -> Tensor:
+    def evaluation_clusters(self, outputs: dict[str, Tensor], stage: str) -> Tensor | None:
         if self.kmeans is None:
             return super().evaluation_clusters(outputs, stage)
-        self.kmeans.fit(outputs["features"])
-        return self.kmeans(outputs["features"]).argmax(1)[:, None]
+        features = outputs.get("features")  # rank 0's; every rank joins the fit's broadcast
+        self.kmeans.fit(features)
+        return None if features is None else self.kmeans(features).argmax(1)[:, None]

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from clusterlab.callbacks.momentum import HasMomentumEncoder, MomentumEncoder
 from clusterlab.data.views import Views
-from clusterlab.distributed import gather
+from clusterlab.distributed import broadcast_object, gather
 from clusterlab.losses.common import nt_xent
 from clusterlab.losses.nnm import moco_loss
 from clusterlab.methods.base import ClusteringMethod, LRSchedulerCallable, OptimizerCallable
@@ -104,16 +104,20 @@ class SimCLR(ClusteringMethod, HasMomentumEncoder):
     def evaluation_outputs(self, images: Tensor) -> dict[str, Tensor]:
         return {"features": self.cluster_features(self.plain(images))}
 
-    def evaluation_clusters(self, outputs: dict[str, Tensor], stage: str) -> Tensor:
-        features = outputs["features"]
+    def evaluation_clusters(self, outputs: dict[str, Tensor], stage: str) -> Tensor | None:
+        features = outputs.get("features")  # rank 0's; every rank joins the broadcasts below
         self.kmeans.fit(features)
-        self.knn_monitor(stage, features, outputs["label"])
-        return self.kmeans(features).argmax(1)[:, None]
+        self.knn_monitor(stage, features, outputs.get("label"))
+        return None if features is None else self.kmeans(features).argmax(1)[:, None]
 
-    def knn_monitor(self, stage: str, features: Tensor, labels: Tensor) -> None:
-        """Label agreement of each evaluation image's top-k neighbours (labels only report)."""
-        neighbors, _ = knn(features, min(self.hparams.knn_k, len(features) - 1))
-        agreement = neighbor_agreement(neighbors, labels)
+    def knn_monitor(self, stage: str, features: Tensor | None, labels: Tensor | None) -> None:
+        """Label agreement of each evaluation image's top-k neighbours (labels only report),
+        searched on rank 0 (which holds the features) and broadcast."""
+        agreement = None
+        if features is not None:
+            neighbors, _ = knn(features, min(self.hparams.knn_k, len(features) - 1))
+            agreement = neighbor_agreement(neighbors, labels)
+        agreement = broadcast_object(agreement)
         if agreement is not None:
             self.diagnostics["knn_agreement"] = agreement
             self.log(f"{stage}/knn_agreement", agreement, sync_dist=True)  # the same on every rank

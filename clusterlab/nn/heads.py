@@ -39,10 +39,12 @@ class KMeansHead(nn.Module):
     """Clusters as the k-means centres of some features: the cluster head of a method that trains
     none (SimCLR, CC's "ICH only", SCL without its target task), which composes one.
 
-    `fit` runs k-means on features of the whole evaluation set (gathered: the same on every
-    process) on rank 0 and broadcasts the centres; the method calls it at every evaluation. The
-    centres are a buffer, so they are in the checkpoint and prediction stays online: a sample's
-    logits are minus its distances to the centres.
+    `fit` runs k-means on features of the whole evaluation set (gathered to rank 0) on rank 0 and
+    broadcasts the centres; the method calls it at every evaluation, on every process. The other
+    ranks wait in the broadcast for as long as rank 0's k-means takes (kmeans' 100k-row training
+    subsample bounds it; clusterlab.distributed.PROCESS_GROUP_TIMEOUT is the limit). The centres
+    are a buffer, so they are in the checkpoint and prediction stays online: a sample's logits are
+    minus its distances to the centres.
     """
 
     def __init__(self, num_clusters: int, feature_dim: int) -> None:
@@ -51,8 +53,9 @@ class KMeansHead(nn.Module):
         self.register_buffer("centroids", torch.zeros(num_clusters, feature_dim))
 
     @torch.no_grad()
-    def fit(self, features: Tensor, seed: int | None = None) -> None:
-        """k-means of `features` on rank 0 (seed: the run's by default), centres broadcast."""
+    def fit(self, features: Tensor | None, seed: int | None = None) -> None:
+        """k-means of `features` on rank 0 (seed: the run's by default), centres broadcast; the other
+        ranks' `features` are not read (None where they were gathered to rank 0 only)."""
         if rank() == 0:
             seed = run_seed() if seed is None else seed
             # Fewer samples than clusters (a smoke test's data): as many clusters as samples, repeated.
