@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup chromium run test test-slow lint clean
+.PHONY: setup chromium run test test-slow lint clean device-carry
 
 setup: $(STAMP) chromium
 
@@ -35,6 +35,11 @@ test-slow: setup
 lint: $(STAMP)
 	$(BIN)/ruff check clusterlab tests benchmarks
 	$(BIN)/ruff format --check clusterlab tests benchmarks
+
+# What the GPU machine lacks (wheels, Fashion-MNIST's .deb) for benchmarks/device/run.sh, into the
+# ignored benchmarks/device/carry/ (docs/cluster.md, "GPU").
+device-carry:
+	bash benchmarks/device/fill_carry.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

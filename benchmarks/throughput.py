@@ -100,6 +100,13 @@ def build_cli(config: str, overrides: list[str]):
     return ClusterLabCLI(args=args, run=False)
 
 
+def speed_settings(cli):
+    """The run's `Speed` callback (channels_last, cuDNN autotuning, TF32, compile) as the config sets it."""
+    from clusterlab.callbacks.speed import Speed
+
+    return next(c for c in cli.trainer.callbacks if isinstance(c, Speed))
+
+
 def build(config: str, overrides: list[str]):
     """A method and its data module, exactly as `clusterlab fit --config <config>` builds them."""
     cli = build_cli(config, overrides)
@@ -113,6 +120,7 @@ def timed_fit(config: str, overrides: list[str], device: str, steps: int, warmup
     torch.manual_seed(0)
     cli = build_cli(config, overrides)
     timer = StepTimer(warmup)
+    speed = speed_settings(cli)
     trainer = pl.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu",
         devices=1,
@@ -124,7 +132,7 @@ def timed_fit(config: str, overrides: list[str], device: str, steps: int, warmup
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[timer],
+        callbacks=[timer, speed],  # the config's layout, cuDNN, TF32 and compile settings
     )
     trainer.fit(cli.model, cli.datamodule)
     return timer, trainer
@@ -276,7 +284,9 @@ def bare_images_per_s(
     config: str, overrides: list[str], bare_step, device: str, steps: int, warmup: int
 ) -> float:
     torch.manual_seed(0)
-    model, data = build(config, overrides)
+    cli = build_cli(config, overrides)
+    model, data = cli.model, cli.datamodule
+    speed_settings(cli).apply(model, torch.device(device), str(cli.config.trainer.precision))
     model = model.to(device).train()
     optimizer = model.build_optimizer(model.parameters())
     data.setup("fit")
