@@ -35,7 +35,7 @@ from throughput import (  # noqa: E402
 
 def cpu() -> str:
     """The CPU model (as every metrics.json records it) and its bfloat16-related flags."""
-    from clusterlab.cli import environment
+    from clusterlab.fit_report import environment
 
     try:
         with open("/proc/cpuinfo") as f:

@@ -36,7 +36,7 @@ def diagnose(checkpoint: Path, batch_size: int = 1000) -> list[tuple[str, dict, 
     backbone, q, predicted = [], [], []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
-        logits, q_batch = model.assignments(batch)[0]  # the target task's (Eq. 5's input), q normalised
+        logits, q_batch = model.task_outputs(batch)[0]  # the target task's (Eq. 5's input), q normalised
         backbone.append(model.cluster_features(model.plain(batch)))
         q.append(q_batch)
         predicted.append(logits.argmax(1))

@@ -144,7 +144,7 @@ def cc_bare_step(model, batch: dict, optimizer) -> torch.Tensor:
     x_a, x_b = model.views(x), model.views(x)
     h_a, h_b = model.backbone(x_a), model.backbone(x_b)
     z_a, z_b = model.instance_projector(h_a), model.instance_projector(h_b)
-    y_a, y_b = model.cluster_projector(h_a)[0].softmax(-1), model.cluster_projector(h_b)[0].softmax(-1)
+    y_a, y_b = model.cluster_head(h_a)[0].softmax(-1), model.cluster_head(h_b)[0].softmax(-1)
     loss = instance_loss(z_a, z_b, 0.5) + cluster_loss(y_a, y_b, 1.0) - cluster_entropy(y_a, y_b)
     return _update(loss, optimizer)
 
@@ -160,11 +160,11 @@ def nnm_bare_step(model, batch: dict, optimizer) -> torch.Tensor:
     """NNM's first-epoch step (the global terms start in the second epoch, in both loops)."""
 
     def assign(images):
-        return model.cluster_heads(model.backbone(model.views(images))).softmax(-1)
+        return model.cluster_head(model.backbone(model.views(images))).softmax(-1)
 
     x = batch["image"]
     f = model.backbone(model.views(x))
-    p = model.cluster_heads(f).softmax(-1)
+    p = model.cluster_head(f).softmax(-1)
     p_aug, n_pre = assign(x), assign(batch["neighbor_image"])
     n_local = p[:, knn(f.detach(), 1)[0][:, 0]]
     a, positives = torch.cat([p, p_aug], 1), torch.cat([n_pre, n_local], 1)
@@ -201,7 +201,7 @@ def scl_bare_step(model, batch: dict, optimizer) -> torch.Tensor:
         )
         if task != "over_clustering":
             target = memory_logits(q.detach(), memory.keys, hp.temperature).softmax(1)
-            loss = loss + concept_loss(model.classifiers[task](q), target)
+            loss = loss + concept_loss(model.classifier_logits(task, q), target)
         pending.append((memory, k, queue))
     loss = _update(loss, optimizer)
     with torch.no_grad():

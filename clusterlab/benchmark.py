@@ -16,11 +16,13 @@ markers) together with the exact command and the machine. The per-run figures an
 metrics.json go to benchmarks/results/<key>.json, so that the table can be checked against the runs.
 Each finished (method, seed) is also recorded in benchmarks/results/<key>.progress.json as it ends;
 `--resume` takes the runs found there (same seed, arguments and config files' contents) instead of
-running them again.
+running them again. Each run writes its directory's path into the file that the runner names in
+CLUSTERLAB_RUN_DIR_FILE (clusterlab.run_folder).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -30,8 +32,10 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -58,16 +62,21 @@ def run_stage(config: str, seed: int, extra: list[str], runs_dir: str, threads: 
         *extra,
     ]
     print("$", shlex.join(["clusterlab", *command[3:]]), flush=True)
-    env = {**os.environ, "COLUMNS": "200", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    from clusterlab.run_folder import RUN_DIR_FILE_ENV  # lazily: it imports Lightning
+
+    # The run writes its directory's path into this file (runs of one config and seed at the same
+    # time get suffixed directories, so the name alone cannot tell them apart).
+    with tempfile.TemporaryDirectory(prefix="clusterlab-benchmark-") as scratch:
+        told = Path(scratch) / "run_dir"
+        env = {**os.environ, "COLUMNS": "200", RUN_DIR_FILE_ENV: str(told)}
+        env.update({"OMP_NUM_THREADS": str(threads)} if threads else {})
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        run_dir = told.read_text().strip() if told.is_file() else ""
     if done.returncode != 0:
         raise RuntimeError(f"{config} seed {seed} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    # The run says where it wrote (runs of one config and seed at the same time get suffixed
-    # directories, so the name alone cannot tell them apart).
-    said = re.findall(r"^Run directory: (\S+)", done.stdout, flags=re.MULTILINE)
-    if not said or not (Path(said[-1]) / "metrics.json").is_file():
+    if not run_dir or not (Path(run_dir) / "metrics.json").is_file():
         raise RuntimeError(f"{config} seed {seed}: no metrics.json written under {runs_dir}/{name}")
-    return Path(said[-1])
+    return Path(run_dir)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -149,7 +158,8 @@ def machine(threads: int | None = None) -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU cores{per_run}, {gpu}"
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
+    """The command line, checked, and the suite file it names, read."""
     parser = OneLineParser(prog="python -m clusterlab.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("suite", help="suite file (benchmarks/suites/*.yaml)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -189,61 +199,92 @@ def main(argv: list[str] | None = None) -> dict:
             f"--methods {' '.join(unknown)}: not in {args.suite} (its methods: "
             f"{', '.join(m['name'] for m in suite['methods'])})"
         )
-    extra = list(suite.get("args", []))
+    return args, suite
 
-    def budget(share: float) -> list[str]:
-        if not args.budget_minutes:
-            return []
-        seconds = int(args.budget_minutes * 60 * share)
-        hms = f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-        return ["--trainer.max_time", f"00:{hms}"]
 
+def budget(minutes: float | None, share: float) -> list[str]:
+    """The `--trainer.max_time` arguments of a stage that takes `share` of `minutes` (none: no limit)."""
+    if not minutes:
+        return []
+    seconds = int(minutes * 60 * share)
+    hms = f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+    return ["--trainer.max_time", f"00:{hms}"]
+
+
+@dataclass
+class Plan:
+    """What every (method, seed) run of a suite shares: the suite's arguments, the budget, where
+    runs go, the threads of each, and the progress file with the runs finished so far."""
+
+    extra: list[str]
+    budget_minutes: float | None
+    runs_dir: str
+    threads: int | None
+    progress_file: Path
+    done: dict
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def run_method(plan: Plan, method: dict, seed: int) -> dict:
+    """Every stage of one method for one seed, in order (or the finished run the progress file
+    records for the same seed, arguments and config files' contents); returns the last stage's
+    metrics, with the wall time of all stages."""
+    method_extra = plan.extra + list(method.get("args", []))
+    stages = [{"config": s, "args": []} if isinstance(s, str) else s for s in method["stages"]]
+    contents = [hashlib.sha256(Path(s["config"]).read_bytes()).hexdigest()[:16] for s in stages]
+    key = json.dumps(
+        [method["name"], method["stages"], contents, method_extra, budget(plan.budget_minutes, 1.0), seed]
+    )
+    if key in plan.done:
+        final = plan.done[key]
+        print(f"  {method['name']} seed {seed}: from {plan.progress_file} ({final['run_dir']})", flush=True)
+    else:
+        reports = []
+        for stage in stages:
+            stage_args = budget(plan.budget_minutes, stage.get("budget_share", 1.0)) + list(
+                stage.get("args", [])
+            )
+            run_dir = run_stage(stage["config"], seed, method_extra + stage_args, plan.runs_dir, plan.threads)
+            reports.append({**json.loads((run_dir / "metrics.json").read_text()), "run_dir": str(run_dir)})
+        final = dict(reports[-1])
+        final["wall_time_s"] = sum(r["wall_time_s"] for r in reports)  # all stages of the method
+        final["stage_runs"] = [r["run_dir"] for r in reports]
+        with plan.lock:  # the progress file records every finished run as it ends
+            plan.done[key] = final
+            plan.progress_file.write_text(json.dumps(plan.done, indent=2) + "\n")
+    print(
+        f"  {method['name']} seed {seed}: " + ", ".join(f"{m} {final[m]:.4f}" for m in METRICS),
+        flush=True,
+    )
+    return final
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, suite = parse_args(argv)
     command = "python -m clusterlab.benchmark " + shlex.join(sys.argv[1:] if argv is None else argv)
     Path(args.json_dir).mkdir(parents=True, exist_ok=True)
     progress_file = Path(args.json_dir) / f"{suite['key']}.progress.json"
-    done = json.loads(progress_file.read_text()) if args.resume and progress_file.exists() else {}
+    plan = Plan(
+        extra=list(suite.get("args", [])),
+        budget_minutes=args.budget_minutes,
+        runs_dir=args.runs_dir,
+        threads=max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None,
+        progress_file=progress_file,
+        done=json.loads(progress_file.read_text()) if args.resume and progress_file.exists() else {},
+    )
     methods = [m for m in suite["methods"] if args.methods is None or m["name"] in args.methods]
-    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
-    lock = threading.Lock()
-
-    def run_method(method: dict, seed: int) -> dict:
-        method_extra = extra + list(method.get("args", []))
-        stages = [{"config": s, "args": []} if isinstance(s, str) else s for s in method["stages"]]
-        contents = [hashlib.sha256(Path(s["config"]).read_bytes()).hexdigest()[:16] for s in stages]
-        key = json.dumps([method["name"], method["stages"], contents, method_extra, budget(1.0), seed])
-        if key in done:
-            final = done[key]
-            print(f"  {method['name']} seed {seed}: from {progress_file} ({final['run_dir']})", flush=True)
-        else:
-            reports = []
-            for stage in stages:
-                stage_args = budget(stage.get("budget_share", 1.0)) + list(stage.get("args", []))
-                run_dir = run_stage(stage["config"], seed, method_extra + stage_args, args.runs_dir, threads)
-                reports.append(
-                    {**json.loads((run_dir / "metrics.json").read_text()), "run_dir": str(run_dir)}
-                )
-            final = dict(reports[-1])
-            final["wall_time_s"] = sum(r["wall_time_s"] for r in reports)  # all stages of the method
-            final["stage_runs"] = [r["run_dir"] for r in reports]
-            with lock:  # the progress file records every finished run as it ends
-                done[key] = final
-                progress_file.write_text(json.dumps(done, indent=2) + "\n")
-        print(
-            f"  {method['name']} seed {seed}: " + ", ".join(f"{m} {final[m]:.4f}" for m in METRICS),
-            flush=True,
-        )
-        return final
-
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {m["name"]: [pool.submit(run_method, m, seed) for seed in args.seeds] for m in methods}
+        futures = {
+            m["name"]: [pool.submit(run_method, plan, m, seed) for seed in args.seeds] for m in methods
+        }
         runs: dict[str, list[dict]] = {name: [f.result() for f in fs] for name, fs in futures.items()}
 
     rows = summarize(runs)
-    write_block(Path(args.results), suite["key"], markdown(suite, rows, command, machine(threads)))
+    write_block(Path(args.results), suite["key"], markdown(suite, rows, command, machine(plan.threads)))
     record = {
         "suite": args.suite,
         "command": command,
-        "machine": machine(threads),
+        "machine": machine(plan.threads),
         "rows": rows,
         "runs": runs,
     }

@@ -14,11 +14,13 @@ checkpoint that ends the epoch is written, so a kill between the two cannot lose
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from pytorch_lightning import Callback
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.trainer.states import RunningStage
 
@@ -100,3 +102,16 @@ class EpochRowFirst(Callback):
             connector.update_train_epoch_metrics()  # logs, saves the loggers, resets the epoch's values
         finally:
             epoch_loop._batches_that_stepped += 1
+
+
+def timed_last_checkpoint(dirpath: Path, minutes: float) -> ModelCheckpoint:
+    """A second writer of last.ckpt, every `minutes` inside an epoch (`--checkpoint_every_minutes`):
+    Lightning's time and epoch triggers exclude each other within one ModelCheckpoint."""
+    return ModelCheckpoint(
+        dirpath=dirpath,
+        filename="last",
+        save_top_k=1,
+        enable_version_counter=False,
+        train_time_interval=timedelta(minutes=minutes),
+        save_on_train_epoch_end=True,
+    )

@@ -5,13 +5,20 @@ is made or any data is read: one line that names the option, the value and what 
 module calls `check_data_arguments` itself, so that it refuses the same values when it is built in
 Python. A value given on the command line either takes effect or is refused here: nothing is dropped
 without a word (the number of clusters and the input channels are set on the data, and the model
-takes them from there).
+takes them from there). A key that no class of the config has is explained by
+`explain_config_error`: which key, of which class, and the option that was probably meant.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
+import os
+import re
+import sys
+
+from pytorch_lightning.cli import LightningArgumentParser
 
 from clusterlab.errors import ConfigError
 
@@ -187,3 +194,47 @@ def _show(value) -> str:
     if isinstance(value, dict) and "class_path" in value:
         return str(value["class_path"]) + (" with other arguments" if value.get("init_args") else "")
     return str(value)
+
+
+def explain_config_error(message: str, known_keys: list[str]) -> str:
+    """Turn jsonargparse's nested report of a bad key into: which key, of which class, what was meant."""
+    unknown = re.search(r"Option '([^']+)' is not accepted", message)
+    if unknown:
+        before = message[: unknown.start()]
+        option, keys = unknown.group(1), re.findall(r'Parser key "([^"]+)"', before)
+        owner = (re.findall(r"class_path '([^']+)'", before) or [None])[-1]
+        key = ".init_args.".join([*keys, option])
+        accepted = _init_parameters(owner) if owner else []
+        hint = difflib.get_close_matches(option, accepted, 1)
+        return (
+            f"unknown config key '{key}': {owner} has no option '{option}'."
+            + (f" Did you mean '{hint[0]}'?" if hint else "")
+            + (f" Its options: {', '.join(accepted)}." if accepted else "")
+        )
+    for pattern in (r"does not accept option '([^']+)'", r"unrecognized arguments: --([^\s=]+)"):
+        found = re.search(pattern, message)
+        if found:
+            key = found.group(1)
+            hint = difflib.get_close_matches(key, known_keys, 1, cutoff=0.75)
+            return f"unknown config key '{key}'." + (f" Did you mean '{hint[0]}'?" if hint else "")
+    return message
+
+
+def _init_parameters(class_path: str) -> list[str]:
+    signature = class_signature(class_path)
+    return [p for p in signature.parameters if p not in ("self", "args", "kwargs")] if signature else []
+
+
+class ClusterLabParser(LightningArgumentParser):
+    """Says what is wrong with a config in one message, without the usage dump."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        known = [a.dest for a in parser._actions if a.dest and a.dest != "help"]
+        sys.stderr.write(
+            f"{prog}: error: {explain_config_error(message, known)}\n(all options: {prog} --help)\n"
+        )
+        sys.exit(2)

@@ -140,3 +140,15 @@ def _destroy_process_group() -> None:
     exception") after all its work is done, and the launcher reports a failed run."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def lengthen_default_timeout(strategy) -> None:
+    """A DDP strategy left at Lightning's 30-minute default process-group timeout waits
+    `process_group_timeout()` instead (rank 0's k-means and neighbour searches, while the other
+    ranks wait in a broadcast); a timeout the config set is kept. Called before the process group
+    is made (trainer.fit)."""
+    from lightning_fabric.plugins.collectives.torch_collective import default_pg_timeout
+
+    # Lightning keeps the timeout in the strategy's private `_timeout` and offers no setter for it.
+    if getattr(strategy, "_timeout", None) == default_pg_timeout:
+        strategy._timeout = process_group_timeout()

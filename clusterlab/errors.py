@@ -2,12 +2,17 @@
 
 `clusterlab` reports each of them as one line, `clusterlab: error: <what, where, what to do>`, and
 exits with code 1, without a traceback; `--debug` (or CLUSTERLAB_DEBUG=1) shows the traceback.
-Anything else is a bug and keeps its traceback.
+Anything else is a bug and keeps its traceback. `report_user_error` writes that line;
+`disk_full_message` is the line for a full disk, which names what the run folder still holds.
 """
 
 from __future__ import annotations
 
 import errno
+import sys
+from pathlib import Path
+
+from clusterlab.console import plain
 
 
 class UserError(Exception):
@@ -45,3 +50,43 @@ def disk_full(error: BaseException | None) -> OSError | None:
             return error
         error = error.__cause__ or error.__context__
     return None
+
+
+def user_error_behind(error: BaseException | None) -> UserError | None:
+    """The UserError that `error` is, or that it was raised from or while handling, or None:
+    jsonargparse wraps what a class's constructor raised in a ValueError of its own."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, UserError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def disk_full_message(error: OSError, run_dir: Path | None) -> str:
+    """What a full disk stopped, and what the run folder (`run_dir`, None before a run was decided)
+    still holds to continue from."""
+    where = f" writing {error.filename}" if error.filename else ""
+    if run_dir is None:
+        return f"{error.strerror}{where}; nothing of a run was written yet"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        kept = (
+            f"{run_dir} keeps {last}; free some space, then continue with: clusterlab fit --config "
+            f"{run_dir / 'config.yaml'} --ckpt_path last"
+        )
+    else:  # a fit's folder without a checkpoint is removed on the way out (ClusterLabCLI.fit)
+        kept = (
+            f"{run_dir} held no checkpoint yet; free some space (or pass another --runs_dir) and start again"
+        )
+    return f"{error.strerror}{where}; {kept}"
+
+
+def report_user_error(error: UserError) -> None:
+    """The one line a user error is shown as, on stderr; a rank other than 0 says which it is."""
+    from clusterlab.distributed import rank  # torch: only when there is an error to show
+
+    where = f" (rank {rank()})" if rank() else ""
+    sys.stderr.write(plain(f"clusterlab: error{where}: {error}\n"))
+    sys.stderr.flush()

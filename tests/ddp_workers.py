@@ -92,7 +92,7 @@ class RecordKMeansEvaluation(pl.Callback):
             {
                 "eval": pl_module.eval_results,
                 "diagnostics": dict(pl_module.diagnostics),
-                "centroids": pl_module.kmeans.centroids.clone(),
+                "centroids": pl_module.cluster_head.centroids.clone(),
             },
             Path(self.out) / f"kmeans_rank{trainer.global_rank}.pt",
         )

@@ -3,10 +3,12 @@
 import json
 import os
 import statistics
+import subprocess
+from pathlib import Path
 
 import pytest
 
-from clusterlab.benchmark import main
+from clusterlab.benchmark import main, run_stage
 from tests.helpers import TINY_CC
 
 
@@ -87,3 +89,22 @@ def test_a_stage_takes_its_share_of_the_budget_and_a_changed_config_is_run_again
     (in_tmp / "tiny_cc.yaml").write_text(TINY_CC + "# edited\n")  # same name, new contents: run again
     again = main(argv)["runs"]["two stages"][0]["stage_runs"]
     assert not set(again) & set(first["stage_runs"])
+
+
+def test_the_runner_takes_the_run_directory_from_the_file_the_run_writes(in_tmp, monkeypatch):
+    """Not from what the run prints: a line that looks like the report's is not taken."""
+    (in_tmp / "runs" / "tiny" / "mine").mkdir(parents=True)
+    (in_tmp / "runs" / "tiny" / "mine" / "metrics.json").write_text("{}")
+
+    def fake_run(command, env, **kwargs):
+        Path(env["CLUSTERLAB_RUN_DIR_FILE"]).write_text("runs/tiny/mine\n")
+        return subprocess.CompletedProcess(command, 0, stdout="Run directory: runs/tiny/other\n", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    assert run_stage("tiny.yaml", 0, [], "runs") == Path("runs/tiny/mine")
+
+    monkeypatch.setattr(
+        subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(command, 0, "", "")
+    )
+    with pytest.raises(RuntimeError, match="no metrics.json"):  # a run that never said where it wrote
+        run_stage("tiny.yaml", 0, [], "runs")

@@ -1,11 +1,11 @@
-"""ACC / NMI / ARI against scipy and scikit-learn on random labelings."""
+"""ACC / NMI / ARI / AMI / many-to-one ACC against scipy, scikit-learn and loops on random labelings."""
 
 import itertools
 
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score, normalized_mutual_info_score
 
 from clusterlab.metrics import ClusteringMetrics, HungarianAccuracy, evaluate, hungarian_match
 
@@ -49,6 +49,23 @@ def test_nmi_and_ari_match_scikit_learn(seed):
     results = evaluate(preds, target)
     assert results["nmi"] == pytest.approx(normalized_mutual_info_score(target, preds), abs=1e-5)
     assert results["ari"] == pytest.approx(adjusted_rand_score(target, preds), abs=1e-5)
+    assert results["ami"] == pytest.approx(adjusted_mutual_info_score(target, preds), abs=1e-5)
+
+
+@pytest.mark.parametrize("num_clusters", [3, 10, 40])
+def test_many_to_one_acc_maps_each_cluster_to_its_majority_class(num_clusters):
+    """Over-clustering's score (K > classes): every cluster counts its most frequent class."""
+    rng = np.random.default_rng(num_clusters)
+    target = rng.integers(0, 10, 400)
+    preds = np.where(rng.random(400) < 0.7, target * num_clusters // 10, rng.integers(0, num_clusters, 400))
+    majority = sum(np.bincount(target[preds == c]).max() for c in np.unique(preds))
+    results = evaluate(preds, target)
+    assert results["many_to_one_acc"] == pytest.approx(majority / 400)
+    assert results["many_to_one_acc"] >= results["acc"] - 1e-12  # one-to-one is one such map
+    if (
+        num_clusters == 40
+    ):  # each sample alone would score 1: over-clustering inflates it, so both are reported
+        assert evaluate(np.arange(400), target)["many_to_one_acc"] == 1.0
 
 
 def test_unknown_labels_are_left_out():

@@ -27,7 +27,7 @@ from clusterlab.contracts import require
 from clusterlab.distributed import is_distributed
 
 
-class Assignments(BasePredictionWriter):
+class AssignmentWriter(BasePredictionWriter):
     """Writes assignments.csv and one contact sheet per cluster during `predict`.
 
     Args:
@@ -149,9 +149,9 @@ def _merge_parts(folder: Path, world: int) -> None:
 def contact_sheet(
     images: torch.Tensor, confidences: list[float], title: str, path: Path, columns: int = 8
 ) -> None:
-    from clusterlab.callbacks.figures import _as_picture, _pyplot
+    from clusterlab.callbacks.figures import as_picture, pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     rows = max(1, -(-len(images) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.2 + 0.6), squeeze=False)
     for k, ax in enumerate(axes.flat):
@@ -159,7 +159,7 @@ def contact_sheet(
         for spine in ax.spines.values():
             spine.set_visible(False)
         if k < len(images):
-            picture, cmap = _as_picture(images[k])
+            picture, cmap = as_picture(images[k])
             ax.imshow(picture, cmap=cmap, interpolation="nearest")
             ax.set_title(f"{confidences[k]:.2f}", fontsize=7, pad=1)
     fig.suptitle(title, fontsize=11)

@@ -126,7 +126,8 @@ class ClusterFigures(pl.Callback):
         return paths
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend: figures are drawn where there is no display."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,7 +137,7 @@ def _pyplot():
 
 
 def confusion_figure(outputs: dict, class_names: list[str], title: str, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     known = outputs["label"] >= 0
     preds, labels = outputs["cluster"][known], outputs["label"][known]
     table = contingency(preds, labels).numpy().T  # rows: classes, columns: clusters
@@ -175,7 +176,8 @@ def confusion_figure(outputs: dict, class_names: list[str], title: str, path: Pa
     return path
 
 
-def _as_picture(image: torch.Tensor) -> tuple[np.ndarray, str | None]:
+def as_picture(image: torch.Tensor) -> tuple[np.ndarray, str | None]:
+    """A CxHxW image as imshow takes it, with the colour map a one-channel image needs."""
     array = image.numpy()
     return (array[0], "gray") if array.shape[0] == 1 else (array.transpose(1, 2, 0), None)
 
@@ -183,7 +185,7 @@ def _as_picture(image: torch.Tensor) -> tuple[np.ndarray, str | None]:
 def confident_figure(
     outputs: dict, images: torch.Tensor, per_cluster: int, max_clusters: int, title: str, path: Path
 ) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     clusters, counts = outputs["cluster"].unique(return_counts=True)
     shown = clusters[counts.argsort(descending=True)][:max_clusters].sort().values.tolist()
     columns = 2 * per_cluster + 1  # most confident | gap | least confident
@@ -209,7 +211,7 @@ def confident_figure(
                 spine.set_visible(False)
             if pick is None:
                 continue
-            picture, cmap = _as_picture(images[int(outputs["index"][pick])])
+            picture, cmap = as_picture(images[int(outputs["index"][pick])])
             ax.imshow(picture, cmap=cmap, interpolation="nearest")
             ax.set_title(f"{float(outputs['confidence'][pick]):.2f}", fontsize=6, pad=1)
         axes[row, 0].set_ylabel(
@@ -234,7 +236,7 @@ def confident_figure(
 def embedding_figure(outputs: dict, max_points: int, title: str, path: Path) -> Path:
     from sklearn.manifold import TSNE
 
-    plt = _pyplot()
+    plt = pyplot()
     features, clusters = outputs["features"].double().numpy(), outputs["cluster"].numpy()
     # Only finite features, scaled to [-1, 1]: a diverged model's features (1e30, inf) crash t-SNE.
     finite = np.isfinite(features).all(1).nonzero()[0]

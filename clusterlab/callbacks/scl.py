@@ -29,7 +29,7 @@ class PseudoLabelled(Protocol):
     sample_table: SampleTable  # labels and change counts per task and training-set index
     task_clusters: list[int]  # C_t of each task, in the order of sample_table's rows
 
-    def assignments(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
+    def task_outputs(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
         """For each task (sample_table's row order): its logits (B x C_t) and the features they
         come from (B x D), for a batch of uint8 images."""
         ...
@@ -44,7 +44,8 @@ class PseudoLabelRefresh(pl.Callback):
 
     Each rank predicts its shard of the training set (`train_eval_dataloader`, through
     `clusterlab.passes.pass_over`), the predictions are gathered, and every rank writes the same
-    table. The imbalance guard runs on rank 0 and its result is broadcast.
+    table. The imbalance guard runs on rank 0, the only rank that receives the features it needs,
+    and its result is broadcast.
 
     Args:
         imbalance_guard: refill clusters smaller than `min_cluster_fraction` x N / C by splitting
@@ -61,7 +62,7 @@ class PseudoLabelRefresh(pl.Callback):
         table = pl_module.sample_table
         if trainer.current_epoch <= int(table.epoch) or len(table) == 0 or not pl_module.task_clusters:
             return
-        new_labels, features = self.predict_training_set(trainer, pl_module)
+        new_labels, features = self.predict_training_set(trainer, pl_module, features=self.imbalance_guard)
         for task, (labels, clusters) in enumerate(zip(new_labels, pl_module.task_clusters)):
             if self.imbalance_guard:
                 min_size = self.min_cluster_fraction * len(labels) / clusters
@@ -79,14 +80,19 @@ class PseudoLabelRefresh(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         require(pl_module, PseudoLabelled, self)
 
-    def predict_training_set(self, trainer: pl.Trainer, pl_module) -> tuple[list[Tensor], list[Tensor]]:
-        """y_i = argmax_j p_ij for every training sample (Eq. 5), per task, with the features."""
+    def predict_training_set(
+        self, trainer: pl.Trainer, pl_module, features: bool = True
+    ) -> tuple[list[Tensor], list[Tensor | None]]:
+        """y_i = argmax_j p_ij for every training sample (Eq. 5), per task, on every rank; with
+        `features`, each task's features too, on rank 0 only (None elsewhere, or without)."""
+
+        tasks = range(len(pl_module.task_clusters))
 
         def step(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-            outputs = pl_module.assignments(batch["image"])
+            outputs = pl_module.task_outputs(batch["image"])
             return {
                 **{f"label{t}": logits.argmax(1) for t, (logits, _) in enumerate(outputs)},
-                **{f"features{t}": features.float() for t, (_, features) in enumerate(outputs)},
+                **({f"features{t}": h.float() for t, (_, h) in enumerate(outputs)} if features else {}),
             }
 
         out = pass_over(
@@ -95,9 +101,10 @@ class PseudoLabelRefresh(pl.Callback):
             step,
             precision=trainer.precision_plugin,
             description="Refreshing pseudo labels",
+            rank0_only=[f"features{t}" for t in tasks],  # the labels go to every rank
         )
-        tasks = range(len(pl_module.task_clusters))
-        return [out[f"label{t}"].cpu() for t in tasks], [out[f"features{t}"].cpu() for t in tasks]
+        found = [out.get(f"features{t}") for t in tasks]
+        return [out[f"label{t}"].cpu() for t in tasks], [h.cpu() if h is not None else None for h in found]
 
 
 def split_small_clusters(

@@ -1,6 +1,7 @@
 """`clusterlab cluster FOLDER --out DIR`: group a folder of photos, choose how many groups, show them.
 
-    clusterlab cluster ~/photos --out ~/photos-grouped [--num_clusters auto|K] [--method cc|nnm|scl|dccm]
+    clusterlab cluster ~/photos --out ~/photos-grouped [--num_clusters auto|K]
+                       [--method cc|nnm|scl|dccm|package.module.Class]
                        [--minutes 10] [--image_size 32] [--seed 0]
 
 One line per phase, Lightning's progress bar while training, the report's path at the end:
@@ -8,9 +9,10 @@ One line per phase, Lightning's progress bar while training, the report's path a
   [1/7] scanning      the sorted walk of the folder (nested folders; png, jpg, webp, bmp, tiff, ...)
   [2/7] decoding      every image once, into DIR/cache (a uint8 memmap the epochs read batches from)
   [3/7] features      SimCLR on the folder: the features K is chosen on (when --num_clusters auto,
-                      and for NNM, whose pretext it is)
+                      and for a method whose recipe starts from this pretext, NNM)
   [4/7] choosing K    label-free, from those features (clusterlab.cluster.choose_k)
-  [5/7] clustering    the method with K clusters (CC: started from the features' backbone)
+  [5/7] clustering    the method with K clusters, as its folder_recipe says (a warm start from
+                      the features' backbone, CC)
   [6/7] assigning     every image: cluster and confidence; clusters renumbered by size
   [7/7] report        report.html with thumbnails and figures, contact sheets, assignments.csv
 
@@ -36,8 +38,10 @@ import shlex
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,7 +59,8 @@ TARGET_STEPS = 2400  # optimizer steps per phase when the folder is small enough
 MAX_K = 20  # the largest K that --num_clusters auto considers (fewer for small folders)
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
+def _parser() -> OneLineParser:
+    """The options of `clusterlab cluster`."""
     parser = OneLineParser(
         prog="clusterlab cluster",
         description=__doc__.split("\n\n")[0],
@@ -69,7 +74,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="K, or 'auto' (default): chosen from the data, see docs/cluster-folder.md",
     )
     parser.add_argument(
-        "--method", default="cc", choices=recipe.METHODS, help="clustering method (default: cc)"
+        "--method",
+        default="cc",
+        help=f"clustering method: {', '.join(recipe.METHODS)}, or the class path of a ClusteringMethod that "
+        "declares a folder_recipe (default: cc)",
     )
     parser.add_argument(
         "--minutes",
@@ -106,8 +114,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu (default: auto)"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line, with every value that cannot work refused in one line (ConfigError)."""
+    args = _parser().parse_args(argv)
     args.argv = list(argv)
+    recipe.method_class(args.method)  # an unknown method fails before the folder is read
     if args.num_clusters != "auto":
         try:
             args.num_clusters = int(args.num_clusters)
@@ -211,19 +225,62 @@ def _full_message(error: OSError, out: Path, staging: Path) -> str:
     )
 
 
+@dataclass
+class _Run:
+    """What the phases of one `clusterlab cluster` hand on to each other, filled in as they go."""
+
+    args: argparse.Namespace
+    folder: Path
+    out: Path
+    staging: Path
+    phases: Phases = field(default_factory=Phases)
+    found: Any = None  # cache.scan's listing of the folder
+    decoded: Any = None  # cache.decode's result: the images, what was skipped, how long it took
+    n: int = 0  # readable images
+    distinct: int = 0  # different pictures among them (at most what was asked for)
+    flip: bool = False
+    ratio: float | None = None  # mirror_ratio, when --flip auto
+    auto: bool = False  # K chosen from the data
+    method: Any = None  # the method's folder recipe
+    method_name: str = ""
+    epochs: int = 0
+    budget: float = 0.0  # seconds of training, both phases
+    trainer_seconds: float = 0.0
+    features_model: Any = None
+    k_curve: dict | None = None
+    num_clusters: int = 0
+
+
 def _run_phases(args, folder: Path, out: Path, staging: Path) -> dict:
     """Every phase, writing into `staging`; returns the summary that cluster.json records."""
     import pytorch_lightning as pl
 
-    phases = Phases()
+    run = _Run(args, folder, out, staging)
     pl.seed_everything(args.seed, verbose=False)
-    phases.start(f"scanning {folder}")
-    found = cache.scan(folder)
-    labelled = f", {len(found.classes)} class sub-folders" if found.classes else ""
-    phases.note(f"{len(found.paths):,} image files{labelled}")
+    _scan_phase(run)
+    _decode_phase(run)
+    _check_images(run)
+    _choose_flip(run)
+    _features_phase(run)
+    _choose_k_phase(run)
+    model, data, trainer, resolved = _clustering_phase(run)
+    outputs, paths, metrics = _assign_phase(run, model, data, trainer, resolved)
+    return _report_phase(run, model, outputs, paths, metrics)
 
-    phases.start(f"decoding {len(found.paths):,} images to {args.image_size} px into {out / 'cache'}")
-    decoded = cache.decode(
+
+def _scan_phase(run: _Run) -> None:
+    """[1/7] the sorted walk of the folder."""
+    run.phases.start(f"scanning {run.folder}")
+    run.found = found = cache.scan(run.folder)
+    labelled = f", {len(found.classes)} class sub-folders" if found.classes else ""
+    run.phases.note(f"{len(found.paths):,} image files{labelled}")
+
+
+def _decode_phase(run: _Run) -> None:
+    """[2/7] every image decoded once into the cache; the unreadable ones listed in skipped.csv."""
+    args, out, staging, found = run.args, run.out, run.staging, run.found
+    run.phases.start(f"decoding {len(found.paths):,} images to {args.image_size} px into {out / 'cache'}")
+    run.decoded = decoded = cache.decode(
         found,
         staging / "cache",
         args.image_size,
@@ -231,18 +288,22 @@ def _run_phases(args, folder: Path, out: Path, staging: Path) -> dict:
         progress=_decode_progress(),
         max_pixels=args.max_pixels,
     )
-    images = decoded.images
-    n = len(images)
+    run.n = n = len(decoded.images)
     _write_skipped(staging / "skipped.csv", decoded.skipped)
     how = (
         "reused the cache of the previous run"
         if decoded.reused
         else f"{n / max(decoded.seconds, 1e-9):,.0f} images/s"
     )
-    phases.note(
+    run.phases.note(
         f"{n:,} decoded, {len(decoded.skipped)} unreadable or over --max_pixels (skipped.csv), "
         f"{decoded.seconds:.1f} s ({how})"
     )
+
+
+def _check_images(run: _Run) -> None:
+    """Enough readable and different images for the clusters asked for, or a ConfigError."""
+    args, folder, n = run.args, run.folder, run.n
     if isinstance(args.num_clusters, int) and args.num_clusters > n:
         raise ConfigError(
             f"--num_clusters {args.num_clusters}: more clusters than the {n} readable images; "
@@ -253,7 +314,7 @@ def _run_phases(args, folder: Path, out: Path, staging: Path) -> dict:
             f"only {n} readable image(s) under {folder}: too few to group; choosing K needs at least 4"
         )
     wanted = args.num_clusters if isinstance(args.num_clusters, int) else MAX_K
-    distinct = _distinct_images(images.images, enough=wanted)
+    run.distinct = distinct = _distinct_images(run.decoded.images.images, enough=wanted)
     if distinct < 2:
         raise ConfigError(
             f"the {n} readable images under {folder} are all the same picture (identical once decoded to "
@@ -266,23 +327,33 @@ def _run_phases(args, folder: Path, out: Path, staging: Path) -> dict:
             f"give at most {distinct} clusters, or auto"
         )
 
+
+def _choose_flip(run: _Run) -> None:
+    """Horizontal flips among the views: as --flip says, or (auto) only if the folder's mirror images
+    look like its images."""
+    args = run.args
     if args.flip == "auto":
-        ratio = recipe.mirror_ratio(images.images, seed=args.seed)
+        ratio = recipe.mirror_ratio(run.decoded.images.images, seed=args.seed)
         flip = ratio < recipe.MIRROR_RATIO_LIMIT
-        phases.note(
+        run.phases.note(
             f"mirror images {ratio:.2f}x as far from the folder as the images: views "
             + ("with" if flip else "without")
             + " horizontal flips"
         )
     else:
         ratio, flip = None, args.flip == "on"
+    run.ratio, run.flip = ratio, flip
 
-    data = _data(images, folder, args, num_clusters=2)
+
+def _features_phase(run: _Run) -> None:
+    """[3/7] SimCLR on the folder: the features K is chosen on, and the pretext of a method that
+    starts from one; skipped when neither is needed."""
+    args, n, flip, staging, phases = run.args, run.n, run.flip, run.staging, run.phases
+    data = _data(run.decoded.images, run.folder, args, num_clusters=2)
     budget = args.minutes * 60.0
-    trainer_seconds = 0.0
-    features_model, k_curve = None, None
     auto = args.num_clusters == "auto"
-    need_features = auto or args.method == "nnm"
+    method, method_name = recipe.method_recipe(args.method), recipe.method_class(args.method).__name__
+    need_features = auto or method.pretext_checkpoint
     epochs = args.epochs or _epochs(n, data.hparams.batch_size)
     if need_features:
         phases.start(f"features: SimCLR on {n:,} images (up to {budget / 120:.1f} min)")
@@ -292,94 +363,122 @@ def _run_phases(args, folder: Path, out: Path, staging: Path) -> dict:
         seconds, trainer = _train(
             features_model, data, staging / "logs" / "features", epochs, budget / 2, args
         )
-        trainer_seconds += seconds
+        run.trainer_seconds += seconds
         phases.note(_trained(features_model, epochs, seconds, n))
-        if args.method == "nnm":
-            trainer.save_checkpoint(staging / "features" / "last.ckpt", weights_only=False)  # NNM's pretext
+        if method.pretext_checkpoint:  # the method's pretext
+            trainer.save_checkpoint(staging / "features" / "last.ckpt", weights_only=False)
+        run.features_model = features_model
     else:
         phases.start("features: skipped (K is given; the clustering method trains on its own)")
+    run.auto, run.method, run.method_name, run.epochs, run.budget = auto, method, method_name, epochs, budget
 
-    if auto:
+
+def _choose_k_phase(run: _Run) -> None:
+    """[4/7] K: given, or chosen label-free from the features (clusterlab.cluster.choose_k)."""
+    args, n, phases = run.args, run.n, run.phases
+    if run.auto:
         phases.start("choosing K from the features (label-free)")
         started = time.time()
-        features = _features(features_model, images)
+        features = _features(run.features_model, run.decoded.images)
         np.save(
-            staging / "cache" / "features.npy", features.numpy()
+            run.staging / "cache" / "features.npy", features.numpy()
         )  # what K was chosen on, to look at again
         # No more clusters than different pictures: copies of one picture are one group.
-        choice = choose_k.choose(features, range(2, min(MAX_K, n // 2, distinct) + 1), seed=args.seed)
-        num_clusters, k_curve = choice.k, choice.curve
-        phases.note(f"K = {num_clusters} ({choice.method}; {time.time() - started:.1f} s)")
+        choice = choose_k.choose(features, range(2, min(MAX_K, n // 2, run.distinct) + 1), seed=args.seed)
+        run.num_clusters, run.k_curve = choice.k, choice.curve
+        phases.note(f"K = {run.num_clusters} ({choice.method}; {time.time() - started:.1f} s)")
     else:
-        num_clusters = args.num_clusters
-        phases.start(f"choosing K: given, K = {num_clusters}")
+        run.num_clusters = args.num_clusters
+        phases.start(f"choosing K: given, K = {run.num_clusters}")
 
-    left = budget - trainer_seconds
-    phases.start(
-        f"clustering: {args.method.upper()} with {num_clusters} clusters (up to {left / 60:.1f} min)"
-    )
-    pretext_ckpt = str(staging / "features" / "last.ckpt") if args.method == "nnm" else None
+
+def _clustering_phase(run: _Run):
+    """[5/7] the method with K clusters, in the time left; returns the model, its data, its trainer
+    and the model's resolved config."""
+    args, n, flip, staging, phases = run.args, run.n, run.flip, run.staging, run.phases
+    method, method_name, epochs, num_clusters = run.method, run.method_name, run.epochs, run.num_clusters
+    features_model = run.features_model
+    left = run.budget - run.trainer_seconds
+    phases.start(f"clustering: {method_name} with {num_clusters} clusters (up to {left / 60:.1f} min)")
+    pretext_ckpt = str(staging / "features" / "last.ckpt") if method.pretext_checkpoint else None
     model_config = recipe.clustering(
         args.method, args.image_size, num_clusters, n, epochs, pretext_ckpt, flip
     )
     model, resolved = recipe.build(model_config)
-    if features_model is not None and args.method == "cc":
+    if features_model is not None and method.warm_start:
         recipe.warm_start(model, features_model)
-    data = _data(images, folder, args, num_clusters=num_clusters)
+    data = _data(run.decoded.images, run.folder, args, num_clusters=num_clusters)
     seconds, trainer = _train(model, data, staging / "logs" / "clustering", epochs, left, args)
-    trainer_seconds += seconds
+    run.trainer_seconds += seconds
     phases.note(_trained(model, epochs, seconds, n))
+    return model, data, trainer, resolved
 
-    phases.start(f"assigning {n:,} images")
-    outputs = _assign(model, data)
+
+def _assign_phase(run: _Run, model, data, trainer, resolved) -> tuple[dict, list[str], dict | None]:
+    """[6/7] every image's cluster and confidence, clusters renumbered by size; the checkpoint,
+    config.yaml and assignments.csv written. Returns the outputs, the images' paths and the
+    metrics against the class sub-folders (None without them)."""
+    out, staging, num_clusters, found = run.out, run.staging, run.num_clusters, run.found
+    method = run.method
+    run.phases.start(f"assigning {run.n:,} images")
+    outputs = _predict_clusters(model, data)
     order = torch.bincount(outputs["cluster"], minlength=num_clusters).argsort(descending=True, stable=True)
-    recipe.permute_clusters(model, order.tolist())  # cluster 0 is the largest, in the report and for predict
+    model.permute_clusters_(order)  # cluster 0 is the largest, in the report and for predict
     renumbered = torch.empty_like(order)
     renumbered[order] = torch.arange(num_clusters)
     outputs["cluster"] = renumbered[outputs["cluster"]]
     outputs["num_clusters"] = num_clusters
-    if args.method == "nnm":  # where the pretext checkpoint will be once the output is swapped in
+    if method.pretext_checkpoint:  # where the pretext checkpoint will be once the output is swapped in
         resolved["init_args"]["pretext_checkpoint"] = str(out / "features" / "last.ckpt")
         # The checkpoint records the same (a checkpoint rebuilds the model from its hyper-parameters).
         model.hparams["pretext_checkpoint"] = resolved["init_args"]["pretext_checkpoint"]
     # Renumbered: predict names the clusters as the report does.
     trainer.save_checkpoint(staging / "checkpoints" / "last.ckpt", weights_only=False)
-    config = _config(resolved, folder, args, num_clusters, epochs)
+    config = _config(resolved, run.folder, run.args, num_clusters, run.epochs)
     (staging / "config.yaml").write_text(config)
-    paths = [found.relative(p) for p in images.paths]
+    paths = [found.relative(p) for p in run.decoded.images.paths]
     _write_assignments(staging / "assignments.csv", paths, outputs)
     metrics = _metrics(outputs, found.classes)
     if metrics:
-        phases.note(
+        run.phases.note(
             f"against the {len(found.classes)} class sub-folders: ACC {metrics['acc']:.4f}, "
             f"NMI {metrics['nmi']:.4f}, ARI {metrics['ari']:.4f}"
         )
+    return outputs, paths, metrics
 
-    phases.start("writing the report")
+
+def _report_phase(run: _Run, model, outputs: dict, paths: list[str], metrics: dict | None) -> dict:
+    """[7/7] report.html with its figures and thumbnails, and the contact sheets; returns the
+    summary that cluster.json records."""
+    args, folder, out, staging, auto = run.args, run.folder, run.out, run.staging, run.auto
+    images, num_clusters, features_model = run.decoded.images, run.num_clusters, run.features_model
+    run.phases.start("writing the report")
     sizes = torch.bincount(outputs["cluster"], minlength=num_clusters).tolist()
     _contact_sheets(outputs, images.images, staging / "clusters")
     missing: dict[str, str] = {}  # figures that could not be drawn: the page says why in their place
-    figures = report.draw_figures(outputs, found.classes, k_curve, staging / "figures", missing=missing)
+    figures = report.draw_figures(
+        outputs, run.found.classes, run.k_curve, staging / "figures", missing=missing
+    )
     views = report.cluster_views(
         outputs, paths, images.images, [Path(p) for p in images.paths], staging / "thumbs"
     )
     summary = {
         "folder": str(folder),
-        "images": n,
-        "skipped": len(decoded.skipped),
+        "images": run.n,
+        "skipped": len(run.decoded.skipped),
         "num_clusters": num_clusters,
         "k_auto": auto,
         "k_method": choose_k.METHOD if auto else "given",
-        "k_curve": k_curve,
+        "k_curve": run.k_curve,
         "k_caption": choose_k.CAPTION if auto else "",
-        "method": args.method.upper(),
+        "method": run.method_name,
         "epochs": int(model.epochs_trained),
         "image_size": args.image_size,
-        "flip": flip,
-        "mirror_ratio": ratio,
+        "flip": run.flip,
+        "mirror_ratio": run.ratio,
         "seed": args.seed,
         "minutes_budget": args.minutes,
-        "train_minutes": trainer_seconds / 60,
+        "train_minutes": run.trainer_seconds / 60,
         "cluster_sizes": sizes,
         "metrics": metrics,
         "figures_not_drawn": missing,
@@ -390,9 +489,9 @@ def _run_phases(args, folder: Path, out: Path, staging: Path) -> dict:
         "features_epochs": int(features_model.epochs_trained) if features_model is not None else 0,
         "command": "clusterlab cluster " + shlex.join(args.argv),
     }
-    summary["total_minutes"] = (time.time() - phases.started) / 60
+    summary["total_minutes"] = (time.time() - run.phases.started) / 60
     report.write_html(staging / "report.html", summary, views, figures, metrics)
-    phases.note(f"{num_clusters} clusters, sizes {sizes}; {summary['total_minutes']:.1f} min in all")
+    run.phases.note(f"{num_clusters} clusters, sizes {sizes}; {summary['total_minutes']:.1f} min in all")
     return summary
 
 
@@ -499,7 +598,8 @@ def _features(model, images) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _assign(model, data) -> dict:
+def _predict_clusters(model, data) -> dict:
+    """Every image's cluster and confidence, in the folder's order (the model's online prediction)."""
     from clusterlab.callbacks.figures import collect_predictions
 
     model.eval()

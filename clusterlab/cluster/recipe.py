@@ -4,39 +4,69 @@ Every model is described the way an experiments/*.yaml file describes it (class 
 args) and built from that description by the same jsonargparse machinery as `clusterlab fit`;
 the description goes into <out>/config.yaml, which `clusterlab predict` and `clusterlab fit` load.
 
-What suits photos, for every method:
+What is specific to a method (its views, optimiser, sizes as functions of the folder, whether it
+starts from a pretext) it declares next to its class, as `folder_recipe`
+(`clusterlab.methods.base.FolderRecipe`); `--method` names one of `clusterlab.methods.FOLDER_METHODS`
+or gives the class path of any ClusteringMethod that declares one. This module adds what is the
+same for every method:
 
 - input: each image standardised per channel (`ImageStandardize`): colour casts, exposure and
   contrast are removed before the network sees the image, so they cannot become clusters;
-- views: SimCLR's (random resized crop 0.2-1, colour jitter of strength 1 and any hue with p 0.8,
-  random greyscale p 0.5), as CC and SimCLR use on natural images; NNM's strong views
-  (RandAugment + Cutout) and DCCM's small geometric perturbations, each with the same input;
-  the horizontal flip only where the folder's mirror images look like its images
-  (`mirror_ratio`: photos of objects, not digits or text);
+- views: the method's, at the working size, each image standardised, with the horizontal flip
+  only where the folder's mirror images look like its images (`mirror_ratio`: photos of
+  objects, not digits or text);
 - backbone: a VGG-style SmallCNN that halves the side down to 4 px (4 blocks at 32 px,
   16-128 channels, 98k parameters): ~1,600-1,800 images/s of two-view training on 2 idle CPU
   cores at 32 px, so that 2,000 images get about 250 epochs per phase within 10 minutes;
-- optimiser: Adam 1e-3 (CC, SimCLR, NNM), RMSprop (DCCM), SGD 0.03 with a cosine schedule (SCL),
-  as their digits configs.
+- the pretext (SimCLR's own recipe): the features K is chosen on, and the start of a method
+  that has a pretext stage or starts warm.
 """
 
 from __future__ import annotations
 
+import copy
+import importlib
 import math
 
 import torch
-from torch import nn
 
-from clusterlab.methods.base import ClusteringMethod
+from clusterlab.errors import ConfigError
+from clusterlab.methods import FOLDER_METHODS
+from clusterlab.methods.base import ClusteringMethod, FolderRecipe
 
-METHODS = ("cc", "nnm", "scl", "dccm")
-CLASS_PATHS = {
-    "cc": "clusterlab.methods.CC",
-    "nnm": "clusterlab.methods.NNM",
-    "scl": "clusterlab.methods.SCL",
-    "dccm": "clusterlab.methods.DCCM",
-    "simclr": "clusterlab.methods.SimCLR",
-}
+METHODS = tuple(FOLDER_METHODS)
+PRETEXT = "clusterlab.methods.SimCLR"
+
+
+def method_class(method: str) -> type[ClusteringMethod]:
+    """The class `--method` names: a registered name (cc, nnm, scl, dccm) or the class path of a
+    ClusteringMethod that declares a `folder_recipe`; a ConfigError that says which otherwise."""
+    path = class_path(method)
+    module_name, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name) if module_name else None
+    except (ImportError, AttributeError):
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, ClusteringMethod)):
+        raise ConfigError(
+            f"--method {method}: neither one of {', '.join(METHODS)} nor the class path of a "
+            "ClusteringMethod (package.module.Class)"
+        )
+    if cls.folder_recipe is None:
+        raise ConfigError(
+            f"--method {method}: {cls.__name__} declares no folder_recipe (docs/adding-a-method.md), so "
+            "the folder command does not know how to build it"
+        )
+    return cls
+
+
+def class_path(method: str) -> str:
+    """The class path of a registered name, or `method` itself."""
+    return FOLDER_METHODS.get(method, method)
+
+
+def method_recipe(method: str) -> FolderRecipe:
+    return method_class(method).folder_recipe
 
 
 def backbone(size: int) -> dict:
@@ -49,30 +79,12 @@ def backbone(size: int) -> dict:
     }
 
 
-def views(kind: str, size: int, flip: bool = True) -> dict:
-    """The views of `kind` (simclr, strong: NNM's, geometric: DCCM's), with the horizontal flip
-    or without it (a folder whose mirror images are not of its kinds: `mirror_ratio`)."""
-    if kind == "strong":  # NNM
-        return {
-            "class_path": "clusterlab.data.views.StrongViews",
-            "init_args": {"size": size, "crop_scale": [0.2, 1.0], "flip": flip, "standardize": True},
-        }
-    if kind == "geometric":  # DCCM
-        return {
-            "class_path": "clusterlab.data.views.GeometricViews",
-            "init_args": {"size": size, "flip": flip, "standardize": True},
-        }
+def views(recipe: FolderRecipe, size: int, flip: bool = True) -> dict:
+    """The recipe's views at `size`, each image standardised, with the horizontal flip or without
+    it (a folder whose mirror images are not of its kinds: `mirror_ratio`)."""
     return {
-        "class_path": "clusterlab.data.views.SimCLRViews",
-        "init_args": {
-            "size": size,
-            "crop_scale": [0.2, 1.0],
-            "strength": 1.0,
-            "hue": 0.5,
-            "grayscale_p": 0.5,
-            "flip": flip,
-            "standardize": True,
-        },
+        "class_path": recipe.views,
+        "init_args": {"size": size, **copy.deepcopy(recipe.view_args), "flip": flip, "standardize": True},
     }
 
 
@@ -115,22 +127,9 @@ def mirror_ratio(images: torch.Tensor, max_images: int = 5000, seed: int = 0) ->
     return float((1.0 - mirrored_similarity).median() / (1.0 - plain_similarity).median().clamp_min(1e-8))
 
 
-def _adam(lr: float = 1e-3) -> dict:
-    return {"class_path": "torch.optim.Adam", "init_args": {"lr": lr}}
-
-
 def pretext(size: int, num_clusters: int, flip: bool = True) -> dict:
     """SimCLR: the features K is chosen on, and the start of the clustering model."""
-    return {
-        "class_path": CLASS_PATHS["simclr"],
-        "init_args": {
-            "num_clusters": num_clusters,
-            "backbone": backbone(size),
-            "views": views("simclr", size, flip),
-            "temperature": 0.5,
-            "optimizer": _adam(),
-        },
-    }
+    return model_config(PRETEXT, size, num_clusters, num_images=0, epochs=0, flip=flip)
 
 
 def clustering(
@@ -142,41 +141,36 @@ def clustering(
     pretext_checkpoint: str | None = None,
     flip: bool = True,
 ) -> dict:
-    """The clustering model of `method` with K clusters."""
-    args: dict = {"num_clusters": num_clusters, "backbone": backbone(size)}
-    if method == "cc":
-        args.update(views=views("simclr", size, flip), optimizer=_adam())
-    elif method == "nnm":
-        args.update(
-            views=views("strong", size, flip),
-            pretext_checkpoint=pretext_checkpoint,
-            num_neighbors=max(1, min(20, num_images // (2 * num_clusters))),
-            optimizer=_adam(),
-        )
-    elif method == "scl":
-        # SCL's under-clustering task has K // 2 clusters: none below K = 4.
-        args.update(
-            views=views("simclr", size, flip),
-            memory_size=max(num_clusters, min(4096, num_images // 2)),
-            under_clustering=num_clusters >= 4,
-            optimizer={
-                "class_path": "torch.optim.SGD",
-                "init_args": {"lr": 0.03, "momentum": 0.9, "weight_decay": 0.0005},
-            },
-            lr_scheduler={
-                "class_path": "torch.optim.lr_scheduler.CosineAnnealingLR",
-                "init_args": {"T_max": max(1, epochs)},
-            },
-        )
-    elif method == "dccm":
-        args.update(
-            views=views("geometric", size, flip),
-            discriminator_dim=128,
-            optimizer={"class_path": "torch.optim.RMSprop", "init_args": {"lr": 0.001, "alpha": 0.9}},
-        )
-    else:
-        raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
-    return {"class_path": CLASS_PATHS[method], "init_args": args}
+    """The clustering model of `method` (a registered name or a class path) with K clusters."""
+    method_class(method)  # a clear error for a method the folder command cannot build
+    return model_config(class_path(method), size, num_clusters, num_images, epochs, pretext_checkpoint, flip)
+
+
+def model_config(
+    path: str,
+    size: int,
+    num_clusters: int,
+    num_images: int,
+    epochs: int,
+    pretext_checkpoint: str | None = None,
+    flip: bool = True,
+) -> dict:
+    """The config of the class at `path` from its folder recipe: backbone and views for `size`,
+    the recipe's sizes for N images and K clusters, its optimiser and schedule for E epochs."""
+    recipe = method_class(path).folder_recipe
+    args: dict = {
+        "num_clusters": num_clusters,
+        "backbone": backbone(size),
+        "views": views(recipe, size, flip),
+    }
+    if recipe.pretext_checkpoint:
+        args["pretext_checkpoint"] = pretext_checkpoint
+    args.update(recipe.sizes(num_images, num_clusters))
+    args.update(copy.deepcopy(recipe.args))
+    args["optimizer"] = copy.deepcopy(recipe.optimizer)
+    if recipe.lr_scheduler is not None:
+        args["lr_scheduler"] = recipe.lr_scheduler(epochs)
+    return {"class_path": path, "init_args": args}
 
 
 def _parser():
@@ -215,54 +209,3 @@ def warm_start(model: ClusteringMethod, source: ClusteringMethod) -> None:
     """Start the clustering model from the pretext's backbone (CC: as SCAN starts its clustering
     step from the pretext), so that the two phases share the training budget."""
     model.backbone.load_state_dict(source.backbone.state_dict())
-
-
-# -- cluster numbering ---------------------------------------------------------------------------
-
-
-def _rows(layer: nn.Module, order: torch.Tensor) -> None:
-    """Output unit k of a Linear / BatchNorm1d becomes its old unit order[k]."""
-    with torch.no_grad():
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            tensor = getattr(layer, name, None)
-            if isinstance(tensor, torch.Tensor) and tensor.ndim >= 1 and len(tensor) == len(order):
-                tensor.copy_(tensor[order.to(tensor.device)])
-
-
-def permute_clusters(model: ClusteringMethod, order: list[int]) -> None:
-    """Renumber the clusters of the model's reported head: new cluster k is old cluster order[k].
-
-    After this, `predict` (and every other use of the checkpoint) names clusters as the report
-    does. Training state keyed by cluster (SCL's pseudo-label table) keeps the old numbers, so
-    the renumbered checkpoint is for prediction, not for further training.
-    """
-    index = torch.as_tensor(order, dtype=torch.long)
-    if sorted(order) != list(range(model.num_clusters)):
-        raise ValueError(f"{order} is not a permutation of the {model.num_clusters} clusters")
-    if getattr(model, "kmeans", None) is not None:  # a k-means cluster head (SimCLR, CC "ICH only")
-        _rows_of_buffer(model.kmeans.centroids, index)
-        return
-    name = type(model).__name__
-    if name == "CC":
-        for head in model.cluster_projector.heads:
-            _rows(head[-1], index)
-    elif name == "NNM":
-        _rows(model.cluster_heads.heads[model.selected_head], index)
-    elif name == "DCCM":
-        for head in model.cluster_heads:
-            for layer in head:
-                _rows(layer, index)
-    elif name == "SCL":
-        task = "clustering"
-        if model.hparams.use_concept_loss:
-            _rows(model.classifiers[task], index)
-        memory = model.semantic_memory[task]
-        for buffer in (memory.keys, memory.index, memory.pointer):
-            _rows_of_buffer(buffer, index)
-    else:
-        raise NotImplementedError(f"renumbering the clusters of {name} is not supported")
-
-
-def _rows_of_buffer(buffer: torch.Tensor, index: torch.Tensor) -> None:
-    if len(buffer) == len(index):
-        buffer.copy_(buffer[index.to(buffer.device)])

@@ -17,11 +17,12 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
+from string import Template
 
 import numpy as np
 import torch
 
-from clusterlab.callbacks.figures import _pyplot, confusion_figure, embedding_figure
+from clusterlab.callbacks.figures import confusion_figure, embedding_figure, pyplot
 
 THUMB_SIDE = 96  # px, the longer side of a thumbnail
 
@@ -62,7 +63,7 @@ def thumbnail(source: Path, fallback: torch.Tensor, target: Path) -> None:
 
 
 def sizes_figure(sizes: list[int], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(sizes) + 2.5), 3.2))
     ax.bar(range(len(sizes)), sizes, color="#4C72B0")
     ax.set_xticks(range(len(sizes)), [str(k) for k in range(len(sizes))], fontsize=8)
@@ -77,7 +78,7 @@ def sizes_figure(sizes: list[int], path: Path) -> Path:
 
 def k_curve_figure(curve: dict, path: Path) -> Path:
     """The criterion K was chosen by, over the range tried, with the choice marked."""
-    plt = _pyplot()
+    plt = pyplot()
     ks, values = curve["k"], curve["value"]
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.errorbar(ks, values, yerr=curve.get("error"), marker="o", markersize=3, color="#4C72B0", capsize=2)
@@ -173,15 +174,114 @@ _TITLES = {
 }
 
 
-def _e(text) -> str:
-    return html.escape(str(text), quote=True)
+class _Markup(str):
+    """HTML that a template of this module rendered (or a constant of it): inserted as it is."""
 
 
-def _thumbs(items: list[tuple[str, str, float]]) -> str:
-    return "".join(
-        f'<figure><img src="{_e(thumb)}" alt="{_e(source)}" title="{_e(source)}">'
-        f"<figcaption>{confidence:.2f}</figcaption></figure>"
-        for thumb, source, confidence in items
+def _render(template: Template, **values) -> _Markup:
+    """`template` filled in, every value HTML-escaped except the markup this module made: a path or
+    a folder name with `<`, `&` or quotes in it shows as text and never becomes markup."""
+    escaped = {k: v if isinstance(v, _Markup) else html.escape(str(v), quote=True) for k, v in values.items()}
+    return _Markup(template.substitute(escaped))
+
+
+_PAGE = Template(
+    """\
+<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>clusterlab: $folder in $num_clusters clusters</title>
+<style>$style</style></head><body>
+<h1>$folder: $images images in $num_clusters clusters</h1>
+<p class="summary">$k_line. Method $method, $epochs epochs$features, $train_minutes min of training, \
+$total_minutes min in all$skipped. Every image's cluster: <a href="assignments.csv">assignments.csv</a>.</p>
+<nav class="muted">$nav</nav>
+<h2>Overview</h2>
+<div class="figures">
+${figures}</div>
+${metrics}<h2>Clusters</h2>
+${clusters}<h2>Files</h2><p class="muted">
+<a href="assignments.csv">assignments.csv</a> (path, cluster, confidence),
+<a href="skipped.csv">skipped.csv</a> (path, reason),
+clusters/&lt;k&gt;.png (contact sheets), <a href="config.yaml">config.yaml</a> and checkpoints/last.ckpt \
+(the model). Group new images with the same clusters:</p>
+<pre>$predict_command</pre>
+</body></html>
+"""
+)
+_K_CHOSEN = Template("K = $k chosen from the data ($how)")
+_K_GIVEN = Template("K = $k (given)")
+_FEATURES = Template(" after $epochs epochs of SimCLR features")
+_SKIPPED = Template(', <a href="skipped.csv">$count unreadable file$plural skipped</a>')
+_NAV = Template('<a href="#cluster-$index">cluster $index ($size)</a>')
+_FIGURE = Template('<figure><img src="$src" alt="$name"><figcaption>$caption</figcaption></figure>\n')
+_MISSING = Template(
+    '<figure class="missing"><p class="muted">$title could not be drawn: $why</p>'
+    "<figcaption>$caption</figcaption></figure>\n"
+)
+_METRICS = Template(
+    """\
+<h2>Against the class sub-folders</h2>
+<p class="muted">$labelled images lie in $classes class sub-folders. ACC matches clusters to classes one \
+to one (Hungarian); NMI and ARI need no matching.</p>
+<table><tr><th></th><th>ACC</th><th>NMI</th><th>ARI</th></tr>
+<tr><td>$method, K = $k</td><td>$acc</td><td>$nmi</td><td>$ari</td></tr></table>
+"""
+)
+_CLUSTER = Template(
+    """\
+<section class="cluster" id="cluster-$index">
+<h2>cluster $index <span class="muted">$size images ($share%), mean confidence $confidence, \
+<a href="clusters/$index.png">contact sheet</a></span></h2>
+${rows}</section>
+"""
+)
+_ROW = Template('<div class="label">$which confident</div>\n<div class="row">$thumbs</div>\n')
+_THUMB = Template(
+    '<figure><img src="$src" alt="$source" title="$source"><figcaption>$confidence</figcaption></figure>'
+)
+_CAPTIONS = {
+    "sizes": "Images per cluster. Clusters are numbered by size: cluster 0 is the largest.",
+    "embedding": "t-SNE of the learned features; colour = cluster. Nearby points look alike to the model.",
+    "confusion": "Class sub-folders (rows) against clusters (columns): read from the folder names for "
+    "this report only; they chose nothing.",
+}
+
+
+def _join(parts) -> _Markup:
+    return _Markup("".join(parts))
+
+
+def _figures(figures: dict[str, str], missing: dict[str, str], k_caption: str) -> _Markup:
+    """The overview: each figure with its caption, or why it could not be drawn."""
+    parts = []
+    for name in ("sizes", "k_curve", "embedding", "confusion"):
+        caption = k_caption if name == "k_curve" else _CAPTIONS[name]
+        if name in figures:
+            parts.append(_render(_FIGURE, src=figures[name], name=name, caption=caption))
+        elif name in missing:
+            parts.append(_render(_MISSING, title=_TITLES[name], why=missing[name], caption=caption))
+    return _join(parts)
+
+
+def _cluster(c: ClusterView, images: int) -> _Markup:
+    """One cluster's section: its size and confidence, its most and its least confident images."""
+    rows = []
+    for which, items in (("most", c.most), ("least", c.least)):
+        if items:
+            thumbs = _join(
+                _render(_THUMB, src=thumb, source=source, confidence=f"{confidence:.2f}")
+                for thumb, source, confidence in items
+            )
+            rows.append(_render(_ROW, which=which, thumbs=thumbs))
+    share = 100.0 * c.size / max(1, images)
+    return _render(
+        _CLUSTER,
+        index=c.index,
+        size=f"{c.size:,}",
+        share=f"{share:.1f}",
+        confidence=f"{c.mean_confidence:.2f}",
+        rows=_join(rows),
     )
 
 
@@ -195,93 +295,39 @@ def write_html(
     """The page itself. `summary` holds the folder, counts, K and how it was chosen, and timings,
     and `figures_not_drawn`: name -> why, shown in the place of each figure that could not be drawn."""
     s = summary
-    missing = s.get("figures_not_drawn") or {}
-    k_line = (
-        f"K = {s['num_clusters']} chosen from the data ({_e(s['k_method'])})"
-        if s["k_auto"]
-        else f"K = {s['num_clusters']} (given)"
+    k = s["num_clusters"]
+    skipped = s["skipped"]
+    page = _render(
+        _PAGE,
+        style=_Markup(_STYLE),
+        folder=s["folder"],
+        num_clusters=k,
+        images=f"{s['images']:,}",
+        k_line=_render(_K_CHOSEN, k=k, how=s["k_method"]) if s["k_auto"] else _render(_K_GIVEN, k=k),
+        method=s["method"],
+        epochs=s["epochs"],
+        features=_render(_FEATURES, epochs=s["features_epochs"]) if s.get("features_epochs") else "",
+        train_minutes=f"{s['train_minutes']:.1f}",
+        total_minutes=f"{s['total_minutes']:.1f}",
+        skipped=_render(_SKIPPED, count=skipped, plural="s" if skipped != 1 else "")
+        if skipped
+        else ", no unreadable file",
+        nav=_Markup(" ".join(_render(_NAV, index=c.index, size=f"{c.size:,}") for c in clusters)),
+        figures=_figures(figures, s.get("figures_not_drawn") or {}, s.get("k_caption", "")),
+        metrics=_render(
+            _METRICS,
+            labelled=f"{metrics['labelled']:,}",
+            classes=metrics["classes"],
+            method=s["method"],
+            k=k,
+            **{m: f"{metrics[m]:.4f}" for m in ("acc", "nmi", "ari")},
+        )
+        if metrics
+        else "",
+        clusters=_join(_cluster(c, s["images"]) for c in clusters),
+        predict_command=s["predict_command"],
     )
-    skipped = (
-        f', <a href="skipped.csv">{s["skipped"]} unreadable file{"s" if s["skipped"] != 1 else ""} '
-        "skipped</a>"
-        if s["skipped"]
-        else ", no unreadable file"
-    )
-    parts = [
-        "<!doctype html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>clusterlab: {_e(s['folder'])} in {s['num_clusters']} clusters</title>",
-        f"<style>{_STYLE}</style></head><body>",
-        f"<h1>{_e(s['folder'])}: {s['images']:,} images in {s['num_clusters']} clusters</h1>",
-        f'<p class="summary">{k_line}. Method {_e(s["method"])}, {s["epochs"]} epochs'
-        + (f" after {s['features_epochs']} epochs of SimCLR features" if s.get("features_epochs") else "")
-        + f", {s['train_minutes']:.1f} min of training, {s['total_minutes']:.1f} min in all{skipped}. "
-        f'Every image\'s cluster: <a href="assignments.csv">assignments.csv</a>.</p>',
-        '<nav class="muted">'
-        + " ".join(f'<a href="#cluster-{c.index}">cluster {c.index} ({c.size:,})</a>' for c in clusters)
-        + "</nav>",
-        "<h2>Overview</h2>",
-        '<div class="figures">',
-    ]
-    captions = {
-        "sizes": "Images per cluster. Clusters are numbered by size: cluster 0 is the largest.",
-        "k_curve": s.get("k_caption", ""),
-        "embedding": "t-SNE of the learned features; colour = cluster. Nearby points look alike to the "
-        "model.",
-        "confusion": "Class sub-folders (rows) against clusters (columns): read from the folder names for "
-        "this report only; they chose nothing.",
-    }
-    for name in ("sizes", "k_curve", "embedding", "confusion"):
-        if name in figures:
-            parts.append(
-                f'<figure><img src="{_e(figures[name])}" alt="{name}">'
-                f"<figcaption>{_e(captions[name])}</figcaption></figure>"
-            )
-        elif name in missing:
-            parts.append(
-                f'<figure class="missing"><p class="muted">{_e(_TITLES[name])} could not be drawn: '
-                f"{_e(missing[name])}</p><figcaption>{_e(captions[name])}</figcaption></figure>"
-            )
-    parts.append("</div>")
-    if metrics:
-        parts += [
-            "<h2>Against the class sub-folders</h2>",
-            f'<p class="muted">{metrics["labelled"]:,} images lie in {metrics["classes"]} class sub-folders. '
-            "ACC matches clusters to classes one to one (Hungarian); NMI and ARI need no matching.</p>",
-            "<table><tr><th></th><th>ACC</th><th>NMI</th><th>ARI</th></tr>",
-            f"<tr><td>{_e(s['method'])}, K = {s['num_clusters']}</td>"
-            + "".join(f"<td>{metrics[k]:.4f}</td>" for k in ("acc", "nmi", "ari"))
-            + "</tr></table>",
-        ]
-    parts.append("<h2>Clusters</h2>")
-    for c in clusters:
-        share = 100.0 * c.size / max(1, s["images"])
-        parts += [
-            f'<section class="cluster" id="cluster-{c.index}">',
-            f'<h2>cluster {c.index} <span class="muted">{c.size:,} images ({share:.1f}%), '
-            f"mean confidence {c.mean_confidence:.2f}, "
-            f'<a href="clusters/{c.index}.png">contact sheet</a></span></h2>',
-        ]
-        if c.most:
-            parts += ['<div class="label">most confident</div>', f'<div class="row">{_thumbs(c.most)}</div>']
-        if c.least:
-            parts += [
-                '<div class="label">least confident</div>',
-                f'<div class="row">{_thumbs(c.least)}</div>',
-            ]
-        parts.append("</section>")
-    parts += [
-        '<h2>Files</h2><p class="muted">',
-        '<a href="assignments.csv">assignments.csv</a> (path, cluster, confidence), ',
-        '<a href="skipped.csv">skipped.csv</a> (path, reason), ',
-        'clusters/&lt;k&gt;.png (contact sheets), <a href="config.yaml">config.yaml</a> and '
-        "checkpoints/last.ckpt "
-        "(the model). Group new images with the same clusters:</p>",
-        f"<pre>{_e(s['predict_command'])}</pre>",
-        "</body></html>",
-    ]
-    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    path.write_text(page, encoding="utf-8")
     return path
 
 

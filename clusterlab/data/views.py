@@ -195,8 +195,9 @@ class ImageStandardize(nn.Module):
 class SmallImageViews(Views):
     """Views for small grey images (digits 8x8, Fashion-MNIST 28x28), at their native size.
 
-    Small affine warps matter most: on digits, CC reached ACC 0.978 with affine + colour + noise +
-    erasing and 0.781 without the affine (shared/design/METHODS.md). Every part can be turned off.
+    Small affine warps (rotation, translation, zoom, shear) matter most on such images: a digit or a
+    garment keeps its class under them while its pixels move, which is what the contrastive views must
+    teach. Every part can be turned off.
 
     Args:
         rotation: degrees, +-; translate: pixels, +-; scale: zoom range (affine, p = 1).

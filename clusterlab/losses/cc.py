@@ -1,4 +1,4 @@
-"""Contrastive Clustering losses (Li et al., AAAI 2021; shared/papers/cc-paper.md)."""
+"""Contrastive Clustering losses ("Contrastive Clustering", Li et al., AAAI 2021, arXiv:2009.09687)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Deep Comprehensive Correlation Mining losses (Wu et al., ICCV 2019; shared/papers/dccm-paper.md).
+"""Deep Comprehensive Correlation Mining losses ("Deep Comprehensive Correlation Mining for Image
+Clustering", Wu et al., ICCV 2019, arXiv:1904.06925).
 
 Pure functions of tensors of the *global* batch (gathered over ranks with
 clusterlab.distributed.gather), so that the pseudo-graph spans every process. `logits` are the

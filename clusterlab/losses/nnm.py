@@ -1,4 +1,5 @@
-"""Nearest Neighbor Matching losses (Dang et al., CVPR 2021; shared/papers/nnm-paper.md).
+"""Nearest Neighbor Matching losses ("Nearest Neighbor Matching for Deep Clustering", Dang et al.,
+CVPR 2021, CVF open access; no arXiv version).
 
 Every function takes soft assignments (rows are samples, columns clusters) of the already
 gathered global batch and is the same formula at the local level (Eqs. 7-8: anchors against their

@@ -1,4 +1,5 @@
-"""Semantic Contrastive Learning losses (Huang & Gong, 2021; shared/papers/scl-paper.md).
+"""Semantic Contrastive Learning losses ("Deep Clustering by Semantic Contrastive Learning",
+Huang & Gong, 2021, arXiv:2103.02662).
 
 Pure functions of already-gathered tensors: q and k are the global batch's query and key
 representations, `memory` the semantic memory's keys, which are identical on every rank.

@@ -7,4 +7,13 @@ from clusterlab.methods.nnm import NNM
 from clusterlab.methods.scl import SCL
 from clusterlab.methods.simclr import SimCLR
 
-__all__ = ["CC", "DCCM", "NNM", "SCL", "ClusteringMethod", "SimCLR"]
+# The names `clusterlab cluster FOLDER --method NAME` accepts (any ClusteringMethod with a
+# folder_recipe is accepted by class path too).
+FOLDER_METHODS = {
+    "cc": "clusterlab.methods.CC",
+    "nnm": "clusterlab.methods.NNM",
+    "scl": "clusterlab.methods.SCL",
+    "dccm": "clusterlab.methods.DCCM",
+}
+
+__all__ = ["CC", "DCCM", "FOLDER_METHODS", "NNM", "SCL", "ClusteringMethod", "SimCLR"]

@@ -1,28 +1,35 @@
 """What every clustering method shares.
 
-A method subclasses `ClusteringMethod`, builds its heads, writes `training_step` the way its
-paper's algorithm reads, and returns `self.objective(terms)`. It also says how it assigns
-clusters (`cluster_logits`). The base class does the rest, the same way for every method:
+A method subclasses `ClusteringMethod`, sets `self.views` and `self.cluster_head` (a
+`clusterlab.nn.ClusterHead`: trained heads, or a k-means head fitted at every evaluation), writes
+`training_step` the way its paper's algorithm reads, and returns `self.objective(terms)`. If its
+head reads other features than the backbone's, it says which (`cluster_features`); to run on a
+folder of photos (`clusterlab cluster FOLDER --method ...`), it declares a `folder_recipe`. The
+base class does the rest, the same way for every method:
 
 - evaluation: ACC / NMI / ARI per head, from the per-sample outputs of the evaluation set
-  gathered to rank 0 (`clusterlab.passes.SampleOutputs`), labels used only to report them;
+  gathered to rank 0 (`clusterlab.passes.SampleOutputs`), labels used only to report them; a
+  fitted head (k-means) is fitted there, on the whole set;
   cluster sizes and a collapse check (no label involved), broadcast to every rank;
 - label-free head selection: the head with the lowest unsupervised training loss (SCAN's rule);
 - online prediction: cluster and confidence of any batch, a single image included (`assign`);
+- renumbering the clusters in place (`permute_clusters_`: the folder command orders them by size);
 - optimizer and schedule from the config (`optimizer`, `lr_scheduler` callables);
 - per-step reseeding, so that a resumed run repeats the same random draws (clusterlab.seeding);
 - a divergence guard that names the loss term, step and learning rate, or the parameter;
 - checkpoints that say which method wrote them, and refuse to load into another.
 
-A method without a trained cluster head composes a `clusterlab.nn.KMeansHead` and fits it in
-`evaluation_clusters` (SimCLR; CC's "ICH only"; SCL without its target task).
+A method without a trained cluster head makes its `cluster_head` a `clusterlab.nn.KMeansHead`
+(SimCLR; CC's "ICH only"; SCL without its target task): nothing more.
 """
 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -32,6 +39,7 @@ from clusterlab import __version__
 from clusterlab.distributed import all_reduce_sum, broadcast_object
 from clusterlab.errors import CheckpointError, DivergenceError
 from clusterlab.metrics import evaluate
+from clusterlab.nn.heads import ClusterHead
 from clusterlab.passes import SampleOutputs
 from clusterlab.seeding import reseed
 
@@ -43,8 +51,46 @@ class CheckpointMismatchError(CheckpointError):
     """A checkpoint written by another method (or not by clusterlab) was given to this one."""
 
 
+ADAM = {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3}}
+
+
+@dataclass(frozen=True)
+class FolderRecipe:
+    """How `clusterlab cluster FOLDER --method <the method>` builds the method for a folder of
+    photos: what is specific to the method, as config values (class paths and init args, what
+    config.yaml records). The folder command adds what is the same for every method: the
+    backbone, K, the image size, the horizontal flip and the per-image standardisation of the views
+    (clusterlab.cluster.recipe).
+
+    Args:
+        views: the class path of the method's views.
+        view_args: their init args beside size, flip and standardize.
+        optimizer: the optimizer, a class path with init args.
+        lr_scheduler: the scheduler of a run of E epochs, or None: a constant rate.
+        sizes: init args that depend on the folder: of N images and K clusters.
+        args: other init args of the method.
+        pretext_checkpoint: the method starts from a pretext's checkpoint (init arg
+            `pretext_checkpoint`): the command trains SimCLR on the folder first and hands it over.
+        warm_start: when the command trained SimCLR on the folder anyway (K chosen from its
+            features), the method's backbone starts from SimCLR's.
+    """
+
+    views: str
+    view_args: dict = field(default_factory=dict)
+    optimizer: dict = field(default_factory=lambda: dict(ADAM))
+    lr_scheduler: Callable[[int], dict] | None = None
+    sizes: Callable[[int, int], dict] = lambda num_images, num_clusters: {}
+    args: dict = field(default_factory=dict)
+    pretext_checkpoint: bool = False
+    warm_start: bool = False
+
+
 class ClusteringMethod(pl.LightningModule, ABC):
     """Base class of CC, NNM, SCL, DCCM and SimCLR.
+
+    A subclass sets `self.views` (its `Views`) and `self.cluster_head` (a `ClusterHead`) in its
+    `__init__`, and may declare `folder_recipe` (a `FolderRecipe`), which `clusterlab cluster`
+    builds it from.
 
     A subclass calls `self.save_hyperparameters()` in its `__init__` (built by the CLI, that saves
     the parsed config; the checkpoint then rebuilds the method) and reads them as
@@ -57,6 +103,9 @@ class ClusteringMethod(pl.LightningModule, ABC):
         optimizer: builds the optimizer from the parameters (a class path with init_args in YAML).
         lr_scheduler: builds a learning-rate scheduler from the optimizer; None: constant rate.
     """
+
+    folder_recipe: ClassVar[FolderRecipe | None] = None
+    cluster_head: ClusterHead
 
     def __init__(
         self,
@@ -87,9 +136,14 @@ class ClusteringMethod(pl.LightningModule, ABC):
 
     # -- what a method provides -------------------------------------------------------------
 
-    @abstractmethod
+    def cluster_features(self, x: Tensor) -> Tensor:
+        """The features the cluster head reads, of the (float, un-augmented) input: the backbone's,
+        unless the method's head reads others."""
+        return self.backbone(x)
+
     def cluster_logits(self, x: Tensor) -> Tensor:
         """Cluster logits of the (float, un-augmented) input: num_heads x B x C."""
+        return self.cluster_head(self.cluster_features(x))
 
     def plain(self, images: Tensor) -> Tensor:
         """The evaluation input: the method's views without augmentation."""
@@ -261,14 +315,30 @@ class ClusteringMethod(pl.LightningModule, ABC):
         return cluster, confidence
 
     def evaluation_outputs(self, images: Tensor) -> dict[str, Tensor]:
-        """What the evaluation keeps of each sample, rows first: every head's cluster (B x heads)."""
+        """What the evaluation keeps of each sample, rows first: every head's cluster (B x heads);
+        for a fitted head, the features it is fitted to."""
+        if self.cluster_head.fitted:
+            return {"features": self.cluster_features(self.plain(images))}
         return {"cluster": self.predict_proba(images).argmax(-1).T}
 
     def evaluation_clusters(self, outputs: dict[str, Tensor], stage: str) -> Tensor | None:
         """Every head's cluster of every evaluation sample (N x heads), from the outputs gathered to
         rank 0. Called on every process, with no outputs off rank 0 (it returns None there): a
-        method with a k-means head fits it here, on the whole set (a broadcast every rank joins)."""
-        return outputs.get("cluster")
+        fitted head is fitted here, on the whole set (a broadcast every rank joins)."""
+        if not self.cluster_head.fitted:
+            return outputs.get("cluster")
+        features = outputs.get("features")  # rank 0's
+        self.cluster_head.fit(features)
+        return None if features is None else self.cluster_head(features).argmax(-1).T
+
+    def permute_clusters_(self, order: list[int] | Tensor) -> None:
+        """Renumber the clusters in place: new cluster k is old cluster order[k]. After this,
+        `predict` (and every other use of the checkpoint) names clusters the new way. A method
+        whose state is indexed by cluster beyond its head renumbers that too (SCL's memory)."""
+        index = torch.as_tensor(order, dtype=torch.long)
+        if sorted(index.tolist()) != list(range(self.num_clusters)):
+            raise ValueError(f"{index.tolist()} is not a permutation of the {self.num_clusters} clusters")
+        self.cluster_head.permute_(index)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         with torch.no_grad():

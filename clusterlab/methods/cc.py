@@ -1,4 +1,4 @@
-"""Contrastive Clustering (Li et al., AAAI 2021; shared/papers/cc-paper.md), Algorithm 1."""
+"""Contrastive Clustering ("Contrastive Clustering", Li et al., AAAI 2021, arXiv:2009.09687), Algorithm 1."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from clusterlab.data.views import Views
 from clusterlab.distributed import broadcast, gather
 from clusterlab.errors import ConfigError
 from clusterlab.losses.cc import cluster_entropy, cluster_loss, instance_loss
-from clusterlab.methods.base import ClusteringMethod, LRSchedulerCallable, OptimizerCallable
+from clusterlab.methods.base import ClusteringMethod, FolderRecipe, LRSchedulerCallable, OptimizerCallable
+from clusterlab.methods.simclr import PHOTO_VIEWS
 from clusterlab.nn.heads import ClusterHeads, KMeansHead, mlp
 from clusterlab.passes import pass_over
 from clusterlab.seeding import derive_seed
@@ -53,6 +54,12 @@ class CC(ClusteringMethod):
         lr_scheduler: none in the paper.
     """
 
+    # On a folder of photos: SimCLR's views, Adam 1e-3; started from the SimCLR features' backbone
+    # when the folder command trained them to choose K, as SCAN starts its clustering step.
+    folder_recipe = FolderRecipe(
+        views=PHOTO_VIEWS["class_path"], view_args=PHOTO_VIEWS["init_args"], warm_start=True
+    )
+
     def __init__(
         self,
         num_clusters: int,
@@ -81,15 +88,17 @@ class CC(ClusteringMethod):
         self.views = views
         dim = backbone.out_dim
         self.instance_projector = mlp(dim, dim, instance_dim)  # g_I
-        self.cluster_projector = ClusterHeads(
-            dim, num_clusters, num_heads, hidden_dim=dim
-        )  # g_C, softmax below
+        # g_C, softmax below. Drawn in every configuration, "ICH only" too, so that the random
+        # stream after it does not depend on which terms are on.
+        trained_head = ClusterHeads(dim, num_clusters, num_heads, hidden_dim=dim)
         # "ICH only" (Table 5) has no trained cluster head: clusters are k-means centres in the
         # instance space, refitted at every evaluation and kept for online prediction.
-        self.kmeans = (
-            None if use_cluster_loss or use_cluster_entropy else KMeansHead(num_clusters, instance_dim)
+        self.cluster_head = (
+            trained_head
+            if use_cluster_loss or use_cluster_entropy
+            else KMeansHead(num_clusters, instance_dim)
         )
-        if self.kmeans is not None and num_heads != 1:
+        if self.cluster_head.fitted and num_heads != 1:
             raise ConfigError(
                 'CC without a cluster loss ("ICH only") clusters by k-means: num_heads must be 1'
             )
@@ -103,11 +112,13 @@ class CC(ClusteringMethod):
         h_a, h_b = self.backbone(x_a), self.backbone(x_b)  # h = f(T(x))
         # Both losses are over the global batch: rows for the instances, columns for the clusters.
         z_a, z_b = gather(self.instance_projector(h_a)), gather(self.instance_projector(h_b))  # z = g_I(h)
-        # y = g_C(h) of every head: heads x N x M (gathered over the batch dimension).
-        y_a, y_b = (
-            gather(self.cluster_projector(h[:n]).softmax(-1).transpose(0, 1)).transpose(0, 1)
-            for h in (h_a, h_b)
-        )
+        # y = g_C(h) of every head: heads x N x M (gathered over the batch dimension). "ICH only"
+        # has no g_C (its head is k-means, fitted at evaluation) and no term that reads y.
+        if not self.cluster_head.fitted:
+            y_a, y_b = (
+                gather(self.cluster_head(h[:n]).softmax(-1).transpose(0, 1)).transpose(0, 1)
+                for h in (h_a, h_b)
+            )
 
         terms, head_losses = {}, torch.zeros(self.num_heads, device=x.device)
         if self.hparams.use_instance_loss:
@@ -124,7 +135,7 @@ class CC(ClusteringMethod):
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
-        if self.current_epoch == self.hparams.head_init_epoch and self.kmeans is None:
+        if self.current_epoch == self.hparams.head_init_epoch and not self.cluster_head.fitted:
             self.init_heads_from_kmeans()
 
     @torch.no_grad()
@@ -153,7 +164,7 @@ class CC(ClusteringMethod):
             scale = 1.0 / (self.hparams.head_init_temperature * z.norm(dim=1).median())
         scale = broadcast(scale)
         spherical = KMeansHead(self.num_clusters, self.hparams.instance_dim).to(self.device)
-        for h, head in enumerate(self.cluster_projector.heads):
+        for h, head in enumerate(self.cluster_head.heads):
             seed = derive_seed(h, _HEAD_INIT_STREAM) % 2**31  # each head its own k-means run
             spherical.fit(None if z is None else F.normalize(z, dim=1), seed=seed)
             centres = F.normalize(spherical.centroids, dim=1)
@@ -166,27 +177,14 @@ class CC(ClusteringMethod):
                 f"({len(z)} images)"
             )
 
-    def cluster_logits(self, x: Tensor) -> Tensor:
-        """c = argmax g_C(f(x)) (Algorithm 1, test); "ICH only": the nearest k-means centre of g_I(f(x))."""
-        if self.kmeans is not None:
-            return self.kmeans(self.instance_features(x))[None]
-        return self.cluster_projector(self.backbone(x))
+    def cluster_features(self, x: Tensor) -> Tensor:
+        """h = f(x), which g_C reads (c = argmax g_C(f(x)), Algorithm 1, test); "ICH only": z = g_I(f(x)),
+        which its k-means head reads."""
+        return self.instance_features(x) if self.cluster_head.fitted else self.backbone(x)
 
     def instance_features(self, x: Tensor) -> Tensor:
         """z = g_I(f(x)), the instance space (what "ICH only" clusters by k-means)."""
         return self.instance_projector(self.backbone(x))
-
-    def evaluation_outputs(self, images: Tensor) -> dict[str, Tensor]:
-        if self.kmeans is None:
-            return super().evaluation_outputs(images)
-        return {"features": self.instance_features(self.plain(images))}
-
-    def evaluation_clusters(self, outputs: dict[str, Tensor], stage: str) -> Tensor | None:
-        if self.kmeans is None:
-            return super().evaluation_clusters(outputs, stage)
-        features = outputs.get("features")  # rank 0's; every rank joins the fit's broadcast
-        self.kmeans.fit(features)
-        return None if features is None else self.kmeans(features).argmax(1)[:, None]
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""Deep Comprehensive Correlation Mining (Wu et al., ICCV 2019; shared/papers/dccm-paper.md), Algorithm 1."""
+"""Deep Comprehensive Correlation Mining ("Deep Comprehensive Correlation Mining for Image Clustering",
+Wu et al., ICCV 2019, arXiv:1904.06925), Algorithm 1."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from clusterlab.losses.dccm import (
     pseudo_labels,
     triplet_pairs,
 )
-from clusterlab.methods.base import ClusteringMethod, LRSchedulerCallable, OptimizerCallable
+from clusterlab.methods.base import ClusteringMethod, FolderRecipe, LRSchedulerCallable, OptimizerCallable
 from clusterlab.metrics import graph_bcubed
-from clusterlab.nn.heads import LocalDiscriminator
+from clusterlab.nn.heads import ClusterHeads, LocalDiscriminator
 from clusterlab.seeding import derive_seed
 
 _PAIR_DRAW = 0xDCC  # keeps the negatives' random stream apart from the per-step reseeding's
@@ -68,6 +69,14 @@ class DCCM(ClusteringMethod):
         lr_scheduler: none in the paper.
     """
 
+    # On a folder of photos: the small geometric perturbations, a narrower discriminator T than
+    # the paper's 512 (the folder command's CPU budget), RMSprop as the digits config.
+    folder_recipe = FolderRecipe(
+        views="clusterlab.data.views.GeometricViews",
+        args={"discriminator_dim": 128},
+        optimizer={"class_path": "torch.optim.RMSprop", "init_args": {"lr": 0.001, "alpha": 0.9}},
+    )
+
     def __init__(
         self,
         num_clusters: int,
@@ -110,13 +119,7 @@ class DCCM(ClusteringMethod):
         self.views = views
         # The authors' last layer: Linear(64 -> K) - BN, then the softmax of Eq. 1. No bias before
         # the BN: it would have no gradient but rounding noise, which RMSprop scales up to full steps.
-        self.cluster_heads = nn.ModuleList(
-            nn.Sequential(
-                nn.Linear(backbone.out_dim, num_clusters, bias=not logit_norm),
-                nn.BatchNorm1d(num_clusters) if logit_norm else nn.Identity(),
-            )
-            for _ in range(num_heads)
-        )
+        self.cluster_head = ClusterHeads(backbone.out_dim, num_clusters, num_heads, logit_norm=logit_norm)
         # The current chunk's targets (chunk_size set): its training-set indices, sorted, and each
         # head's predictions of its original images when it started. Buffers: a run resumed inside
         # a chunk continues with the targets it had.
@@ -136,18 +139,7 @@ class DCCM(ClusteringMethod):
         """Y of every head (pre-softmax output, B x K each) and the shallow feature map M of the
         same forward pass."""
         features, shallow = self.backbone(x, with_shallow=True)
-        return [head(features) for head in self.cluster_heads], shallow
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        # Checkpoints written before num_heads (2026-12-02) hold the one head as cluster_head.* and
-        # discriminator.*, and the chunk's targets without a heads dimension: read them as head 0.
-        state = checkpoint["state_dict"]
-        for old, new in (("cluster_head.", "cluster_heads.0."), ("discriminator.", "discriminators.0.")):
-            for key in [k for k in state if k.startswith(old)]:
-                state[new + key[len(old) :]] = state.pop(key)
-        if "chunk_probs" in state and state["chunk_probs"].dim() == 2:
-            state["chunk_probs"] = state["chunk_probs"][None]
+        return [head(features) for head in self.cluster_head.heads], shallow
 
     def setup(self, stage: str) -> None:
         # Whether every training sample has a label (for the logged BCubed diagnostics), read once
@@ -316,8 +308,3 @@ class DCCM(ClusteringMethod):
             on_epoch=True,
             batch_size=self._batch_size,
         )
-
-    def cluster_logits(self, x: Tensor) -> Tensor:
-        """y = argmax f(x) (Eq. 7): the logits of every head, heads x B x K."""
-        features = self.backbone(x)
-        return torch.stack([head(features) for head in self.cluster_heads])

@@ -1,4 +1,5 @@
-"""Nearest Neighbor Matching (Dang et al., CVPR 2021; shared/papers/nnm-paper.md), Algorithm 1.
+"""Nearest Neighbor Matching ("Nearest Neighbor Matching for Deep Clustering", Dang et al., CVPR 2021),
+Algorithm 1.
 
 Stage 1 (pretext) is `clusterlab.methods.SimCLR`, a run of its own. This method is stages 2 and 3:
 when a `fit` starts it loads the pretext backbone named by `pretext_checkpoint` (without the
@@ -29,6 +30,7 @@ from clusterlab.losses.nnm import class_contrastive_loss, consistency_loss, entr
 from clusterlab.methods.base import (
     CheckpointMismatchError,
     ClusteringMethod,
+    FolderRecipe,
     LRSchedulerCallable,
     OptimizerCallable,
 )
@@ -73,6 +75,17 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
         optimizer: Adam, lr 1e-4, weight decay 1e-4 in the paper (100 epochs, batch 200).
     """
 
+    # On a folder of photos: the strong views, Adam 1e-3, the SimCLR pretext the folder command
+    # trains first, and K neighbours for about half of a cluster's images (at most the paper's 20).
+    folder_recipe = FolderRecipe(
+        views="clusterlab.data.views.StrongViews",
+        view_args={"crop_scale": [0.2, 1.0]},
+        sizes=lambda num_images, num_clusters: {
+            "num_neighbors": max(1, min(20, num_images // (2 * num_clusters)))
+        },
+        pretext_checkpoint=True,
+    )
+
     def __init__(
         self,
         num_clusters: int,
@@ -105,7 +118,7 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
         if not (matching or use_entropy_loss):
             raise ConfigError("NNM: every loss term is switched off; keep at least one")
         self.views = views
-        self.cluster_heads = ClusterHeads(backbone.out_dim, num_clusters, num_heads)
+        self.cluster_head = ClusterHeads(backbone.out_dim, num_clusters, num_heads)
         self.global_neighbors = GlobalNeighbors(global_neighbors)
 
     def configure_callbacks(self):
@@ -162,9 +175,13 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
             )
         anchor = batch["image"]
         f = self.backbone(self.views(anchor))  # f: embedded features of the anchors (line 8)
-        p = self._assign(f)  # p: heads x B x C
-        p_aug = self._assign(self.backbone(self.views(anchor))) if self.hparams.second_view else p
-        n_pre = self._assign(self.backbone(self.views(batch["neighbor_image"])))  # N_pre(p) (line 9)
+        p = self._global_probabilities(f)  # p: heads x B x C
+        p_aug = (
+            self._global_probabilities(self.backbone(self.views(anchor))) if self.hparams.second_view else p
+        )
+        n_pre = self._global_probabilities(
+            self.backbone(self.views(batch["neighbor_image"]))
+        )  # N_pre(p), line 9
         # Everything below is over the global batch.
         f = gather(f)
         # N_local(f): nearest other anchor, Eq. 6; searched where f is (faiss would mean a round
@@ -207,9 +224,9 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
         head_losses = torch.stack([torch.stack(list(head.values())).sum() for head in heads])
         return self.objective(terms, head_losses=head_losses)  # Eq. 11 per head, heads summed
 
-    def _assign(self, features: Tensor) -> Tensor:
-        """Soft assignments of every head over the global batch: heads x (global B) x C."""
-        return gather(self.cluster_heads(features).float().softmax(-1).transpose(0, 1)).transpose(0, 1)
+    def _global_probabilities(self, features: Tensor) -> Tensor:
+        """Every head's cluster probabilities over the global batch: heads x (global B) x C."""
+        return gather(self.cluster_head(features).float().softmax(-1).transpose(0, 1)).transpose(0, 1)
 
     # -- prediction ---------------------------------------------------------------------------
 
@@ -217,10 +234,7 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
         """Backbone features (N x D) and every head's logits (heads x N x C): what the global
         neighbour table is built from."""
         f = self.backbone(x)
-        return f, self.cluster_heads(f)
-
-    def cluster_logits(self, x: Tensor) -> Tensor:
-        return self.cluster_heads(self.backbone(x))
+        return f, self.cluster_head(f)
 
 
 def global_blocks(p: Tensor, p_aug: Tensor, n_pre: Tensor, n_local: Tensor, form: str = "paper") -> Tensor:

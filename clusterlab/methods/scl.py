@@ -1,4 +1,5 @@
-"""Semantic Contrastive Learning (Huang & Gong, 2021; shared/papers/scl-paper.md), Algorithm 1.
+"""Semantic Contrastive Learning ("Deep Clustering by Semantic Contrastive Learning", Huang & Gong,
+2021, arXiv:2103.02662), Algorithm 1.
 
 No public code of SCL exists; the paper is the spec. Where it is silent or ambiguous, these are
 the readings taken (each also commented where it is used):
@@ -56,12 +57,58 @@ from clusterlab.losses.scl import (
     instance_loss,
     memory_logits,
 )
-from clusterlab.methods.base import ClusteringMethod, LRSchedulerCallable, OptimizerCallable
-from clusterlab.nn.heads import KMeansHead
+from clusterlab.methods.base import ClusteringMethod, FolderRecipe, LRSchedulerCallable, OptimizerCallable
+from clusterlab.methods.simclr import PHOTO_VIEWS
+from clusterlab.nn.heads import ClusterHead, ClusterHeads, KMeansHead
 from clusterlab.nn.memory import KeyQueues, SampleTable
 from clusterlab.seeding import derive_seed
 
 CLUSTERING, UNDER, OVER = "clustering", "under_clustering", "over_clustering"
+
+
+class MemoryHead(ClusterHead):
+    """The target task's clusters without concept discrimination: the memory's assignment p~ of q
+    (Eq. 3). The memory is SCL's `semantic_memory` (held, not owned: its keys are in the checkpoint
+    once), and SCL renumbers it (`SCL.permute_clusters_`), so there is nothing of its own to renumber."""
+
+    def __init__(self, memory: KeyQueues, temperature: float) -> None:
+        super().__init__()
+        self._memory = (memory,)  # a tuple: not a submodule of the head
+        self.temperature = temperature
+
+    def forward(self, q: Tensor) -> Tensor:
+        return memory_logits(q, self._memory[0].keys, self.temperature)[None]
+
+    def permute_(self, order: Tensor) -> None:
+        pass
+
+
+def scl_tasks(
+    num_clusters: int,
+    clustering_task: bool,
+    under_clustering: bool,
+    over_clustering: bool,
+    use_instance_loss: bool,
+    use_concept_loss: bool,
+) -> tuple[dict[str, int], list[str]]:
+    """The clustering tasks (with pseudo labels, Eq. 5) and their cluster numbers, in table order,
+    and every task (the over-clustering one last); refuses combinations that train nothing."""
+    if not (use_instance_loss or use_concept_loss):
+        raise ConfigError("SCL needs use_instance_loss, use_concept_loss or both")
+    if under_clustering and num_clusters // 2 < 2:
+        rank_zero_warn(
+            f"SCL: {num_clusters} clusters leave no under-clustering task (C // 2 < 2); it is left out"
+        )
+        under_clustering = False
+    clustering_tasks = {CLUSTERING: num_clusters, UNDER: num_clusters // 2}
+    enabled = {CLUSTERING: clustering_task, UNDER: under_clustering}
+    task_clusters = {t: c for t, c in clustering_tasks.items() if enabled[t]}
+    tasks = [*task_clusters, *([OVER] if over_clustering else [])]
+    if not tasks:
+        raise ConfigError("SCL needs at least one of clustering_task, under_clustering, over_clustering")
+    if not task_clusters and use_concept_loss and not use_instance_loss:
+        raise ConfigError("use_concept_loss needs a clustering task (clustering_task or under_clustering)")
+    return task_clusters, tasks
 
 
 class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
@@ -102,6 +149,26 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
         lr_scheduler: cosine over the 200 epochs in the paper.
     """
 
+    # On a folder of photos: SimCLR's views, SGD 0.03 with a cosine schedule as the digits config,
+    # a memory of half the images (at most the paper's 4096, at least one key per cluster), and
+    # the under-clustering task (K // 2 clusters) from K = 4 on.
+    folder_recipe = FolderRecipe(
+        views=PHOTO_VIEWS["class_path"],
+        view_args=PHOTO_VIEWS["init_args"],
+        sizes=lambda num_images, num_clusters: {
+            "memory_size": max(num_clusters, min(4096, num_images // 2)),
+            "under_clustering": num_clusters >= 4,
+        },
+        optimizer={
+            "class_path": "torch.optim.SGD",
+            "init_args": {"lr": 0.03, "momentum": 0.9, "weight_decay": 0.0005},
+        },
+        lr_scheduler=lambda epochs: {
+            "class_path": "torch.optim.lr_scheduler.CosineAnnealingLR",
+            "init_args": {"T_max": max(1, epochs)},
+        },
+    )
+
     def __init__(
         self,
         num_clusters: int,
@@ -128,33 +195,30 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
     ) -> None:
         super().__init__(num_clusters, backbone, num_heads=1, optimizer=optimizer, lr_scheduler=lr_scheduler)
         self.save_hyperparameters()
-        if not (use_instance_loss or use_concept_loss):
-            raise ConfigError("SCL needs use_instance_loss, use_concept_loss or both")
-        if under_clustering and num_clusters // 2 < 2:
-            rank_zero_warn(
-                f"SCL: {num_clusters} clusters leave no under-clustering task (C // 2 < 2); it is left out"
-            )
-            under_clustering = False
-        # The clustering tasks (with pseudo labels, Eq. 5) and their cluster numbers, in table order.
-        clustering_tasks = {CLUSTERING: num_clusters, UNDER: num_clusters // 2}
-        enabled = {CLUSTERING: clustering_task, UNDER: under_clustering}
-        self.task_clusters_by_name = {t: c for t, c in clustering_tasks.items() if enabled[t]}
-        self.tasks = [*self.task_clusters_by_name, *([OVER] if over_clustering else [])]
-        if not self.tasks:
-            raise ConfigError("SCL needs at least one of clustering_task, under_clustering, over_clustering")
-        if not self.task_clusters_by_name and use_concept_loss and not use_instance_loss:
-            raise ConfigError(
-                "use_concept_loss needs a clustering task (clustering_task or under_clustering)"
-            )
+        self.task_clusters_by_name, self.tasks = scl_tasks(
+            num_clusters,
+            clustering_task,
+            under_clustering,
+            over_clustering,
+            use_instance_loss,
+            use_concept_loss,
+        )
         self.views = views
         dim = backbone.out_dim
 
         # f_theta: the backbone and one linear projection per task ("independent feature spaces
         # constructed by single linear layers on top of the backbone", Sec. 4).
         self.projections = nn.ModuleDict({t: nn.Linear(dim, projection_dim) for t in self.tasks})
-        # phi = {W; B} of each clustering task (Eq. 4).
+        # phi = {W; B} of each clustering task (Eq. 4): the target task's is the cluster head, the
+        # under-clustering task's a classifier of its own (made in this order, the tasks' table order).
+        if use_concept_loss and clustering_task:
+            self.cluster_head = ClusterHeads(projection_dim, num_clusters)
         self.classifiers = nn.ModuleDict(
-            {t: nn.Linear(projection_dim, c) for t, c in self.task_clusters_by_name.items()}
+            {
+                t: nn.Linear(projection_dim, c)
+                for t, c in self.task_clusters_by_name.items()
+                if t != CLUSTERING
+            }
             if use_concept_loss
             else {}
         )
@@ -176,8 +240,10 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
         # The weights of Eq. 6 follow the target task's label changes (the under-clustering
         # task's without it); with instance-level discrimination only, there are no labels.
         self.weight_task = 0 if self.task_clusters_by_name else None
-        # Without the target task, clusters are k-means centres of the backbone features.
-        self.kmeans = None if clustering_task else KMeansHead(num_clusters, dim)
+        if not clustering_task:  # clusters are k-means centres of the backbone features
+            self.cluster_head = KMeansHead(num_clusters, dim)
+        elif not use_concept_loss:  # clusters are the memory's assignment
+            self.cluster_head = MemoryHead(self.semantic_memory[CLUSTERING], temperature)
 
     @property
     def task_clusters(self) -> list[int]:
@@ -245,7 +311,7 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
                 terms[f"{task}/instance"] = instance_loss(q, k, keys, negatives, tau, weights)  # Eqs. 1, 7
             if self.hparams.use_concept_loss and task != OVER:
                 target = memory_logits(q.detach(), memory.keys, tau).softmax(1)  # p~, Eq. 3
-                logits = gather(self.classifiers[task](q_local))  # p = W^T q + B
+                logits = gather(self.classifier_logits(task, q_local))  # p = W^T q + B
                 size_weights = None
                 if self.hparams.size_reweighting:  # ODC's n_c^-0.5, n_c over the whole training set
                     sizes = self.sample_table.cluster_sizes(row, logits.shape[1])  # once per refresh
@@ -256,18 +322,22 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
             memory.enqueue(k, queue, index)
         return self.objective(terms)  # L_mi + L_xent (Sec. 3.2)
 
-    # -- assignments --------------------------------------------------------------------------
+    # -- cluster logits -----------------------------------------------------------------------
+
+    def classifier_logits(self, task: str, q: Tensor) -> Tensor:
+        """p = W^T q + B of one clustering task's classifier (Eq. 4), on the representation q itself:
+        the paper normalises only inside its cosine similarities."""
+        return self.cluster_head(q)[0] if task == CLUSTERING else self.classifiers[task](q)
 
     def task_logits(self, task: str, q: Tensor) -> Tensor:
-        """p of one clustering task (Eq. 4's W^T q + B, on the representation q itself: the paper
-        normalises only inside its cosine similarities); without concept discrimination, the
+        """p of one clustering task: its classifier's (Eq. 4); without concept discrimination, the
         memory's assignment (Eq. 3) in its place."""
         if self.hparams.use_concept_loss:
-            return self.classifiers[task](q)
+            return self.classifier_logits(task, q)
         return memory_logits(q, self.semantic_memory[task].keys, self.hparams.temperature)
 
     @torch.no_grad()
-    def assignments(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
+    def task_outputs(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
         """(logits, q) of every clustering task for a batch of uint8 images: Eq. 5's input."""
         h = self.backbone(self.plain(images))
         outputs = []
@@ -276,25 +346,22 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
             outputs.append((self.task_logits(task, q), F.normalize(q, dim=1)))
         return outputs
 
-    def cluster_logits(self, x: Tensor) -> Tensor:
-        """The target task's assignment ("in test time, the assignments on 'clustering' tasks were
-        used for evaluation"); without that task, the nearest k-means centre of the features."""
-        if self.kmeans is not None:
-            return self.kmeans(self.cluster_features(x))[None]
-        return self.task_logits(CLUSTERING, self.projections[CLUSTERING](self.backbone(x)))[None]
-
     def cluster_features(self, x: Tensor) -> Tensor:
-        """The L2-normalised backbone features: what k-means clusters without the target task."""
-        return F.normalize(self.backbone(x), dim=1)
+        """The target task's representation q, which its head reads ("in test time, the assignments
+        on 'clustering' tasks were used for evaluation"); without that task, the L2-normalised
+        backbone features, which the k-means head clusters."""
+        if self.cluster_head.fitted:
+            return F.normalize(self.backbone(x), dim=1)
+        return self.projections[CLUSTERING](self.backbone(x))
 
-    def evaluation_outputs(self, images: Tensor) -> dict[str, Tensor]:
-        if self.kmeans is None:
-            return super().evaluation_outputs(images)
-        return {"features": self.cluster_features(self.plain(images))}
-
-    def evaluation_clusters(self, outputs: dict[str, Tensor], stage: str) -> Tensor | None:
-        if self.kmeans is None:
-            return super().evaluation_clusters(outputs, stage)
-        features = outputs.get("features")  # rank 0's; every rank joins the fit's broadcast
-        self.kmeans.fit(features)
-        return None if features is None else self.kmeans(features).argmax(1)[:, None]
+    def permute_clusters_(self, order: list[int] | Tensor) -> None:
+        """The head's clusters, and the target task's memory, one queue per cluster (its keys, their
+        owners and write pointers), so that p~ (Eq. 3) follows the new numbers. The pseudo-label
+        table keeps the old numbers: the renumbered model is for prediction, not further training."""
+        super().permute_clusters_(order)
+        if CLUSTERING in self.task_clusters_by_name:
+            memory = self.semantic_memory[CLUSTERING]
+            index = torch.as_tensor(order, dtype=torch.long)
+            with torch.no_grad():
+                for buffer in (memory.keys, memory.index, memory.pointer):
+                    buffer.copy_(buffer[index.to(buffer.device)])

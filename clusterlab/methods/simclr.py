@@ -19,10 +19,18 @@ from clusterlab.data.views import Views
 from clusterlab.distributed import broadcast_object, gather
 from clusterlab.losses.common import nt_xent
 from clusterlab.losses.nnm import moco_loss
-from clusterlab.methods.base import ClusteringMethod, LRSchedulerCallable, OptimizerCallable
+from clusterlab.methods.base import ClusteringMethod, FolderRecipe, LRSchedulerCallable, OptimizerCallable
 from clusterlab.neighbors import knn, neighbor_agreement
 from clusterlab.nn.heads import KMeansHead, mlp
 from clusterlab.nn.memory import KeyQueues
+
+# SimCLR's views for photos (random resized crop 0.2-1, colour jitter of strength 1 and any hue
+# with p 0.8, random greyscale p 0.5): the folder command's pretext, and CC's and SCL's views on a
+# folder. Size, flip and standardisation are the folder command's.
+PHOTO_VIEWS = {
+    "class_path": "clusterlab.data.views.SimCLRViews",
+    "init_args": {"crop_scale": [0.2, 1.0], "strength": 1.0, "hue": 0.5, "grayscale_p": 0.5},
+}
 
 
 class SimCLR(ClusteringMethod, HasMomentumEncoder):
@@ -40,6 +48,11 @@ class SimCLR(ClusteringMethod, HasMomentumEncoder):
         knn_k: neighbours of the kNN monitor (and of NNM's mining: 20).
         optimizer, lr_scheduler: SCAN: SGD lr 0.4, momentum 0.9, wd 1e-4, cosine, 500 epochs.
     """
+
+    # On a folder of photos (the folder command's features, K's and NNM's pretext): tau 0.5, Adam 1e-3.
+    folder_recipe = FolderRecipe(
+        views=PHOTO_VIEWS["class_path"], view_args=PHOTO_VIEWS["init_args"], args={"temperature": 0.5}
+    )
 
     def __init__(
         self,
@@ -59,7 +72,7 @@ class SimCLR(ClusteringMethod, HasMomentumEncoder):
         self.views = views
         dim = backbone.out_dim
         self.contrastive_head = mlp(dim, dim, projection_dim)
-        self.kmeans = KMeansHead(num_clusters, dim)  # "Pretext + K-means", nnm-paper Table 2
+        self.cluster_head = KMeansHead(num_clusters, dim)  # "Pretext + K-means", nnm-paper Table 2
         self.momentum_encoder = nn.ModuleDict()
         if queue_size:  # MoCo: a key encoder (the moving average of the query encoder) and its queue
             self.momentum_encoder.update(
@@ -98,17 +111,10 @@ class SimCLR(ClusteringMethod, HasMomentumEncoder):
         """The L2-normalised backbone features: what k-means clusters, and NNM mines neighbours from."""
         return F.normalize(self.backbone(x).float(), dim=1)
 
-    def cluster_logits(self, x: Tensor) -> Tensor:
-        return self.kmeans(self.cluster_features(x))[None]
-
-    def evaluation_outputs(self, images: Tensor) -> dict[str, Tensor]:
-        return {"features": self.cluster_features(self.plain(images))}
-
     def evaluation_clusters(self, outputs: dict[str, Tensor], stage: str) -> Tensor | None:
-        features = outputs.get("features")  # rank 0's; every rank joins the broadcasts below
-        self.kmeans.fit(features)
-        self.knn_monitor(stage, features, outputs.get("label"))
-        return None if features is None else self.kmeans(features).argmax(1)[:, None]
+        clusters = super().evaluation_clusters(outputs, stage)  # fits the k-means head
+        self.knn_monitor(stage, outputs.get("features"), outputs.get("label"))
+        return clusters
 
     def knn_monitor(self, stage: str, features: Tensor | None, labels: Tensor | None) -> None:
         """Label agreement of each evaluation image's top-k neighbours (labels only report),

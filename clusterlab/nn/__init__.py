@@ -1,4 +1,13 @@
 from clusterlab.nn.backbones import DCCMNet, ResNet, SmallCNN
-from clusterlab.nn.heads import ClusterHeads, KMeansHead, LocalDiscriminator, mlp
+from clusterlab.nn.heads import ClusterHead, ClusterHeads, KMeansHead, LocalDiscriminator, mlp
 
-__all__ = ["ClusterHeads", "DCCMNet", "KMeansHead", "LocalDiscriminator", "ResNet", "SmallCNN", "mlp"]
+__all__ = [
+    "ClusterHead",
+    "ClusterHeads",
+    "DCCMNet",
+    "KMeansHead",
+    "LocalDiscriminator",
+    "ResNet",
+    "SmallCNN",
+    "mlp",
+]

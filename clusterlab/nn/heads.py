@@ -15,37 +15,95 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
-class ClusterHeads(nn.Module):
+class ClusterHead(nn.Module):
+    """What every method's `cluster_head` is, and what `ClusteringMethod` drives.
+
+    - `forward(features)`: the logits of every head, num_heads x B x C, from the features the
+      method gives it (`ClusteringMethod.cluster_features`);
+    - `fitted`: False for a head trained by the method's loss; True for one fitted to the
+      evaluation set's features instead (k-means), which the base class then fits at every
+      evaluation through `fit(features)`, so that no method writes that evaluation itself;
+    - `permute_(order)`: renumber the clusters in place, new cluster k being old cluster
+      order[k], so that every use of the weights afterwards names the clusters the new way (the
+      folder command orders clusters by size).
+    """
+
+    fitted = False
+
+    def fit(self, features: Tensor | None, seed: int | None = None) -> None:
+        """Fit the head to the evaluation set's `features` (rank 0's; None on the other ranks)."""
+        raise NotImplementedError(f"{type(self).__name__} is trained, not fitted")
+
+    def permute_(self, order: Tensor) -> None:
+        raise NotImplementedError
+
+
+def permute_outputs_(layer: nn.Module, order: Tensor) -> None:
+    """Output unit k of a Linear / BatchNorm1d becomes its old unit order[k]."""
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, Tensor) and tensor.ndim >= 1 and len(tensor) == len(order):
+                tensor.copy_(tensor[order.to(tensor.device)])
+
+
+class ClusterHeads(ClusterHead):
     """`num_heads` independent cluster heads, each feature -> C logits.
 
     hidden_dim=None: one linear layer per head (SCAN / NNM); an int: Linear - ReLU - Linear (CC's g_C).
-    The output stacks the heads: num_heads x B x C logits.
+    logit_norm: a BatchNorm1d on each head's logits, and no bias before it (DCCM's last layer; a
+    bias before a BN would get no gradient but rounding noise). The output stacks the heads:
+    num_heads x B x C logits.
     """
 
     def __init__(
-        self, in_dim: int, num_clusters: int, num_heads: int = 1, hidden_dim: int | None = None
+        self,
+        in_dim: int,
+        num_clusters: int,
+        num_heads: int = 1,
+        hidden_dim: int | None = None,
+        logit_norm: bool = False,
     ) -> None:
         super().__init__()
-        self.heads = nn.ModuleList(
-            nn.Linear(in_dim, num_clusters) if hidden_dim is None else mlp(in_dim, hidden_dim, num_clusters)
-            for _ in range(num_heads)
-        )
+        if logit_norm and hidden_dim is not None:
+            raise ValueError("ClusterHeads: logit_norm is for one-layer heads (hidden_dim=None)")
+
+        def head() -> nn.Module:
+            if logit_norm:
+                return nn.Sequential(
+                    nn.Linear(in_dim, num_clusters, bias=False), nn.BatchNorm1d(num_clusters)
+                )
+            if hidden_dim is None:
+                return nn.Linear(in_dim, num_clusters)
+            return mlp(in_dim, hidden_dim, num_clusters)
+
+        self.heads = nn.ModuleList(head() for _ in range(num_heads))
 
     def forward(self, features: Tensor) -> Tensor:
         return torch.stack([head(features) for head in self.heads])
 
+    def permute_(self, order: Tensor) -> None:
+        """Every head's output layers (its last Linear and what follows it) move their units."""
+        for head in self.heads:
+            layers = list(head) if isinstance(head, nn.Sequential) else [head]
+            last = max(i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear))
+            for layer in layers[last:]:
+                permute_outputs_(layer, order)
 
-class KMeansHead(nn.Module):
+
+class KMeansHead(ClusterHead):
     """Clusters as the k-means centres of some features: the cluster head of a method that trains
-    none (SimCLR, CC's "ICH only", SCL without its target task), which composes one.
+    none (SimCLR, CC's "ICH only", SCL without its target task).
 
     `fit` runs k-means on features of the whole evaluation set (gathered to rank 0) on rank 0 and
-    broadcasts the centres; the method calls it at every evaluation, on every process. The other
+    broadcasts the centres; the base class calls it at every evaluation, on every process. The other
     ranks wait in the broadcast for as long as rank 0's k-means takes (kmeans' 100k-row training
     subsample bounds it; clusterlab.distributed.PROCESS_GROUP_TIMEOUT is the limit). The centres
     are a buffer, so they are in the checkpoint and prediction stays online: a sample's logits are
     minus its distances to the centres.
     """
+
+    fitted = True
 
     def __init__(self, num_clusters: int, feature_dim: int) -> None:
         super().__init__()
@@ -66,8 +124,12 @@ class KMeansHead(nn.Module):
         self.centroids.copy_(broadcast(self.centroids))
 
     def forward(self, features: Tensor) -> Tensor:
-        """Logits (B x C): minus the distance to each centre."""
-        return -torch.cdist(features.float(), self.centroids)
+        """Logits (1 x B x C): minus the distance to each centre."""
+        return -torch.cdist(features.float(), self.centroids)[None]
+
+    def permute_(self, order: Tensor) -> None:
+        with torch.no_grad():
+            self.centroids.copy_(self.centroids[order.to(self.centroids.device)])
 
 
 class LocalDiscriminator(nn.Module):

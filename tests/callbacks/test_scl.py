@@ -15,7 +15,7 @@ class RecordRefresh(pl.Callback):
         if trainer.current_epoch == 0:
             images = trainer.datamodule.train_set.images
             pl_module.eval()
-            self.expected = [logits.argmax(1) for logits, _ in pl_module.assignments(images)]
+            self.expected = [logits.argmax(1) for logits, _ in pl_module.task_outputs(images)]
             pl_module.train()
             self.before = pl_module.sample_table.labels.clone()
 

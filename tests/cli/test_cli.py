@@ -1,6 +1,7 @@
 """The `clusterlab` command: configs, run directories, reports and the messages at the edges."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,20 @@ def test_every_experiment_trains_a_step_on_its_real_data_format(config, in_tmp):
     assert report["steps"] == 1 and report["acc"] is not None
 
 
+def test_help_says_what_clusterlab_is_and_lists_every_command(capsys):
+    main(["--help"])
+    printed = capsys.readouterr().out
+    assert "deep image clustering" in printed and "Lightning Trainer command line tool" not in printed
+    listed = printed.split("commands:\n")[1].split("\n\n")[0]
+    commands = re.findall(r"^  (\w+) ", listed, flags=re.MULTILINE)  # continued lines are indented more
+    assert commands == ["fit", "validate", "test", "predict", "cluster", "env"]
+    for command in ("fit", "cluster", "env"):  # each command's own help is its options
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0
+        assert "--help" in capsys.readouterr().out
+
+
 def test_print_config_shows_the_resolved_config(capsys):
     with pytest.raises(SystemExit) as done:
         main(["fit", "--config", str(Path(REPO, "experiments/cc_cifar10.yaml")), "--print_config"])
@@ -135,12 +150,19 @@ def fit_tiny(tmp, *args):
     return next((tmp / "runs" / "tiny").iterdir())
 
 
-def test_fit_writes_config_metrics_and_checkpoint_and_prints_the_report(in_tmp, capsys):
+def test_fit_writes_config_metrics_and_checkpoint_and_prints_the_report(in_tmp, capsys, monkeypatch):
+    monkeypatch.setenv("CLUSTERLAB_RUN_DIR_FILE", str(in_tmp / "told.txt"))
     run_dir = fit_tiny(in_tmp, "--kmeans_baseline", "true")
+    # The run tells a program that started it where it wrote, in the file that program named.
+    assert (in_tmp / "told.txt").read_text() == f"{Path('runs', 'tiny', run_dir.name)}\n"
     report = json.loads((run_dir / "metrics.json").read_text())
     assert report["method"] == "CC" and report["dataset"] == "digits" and report["seed"] == 3
     assert report["epochs"] == 2 and report["num_samples"] == 1797 and report["wall_time_s"] > 0
-    assert 0 < report["acc"] <= 1 and set(report["heads"][0]) == {"acc", "nmi", "ari"}
+    figures = {"acc", "nmi", "ari", "ami", "many_to_one_acc"}  # every head's; the selected one's at the top
+    assert 0 < report["acc"] <= 1 and set(report["heads"][0]) == figures and figures <= set(report)
+    assert (
+        report["many_to_one_acc"] >= report["acc"] and report["num_classes"] == report["num_clusters"] == 10
+    )
     assert report["kmeans"]["acc"] == pytest.approx(0.79, abs=0.02)
     assert (run_dir / "config.yaml").exists() and (run_dir / "checkpoints" / "last.ckpt").exists()
     assert (run_dir / "metrics.csv").exists()
@@ -208,7 +230,7 @@ def test_ich_only_ablation_clusters_by_kmeans_in_the_instance_space(in_tmp):
     report = json.loads((run_dir / "metrics.json").read_text())
     assert report["acc"] > 0.3  # well above chance (0.1) after 2 tiny epochs
     centroids = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)["state_dict"][
-        "kmeans.centroids"
+        "cluster_head.centroids"
     ]
     assert centroids.shape == (10, 128) and centroids.abs().sum() > 0
 

@@ -63,7 +63,7 @@ def test_killed_and_resumed_scl_run_continues_with_the_same_state(tmp_path):
     )
     assert (saved["state_dict"]["semantic_memory.clustering.index"] >= 0).any()
     names = set(expected["state_dict"])
-    for part in ("backbone.", "momentum_encoder.", "semantic_memory.", "sample_table.", "classifiers."):
+    for part in ("backbone.", "momentum_encoder.", "semantic_memory.", "sample_table.", "cluster_head."):
         assert any(n.startswith(part) for n in names), part
     assert int(got["state_dict"]["sample_table.epoch"]) == 3
 
@@ -72,7 +72,7 @@ def test_killed_and_resumed_scl_run_continues_with_the_same_state(tmp_path):
 def test_killed_and_resumed_dccm_run_ends_with_the_same_weights(tmp_path):
     (tmp_path / "tiny.yaml").write_text(TINY_DCCM)
     expected, _, _ = kill_and_resume(tmp_path, "tiny.yaml")
-    assert any(name.startswith("discriminator.") for name in expected["state_dict"])
+    assert any(name.startswith("discriminators.") for name in expected["state_dict"])
     # The mutual information had random negatives to draw: the resumed run drew the same ones.
     log = next((tmp_path / "runs" / "whole").glob("*/metrics.csv")).read_text().splitlines()
     column = log[0].split(",").index("train/graph_positives")

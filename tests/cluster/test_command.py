@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -288,6 +289,14 @@ def test_bad_input_is_one_line_with_what_where_and_what_to_do_and_leaves_nothing
         ((photos, "--out", out, "--minutes", "-2"), "more than 0 minutes"),
         ((photos, "--out", photos / "out"), "inside the image folder"),
         ((photos, "--out", tmp_path / "mine"), "did not write; nothing was changed"),
+        (
+            (photos, "--out", out, "--method", "kmeans"),
+            "neither one of cc, nnm, scl, dccm nor the class path",
+        ),
+        (
+            (photos, "--out", out, "--method", "clusterlab.methods.base.ClusteringMethod"),
+            "declares no folder_recipe",
+        ),
     ]
     for argv, expected in cases:
         line = one_line_error(capsys, *argv)
@@ -453,18 +462,28 @@ def test_standardised_views_do_not_see_a_colour_cast_or_exposure():
     assert views.plain(cast).mean((-2, -1)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("method", ["cc", "nnm", "scl", "dccm"])
+@pytest.mark.parametrize("method", ["cc", "nnm", "scl", "dccm", "clusterlab.methods.SimCLR"])
 def test_renumbered_clusters_are_the_same_clusters_under_new_numbers(method):
     from clusterlab.cluster import recipe
 
     model, _ = recipe.build(recipe.clustering(method, 16, 5, 100, 10, pretext_checkpoint="unused.ckpt"))
     model.eval()
+    if model.cluster_head.fitted:  # k-means centres as a fit would leave them
+        model.cluster_head.centroids.copy_(torch.randn_like(model.cluster_head.centroids))
     images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
     before = model.predict_proba(images)[model.selected_head]
+    memory = copy.deepcopy(model.semantic_memory["clustering"]) if hasattr(model, "semantic_memory") else None
     order = [3, 0, 4, 1, 2]
-    recipe.permute_clusters(model, order)
+    model.permute_clusters_(order)
     after = model.predict_proba(images)[model.selected_head]
     assert torch.allclose(after, before[:, order], atol=1e-6)
+    if memory is not None:  # SCL: the target task's memory holds one queue per cluster, renumbered too
+        for name in ("keys", "index", "pointer"):
+            assert torch.equal(
+                getattr(model.semantic_memory["clustering"], name), getattr(memory, name)[order]
+            )
+    with pytest.raises(ValueError, match="not a permutation"):
+        model.permute_clusters_([0, 0, 1, 2, 3])
 
 
 def test_the_mirror_ratio_tells_digits_which_have_a_side_from_kinds_that_do_not():

@@ -1,9 +1,10 @@
 """docs/adding-a-method.md, followed: a fifth method in under 100 lines, run through the real CLI.
 
 IIC (Ji et al., ICCV 2019, "Invariant Information Clustering"): maximise the mutual information
-between the cluster assignments of two views of each image. Its loss, its method and its config
-below are all a new method needs; the base class, the CLI, evaluation, checkpoints, resume,
-figures and predict come with `ClusteringMethod`.
+between the cluster assignments of two views of each image. Its loss, its method (views, cluster
+head, training step, folder recipe) and its config below are all a new method needs; the base
+class, the CLI, evaluation, checkpoints, resume, figures, predict and the folder command
+(`clusterlab cluster FOLDER --method <its class path>`) come with `ClusteringMethod`.
 """
 
 import csv
@@ -16,8 +17,9 @@ from clusterlab.cli import main
 from clusterlab.data.views import Views
 from clusterlab.distributed import gather
 from clusterlab.losses.common import float32
-from clusterlab.methods.base import ClusteringMethod, LRSchedulerCallable, OptimizerCallable
+from clusterlab.methods.base import ClusteringMethod, FolderRecipe, LRSchedulerCallable, OptimizerCallable
 from clusterlab.nn.heads import ClusterHeads
+from tests.cluster.test_command import rows, write_photo_folder
 
 
 @float32
@@ -39,6 +41,8 @@ class IIC(ClusteringMethod):
         num_heads: heads trained side by side (IIC trains 5; the lowest loss is reported).
     """
 
+    folder_recipe = FolderRecipe(views="clusterlab.data.views.SimCLRViews")  # and Adam 1e-3
+
     def __init__(
         self,
         num_clusters: int,
@@ -53,18 +57,15 @@ class IIC(ClusteringMethod):
         )
         self.save_hyperparameters()
         self.views = views
-        self.heads = ClusterHeads(backbone.out_dim, num_clusters, num_heads)
+        self.cluster_head = ClusterHeads(backbone.out_dim, num_clusters, num_heads)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         x = batch["image"]
-        z = self.heads(self.backbone(self.views(x))).softmax(-1)  # heads x B x C
-        z_prime = self.heads(self.backbone(self.views(x))).softmax(-1)  # x' = g(x)
+        z = self.cluster_head(self.backbone(self.views(x))).softmax(-1)  # heads x B x C
+        z_prime = self.cluster_head(self.backbone(self.views(x))).softmax(-1)  # x' = g(x)
         z, z_prime = (gather(t.transpose(0, 1)).transpose(0, 1) for t in (z, z_prime))  # the global batch
         per_head = torch.stack([mutual_information_loss(a, b) for a, b in zip(z, z_prime)])
         return self.objective({"mutual_information": per_head.sum()}, head_losses=per_head)
-
-    def cluster_logits(self, x: Tensor) -> Tensor:
-        return self.heads(self.backbone(x))
 
 
 CONFIG = """
@@ -99,3 +100,18 @@ def test_a_new_method_runs_through_the_whole_cli(in_tmp):
     main(["test", "--config", str(run_dir / "config.yaml"), "--ckpt_path", checkpoint])
     tested = json.loads(next(run_dir.glob("test-*/metrics.json")).read_text())
     assert tested["acc"] == report["acc"]
+
+
+def test_a_new_method_groups_a_folder_through_the_folder_command(tmp_path):
+    """Its folder recipe is all `clusterlab cluster` needs: named by class path, IIC trains on a
+    folder of photos, and every image gets a cluster (two epochs: seconds)."""
+    write_photo_folder(tmp_path / "photos", per_kind=8)
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--method", f"{__name__}.IIC", "--num_clusters", "3"]
+    main(["cluster", str(tmp_path / "photos"), *argv, "--epochs", "2", "--batch_size", "16"])
+    summary = json.loads((out / "cluster.json").read_text())
+    assert summary["method"] == "IIC" and summary["num_clusters"] == 3 and summary["epochs"] == 2
+    assigned = rows(out / "assignments.csv")
+    assert len(assigned) == 4 * 8 and {int(r["cluster"]) for r in assigned} <= {0, 1, 2}
+    assert (out / "report.html").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    assert f"class_path: {__name__}.IIC" in (out / "config.yaml").read_text()

@@ -113,7 +113,7 @@ def test_the_head_starts_from_spherical_kmeans_of_the_instance_features_at_its_e
                 with torch.no_grad():
                     module.eval()
                     x = module.plain(images)
-                    seen["head"] = module.cluster_projector(module.backbone(x))[0].argmax(-1)
+                    seen["head"] = module.cluster_head(module.backbone(x))[0].argmax(-1)
                     seen["z"] = module.instance_features(x).float()
                     module.train()
 

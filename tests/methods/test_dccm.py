@@ -105,7 +105,9 @@ def test_each_head_trains_on_its_own_targets_and_the_loss_is_their_mean():
     # Head 1's loss moves head 1 and its discriminator, never another head's layers.
     head_losses[1].backward()
     for h in range(3):
-        moved = [p.grad is not None and p.grad.abs().sum() > 0 for p in model.cluster_heads[h].parameters()]
+        moved = [
+            p.grad is not None and p.grad.abs().sum() > 0 for p in model.cluster_head.heads[h].parameters()
+        ]
         moved += [p.grad is not None and p.grad.abs().sum() > 0 for p in model.discriminators[h].parameters()]
         assert all(moved) if h == 1 else not any(moved), h
 
@@ -168,7 +170,7 @@ def test_dccm_training_step_on_two_processes_equals_one_process_with_the_whole_b
         assert float(result["loss"]) == pytest.approx(float(single["loss"]), rel=1e-5)
         assert result["grads"].keys() == single["grads"].keys()
         assert any(name.startswith("discriminators") for name in single["grads"])
-        assert any(name.startswith(f"cluster_heads.{num_heads - 1}.") for name in single["grads"])
+        assert any(name.startswith(f"cluster_head.heads.{num_heads - 1}.") for name in single["grads"])
         for name, grad in single["grads"].items():
             # float32 sums in another order: agreement to 1e-4 of each gradient's scale
             scale = float(grad.abs().max())
@@ -208,24 +210,20 @@ def test_the_authors_chunked_schedule_computes_targets_once_per_chunk(tmp_path):
     assert torch.allclose(chunks[0][0].sum(-1), torch.ones(1, 256))  # 1 head x 256 images
 
 
-def test_a_checkpoint_from_before_num_heads_loads_as_head_0():
-    """Checkpoints written before num_heads hold cluster_head.*, discriminator.* and a 2-D
-    chunk_probs; they load into a one-head DCCM unchanged."""
+def test_a_checkpoint_with_the_heads_under_their_old_names_is_refused_in_one_line():
+    """Weights under names this DCCM does not have (another layout's `cluster_heads.*` for its
+    `cluster_head.heads.*`) are refused with a CheckpointMismatchError that says so, not loaded
+    half or raised as torch's list of every key."""
+    from clusterlab.methods.base import CheckpointMismatchError
+
     torch.manual_seed(0)
     model = DCCM(10, tiny_cnn(), GeometricViews(flip=False), discriminator_dim=16, chunk_size=8)
-    model.chunk_probs.uniform_()
-    checkpoint = {"state_dict": copy.deepcopy(model.state_dict())}
-    model.on_save_checkpoint(checkpoint)
-    old = {}  # the layout before num_heads
-    for key, value in checkpoint["state_dict"].items():
-        key = key.replace("cluster_heads.0.", "cluster_head.").replace("discriminators.0.", "discriminator.")
-        old[key] = value[0] if key == "chunk_probs" else value
-    assert "cluster_head.0.weight" in old and old["chunk_probs"].shape == (8, 10)
-    checkpoint["state_dict"] = old
-
-    torch.manual_seed(1)
-    restored = DCCM(10, tiny_cnn(), GeometricViews(flip=False), discriminator_dim=16, chunk_size=8)
-    restored.on_load_checkpoint(checkpoint)
-    restored.load_state_dict(checkpoint["state_dict"])  # strict: every key matched
-    for key, value in model.state_dict().items():
-        torch.testing.assert_close(restored.state_dict()[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+    old = {
+        key.replace("cluster_head.heads.", "cluster_heads."): value
+        for key, value in model.state_dict().items()
+    }
+    assert "cluster_heads.0.0.weight" in old
+    with pytest.raises(CheckpointMismatchError, match="weights do not fit this config's DCCM"):
+        DCCM(10, tiny_cnn(), GeometricViews(flip=False), discriminator_dim=16, chunk_size=8).load_state_dict(
+            old
+        )

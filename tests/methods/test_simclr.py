@@ -20,7 +20,7 @@ def test_simclr_reports_kmeans_clusters_of_its_features_and_the_knn_agreement():
     trainer(max_epochs=1, limit_train_batches=3).fit(model, ClusterDataModule("digits", batch_size=128))
     assert 0.15 < model.eval_results["acc"] <= 1  # k-means on the features, not chance
     assert 0.3 < model.diagnostics["knn_agreement"] <= 1
-    assert model.kmeans.centroids.abs().sum() > 0  # kept for online prediction
+    assert model.cluster_head.centroids.abs().sum() > 0  # kept for online prediction
     probs = model.predict_proba(Digits().load("train+test").images[:1])
     assert probs.shape == (1, 1, 10) and torch.allclose(probs.sum(-1), torch.ones(1, 1))
 
@@ -35,7 +35,7 @@ def test_cc_ich_only_still_clusters_by_kmeans_through_the_base_class():
     pl.seed_everything(0)
     model = CC(10, tiny_cnn(), Views(), use_cluster_loss=False, use_cluster_entropy=False)
     trainer().validate(model, ClusterDataModule("digits"))
-    assert model.eval_results["acc"] > 0.15 and model.kmeans.centroids.abs().sum() > 0
+    assert model.eval_results["acc"] > 0.15 and model.cluster_head.centroids.abs().sum() > 0
 
 
 def test_moco_enqueues_the_gathered_keys_of_every_step():
