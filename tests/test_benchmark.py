@@ -70,6 +70,7 @@ def test_runner_writes_the_table_from_the_runs_metrics(in_tmp):
     assert json.loads((in_tmp / "out" / "tiny.json").read_text())["rows"][1]["seeds"] == [0]
 
 
+@pytest.mark.slow  # 40 s of budgeted runs; the runner's table and resume are tested above in make test
 def test_a_stage_takes_its_share_of_the_budget_and_a_changed_config_is_run_again(in_tmp):
     (in_tmp / "tiny_cc.yaml").write_text(TINY_CC)
     (in_tmp / "suite.yaml").write_text(

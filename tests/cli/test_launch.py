@@ -102,6 +102,7 @@ def test_torchrun_fit_and_predict_end_with_one_run_directory_and_the_one_process
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and stage not in p.parents} == before
 
 
+@pytest.mark.slow  # torchrun and srun launches are tested in make test; this third launcher in make test-slow
 def test_lightnings_own_launcher_ends_with_one_run_directory(tmp_path):
     (tmp_path / "ddp_cc.yaml").write_text(DDP_CC)
     fitted = clusterlab("fit", "--config", "ddp_cc.yaml", *TWO, "--data.batch_size", "32", cwd=tmp_path)

@@ -91,6 +91,7 @@ def assert_logged_once_each(run_dir: Path, whole_dir: Path) -> None:
     assert not missing and not extra, f"the log differs from the uninterrupted run's: {missing=} {extra=}"
 
 
+@pytest.mark.slow  # 70 s; test_resume.py kills and resumes every make test
 def test_kills_at_random_moments_resume_to_the_weights_of_an_uninterrupted_run(tmp_path):
     """SIGKILL at random times (start-up, training, checkpoint writes, evaluation, figures), then
     `fit --ckpt_path last` each time, until a run ends: the same weights and log as one whole run."""

@@ -29,7 +29,7 @@ def _cc_model(num_heads: int = 1) -> CC:
     )
 
 
-@pytest.mark.parametrize("num_heads", [1, 3])
+@pytest.mark.parametrize("num_heads", [1, pytest.param(3, marks=pytest.mark.slow)])  # 3 heads: make test-slow
 def test_cc_training_step_on_two_processes_equals_one_process_with_the_whole_batch(num_heads, tmp_path):
     pl.seed_everything(0)
     model = _cc_model(num_heads)

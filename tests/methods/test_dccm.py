@@ -134,7 +134,11 @@ def _dccm_model(**kwargs) -> DCCM:
 
 @pytest.mark.parametrize(
     "chunked, num_heads",
-    [(False, 1), (True, 1), (False, 2)],
+    [  # the authors' variant and two heads in make test-slow: the paper's case runs every time
+        (False, 1),
+        pytest.param(True, 1, marks=pytest.mark.slow),
+        pytest.param(False, 2, marks=pytest.mark.slow),
+    ],
     ids=["paper", "authors-chunks", "two-heads"],
 )
 def test_dccm_training_step_on_two_processes_equals_one_process_with_the_whole_batch(
