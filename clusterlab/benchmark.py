@@ -43,6 +43,9 @@ import yaml
 from clusterlab.console import OneLineParser
 
 METRICS = ("nmi", "acc", "ari")
+# Columns added where every run of a row records them (runs before they were computed do not):
+# AMI and many-to-one ACC (clusterlab.metrics), the score of over-clustering.
+EXTRA_METRICS = {"ami": "AMI", "many_to_one_acc": "ACC many-to-one"}
 
 
 def run_stage(config: str, seed: int, extra: list[str], runs_dir: str, threads: int | None = None) -> Path:
@@ -88,6 +91,11 @@ def worst(accs: list[float], seeds: list[int]) -> tuple[float, int]:
     return min(zip(accs, seeds))
 
 
+def recorded_extras(results: list[dict]) -> dict:
+    """Mean and std of each extra metric that every one of `results` records."""
+    return {m: mean_std([r[m] for r in results]) for m in EXTRA_METRICS if all(m in r for r in results)}
+
+
 def summarize(runs: dict[str, list[dict]]) -> list[dict]:
     """Table rows from the runs' metrics: k-means first, then the methods in suite order."""
     rows = []
@@ -98,6 +106,7 @@ def summarize(runs: dict[str, list[dict]]) -> list[dict]:
             {
                 "name": "k-means (pixels)",
                 **{m: mean_std([r["kmeans"][m] for r in first]) for m in METRICS},
+                **recorded_extras([r["kmeans"] for r in first]),
                 "worst_acc": worst([r["kmeans"]["acc"] for r in first], seeds),
                 "wall_time_s": None,
                 "seeds": seeds,
@@ -109,6 +118,7 @@ def summarize(runs: dict[str, list[dict]]) -> list[dict]:
             {
                 "name": name,
                 **{m: mean_std([r[m] for r in method_runs]) for m in METRICS},
+                **recorded_extras(method_runs),
                 "worst_acc": worst([r["acc"] for r in method_runs], seeds),
                 "wall_time_s": statistics.mean(r["wall_time_s"] for r in method_runs),
                 "seeds": seeds,
@@ -121,17 +131,22 @@ def markdown(suite: dict, rows: list[dict], command: str, machine: str) -> str:
     lines = [f"### {suite['title']}", "", f"Machine: {machine}.", "", "```", command, "```", ""]
     if suite.get("note"):
         lines += [suite["note"].strip(), ""]
-    header = "| method | NMI | ACC | ARI | worst ACC (seed) | fit time per run | seeds |"
-    lines += [header, "|---|---|---|---|---|---|---|"]
+    extras = [m for m in EXTRA_METRICS if any(m in row for row in rows)]
+    names = ["NMI", "ACC", "ARI", *(EXTRA_METRICS[m] for m in extras)]
+    header = f"| method | {' | '.join(names)} | worst ACC (seed) | fit time per run | seeds |"
+    lines += [header, "|---" * (len(names) + 4) + "|"]
     for row in rows:
         one_seed = len(row["seeds"]) == 1  # no spread to report
-        cells = [f"{row[m][0]:.4f}" if one_seed else f"{row[m][0]:.4f} +- {row[m][1]:.4f}" for m in METRICS]
+        cells = [
+            "-" if m not in row else f"{row[m][0]:.4f}" if one_seed else f"{row[m][0]:.4f} +- {row[m][1]:.4f}"
+            for m in (*METRICS, *extras)
+        ]
         low, low_seed = row["worst_acc"]
         wall = f"{row['wall_time_s']:.0f} s" if row["wall_time_s"] is not None else ""
         seeds = ", ".join(map(str, row["seeds"]))
         lines.append(f"| {row['name']} | {' | '.join(cells)} | {low:.4f} ({low_seed}) | {wall} | {seeds} |")
     for anchor in suite.get("anchors", []):
-        cells = [f"{anchor[m]:.3f}" if anchor.get(m) is not None else "-" for m in METRICS]
+        cells = [f"{anchor[m]:.3f}" if anchor.get(m) is not None else "-" for m in (*METRICS, *extras)]
         lines.append(f"| {anchor['name']} (published) | {' | '.join(cells)} | | | |")
     return "\n".join(lines) + "\n"
 

@@ -41,17 +41,19 @@ def test_runner_writes_the_table_from_the_runs_metrics(in_tmp):
     assert text.startswith("# Results\n\nkept text\n") and "<!-- benchmark:tiny -->" in text
     for name, key in (("CC", None), ("k-means (pixels)", "kmeans")):
         row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
-        for column, metric in zip(row.split("|")[2:5], ("nmi", "acc", "ari")):
+        # NMI, ACC, ARI, then AMI and many-to-one ACC (recorded by every run here)
+        for column, metric in zip(row.split("|")[2:7], ("nmi", "acc", "ari", "ami", "many_to_one_acc")):
             values = [m[metric] if key is None else m[key][metric] for m in metrics]
             mean, std = (float(x) for x in column.split("+-"))
             assert mean == pytest.approx(statistics.mean(values), abs=1e-4)
             assert std == pytest.approx(statistics.stdev(values), abs=1e-4)
         accs = [m["acc"] if key is None else m[key]["acc"] for m in metrics]
-        low, seed = row.split("|")[5].split()
+        low, seed = row.split("|")[7].split()
         assert float(low) == pytest.approx(min(accs), abs=1e-4) and int(seed.strip("()")) == accs.index(
             min(accs)
         )
-    assert "| k-means (published) | 0.510 | 0.470 | - | | | |" in text
+    assert "| k-means (published) | 0.510 | 0.470 | - | - | - | | | |" in text
+    assert "| method | NMI | ACC | ARI | AMI | ACC many-to-one | worst ACC (seed) |" in text
     assert "python -m clusterlab.benchmark suite.yaml --seeds 0 1" in text
 
     # --resume takes the finished runs from the progress file: no new run directories.
@@ -109,3 +111,15 @@ def test_the_runner_takes_the_run_directory_from_the_file_the_run_writes(in_tmp,
     )
     with pytest.raises(RuntimeError, match="no metrics.json"):  # a run that never said where it wrote
         run_stage("tiny.yaml", 0, [], "runs")
+
+
+def test_a_table_of_runs_that_predate_ami_keeps_its_old_columns():
+    """Runs recorded before AMI and many-to-one ACC were computed: no column of dashes for them."""
+    from clusterlab.benchmark import markdown, summarize
+
+    runs = {
+        "CC": [{"seed": s, "nmi": 0.9, "acc": 0.95 + s / 100, "ari": 0.9, "wall_time_s": 1.0} for s in (0, 1)]
+    }
+    text = markdown({"title": "t"}, summarize(runs), "cmd", "here")
+    assert "| method | NMI | ACC | ARI | worst ACC (seed) | fit time per run | seeds |" in text
+    assert "| CC | 0.9000 +- 0.0000 | 0.9550 +- 0.0071 | 0.9000 +- 0.0000 | 0.9500 (0) | 1 s | 0, 1 |" in text
