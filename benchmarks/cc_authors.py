@@ -43,8 +43,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from throughput import (
+    PILViews,  # noqa: E402
+    timed_fit,  # noqa: E402
+)
 from throughput import sync as synchronize  # noqa: E402
-from throughput import timed_fit  # noqa: E402
 
 from clusterlab.losses.cc import cluster_entropy, cluster_loss, instance_loss  # noqa: E402
 
@@ -87,33 +90,6 @@ def clusterlab_overrides(root: str, batch: int, precision: str) -> list[str]:
 # -- the authors' pipeline -------------------------------------------------------------------------
 
 
-class PILPairs(torch.utils.data.Dataset):
-    """Two augmented views of each image, made with PIL one image at a time (in the DataLoader's workers)."""
-
-    def __init__(self, images: torch.Tensor) -> None:
-        from torchvision import transforms as T
-
-        self.images = images[:, 0].numpy()  # N x 28 x 28 uint8: PIL "L" images
-        self.transform = T.Compose(
-            [
-                T.RandomResizedCrop(32),
-                T.RandomHorizontalFlip(),
-                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-                T.RandomGrayscale(p=0.2),
-                T.ToTensor(),
-            ]
-        )
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        image = Image.fromarray(self.images[i])
-        return self.transform(image), self.transform(image)
-
-
 class AuthorsCC(nn.Module):
     """torchvision's ResNet-18 (CIFAR stem, 1 channel) with CC's two heads."""
 
@@ -145,7 +121,7 @@ def authors_images_per_s(
     model = AuthorsCC().to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
     loader = torch.utils.data.DataLoader(
-        PILPairs(images), batch_size=batch, shuffle=True, num_workers=workers, drop_last=True
+        PILViews(images), batch_size=batch, shuffle=True, num_workers=workers, drop_last=True
     )
     start = None
     for step, (x_i, x_j) in enumerate(loader):

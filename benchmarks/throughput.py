@@ -324,7 +324,9 @@ class PILViews(torch.utils.data.Dataset):
     def __init__(self, images: torch.Tensor) -> None:
         from torchvision import transforms as T
 
-        self.images = images.permute(0, 2, 3, 1).numpy()
+        # N x H x W x C; grey images as N x H x W (PIL "L"): the transforms act on them as the
+        # authors' pipeline does on a grey data set
+        self.images = images.permute(0, 2, 3, 1).numpy() if images.shape[1] > 1 else images[:, 0].numpy()
         self.transform = T.Compose(
             [
                 T.RandomResizedCrop(32, scale=(0.08, 1.0)),

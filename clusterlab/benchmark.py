@@ -48,8 +48,16 @@ METRICS = ("nmi", "acc", "ari")
 EXTRA_METRICS = {"ami": "AMI", "many_to_one_acc": "ACC many-to-one"}
 
 
-def run_stage(config: str, seed: int, extra: list[str], runs_dir: str, threads: int | None = None) -> Path:
-    """`clusterlab fit` of one config and seed (on `threads` CPU threads); returns its run directory."""
+def run_stage(
+    config: str,
+    seed: int,
+    extra: list[str],
+    runs_dir: str,
+    threads: int | None = None,
+    timeout: float | None = None,
+) -> Path:
+    """`clusterlab fit` of one config and seed (on `threads` CPU threads, stopped after `timeout`
+    seconds); returns its run directory."""
     name = Path(config).stem
     command = [
         sys.executable,
@@ -73,7 +81,7 @@ def run_stage(config: str, seed: int, extra: list[str], runs_dir: str, threads: 
         told = Path(scratch) / "run_dir"
         env = {**os.environ, "COLUMNS": "200", RUN_DIR_FILE_ENV: str(told)}
         env.update({"OMP_NUM_THREADS": str(threads)} if threads else {})
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
         run_dir = told.read_text().strip() if told.is_file() else ""
     if done.returncode != 0:
         raise RuntimeError(f"{config} seed {seed} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")

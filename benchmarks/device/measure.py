@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -184,31 +183,36 @@ def _faiss_gpus() -> int:
 
 
 def part_d(sizes: Sizes, root: str, device: str, scratch: Path) -> dict:
+    from clusterlab.benchmark import run_stage  # the runner's launch: run folder from the file the run writes
+
     seconds = max(1, round(sizes.minutes * 60))
-    command = [
-        sys.executable,
-        "-m",
-        "clusterlab",
-        "fit",
-        "--config",
-        "experiments/cc_fashion_mnist.yaml",
+    config, runs_dir = "experiments/cc_fashion_mnist.yaml", str(scratch / "runs")
+    extra = [
         f"--data.root={root}",
         "--trainer.precision=bf16-mixed",
         f"--trainer.max_time=00:00:{seconds // 60:02d}:{seconds % 60:02d}",
         "--trainer.max_epochs=1000",
         "--kmeans_baseline=false",
         "--figures.enabled=false" if sizes.quick else "--figures.enabled=true",
-        f"--runs_dir={scratch / 'runs'}",
         *(["--data.batch_size=8", "--trainer.check_val_every_n_epoch=1000"] if sizes.quick else []),
     ]
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=seconds + 300)
+    run_dir = run_stage(config, 0, extra, runs_dir, timeout=seconds + 300)
     wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"clusterlab fit exited {done.returncode}: {done.stderr[-2000:]}")
-    metrics = json.loads(next((scratch / "runs").glob("*/*/metrics.json")).read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    command = [
+        "clusterlab",
+        "fit",
+        "--config",
+        config,
+        "--seed_everything",
+        "0",
+        "--runs_dir",
+        runs_dir,
+        *extra,
+    ]
     return {
-        "command": shlex.join(["clusterlab", *command[3:]]),
+        "command": shlex.join(command),
         "train_seconds": seconds,
         "wall_seconds": wall,
         **{key: metrics.get(key) for key in ("epochs", "steps", "acc", "nmi", "ari", "wall_time_s")},
