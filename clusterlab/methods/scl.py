@@ -80,7 +80,9 @@ class MemoryHead(ClusterHead):
         return memory_logits(q, self._memory[0].keys, self.temperature)[None]
 
     def permute_(self, order: Tensor) -> None:
-        pass
+        # Nothing of its own to renumber: its logits are the memory's clusters, which
+        # SCL.permute_clusters_ renumbers (keys, index, pointer) for the memory's other readers too.
+        return None
 
 
 def scl_tasks(

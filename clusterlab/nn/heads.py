@@ -35,7 +35,8 @@ class ClusterHead(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} is trained, not fitted")
 
     def permute_(self, order: Tensor) -> None:
-        raise NotImplementedError
+        """Renumber the clusters in place: cluster `order[j]` becomes cluster j. Every head says how."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how to renumber its clusters")
 
 
 def permute_outputs_(layer: nn.Module, order: Tensor) -> None:
