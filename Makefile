@@ -37,7 +37,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check clusterlab tests benchmarks
 
 # What the GPU machine lacks (wheels, Fashion-MNIST's .deb) for benchmarks/device/run.sh, into the
-# ignored benchmarks/device/carry/ (docs/cluster.md, "GPU").
+# ignored benchmarks/device/carry/ (docs/multi-gpu.md, "GPU").
 device-carry:
 	bash benchmarks/device/fill_carry.sh
 

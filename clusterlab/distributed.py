@@ -33,12 +33,11 @@ def rank() -> int:
 
 # How long a rank waits in a collective before the run fails (the CLI gives it to Lightning's DDP
 # strategy, whose default is 30 minutes). Rank 0 alone runs the k-means of a k-means head and the
-# neighbour searches while the other ranks wait in a broadcast. At 1M x 512 on a shared 2-core CPU
-# (benchmarks/results/scale-cpu.md) k-means on its 100k-row subsample took 3.3 min (k = 100, 10
-# runs, KMeansHead's setting) and 1.8 min for one run at k = 1000 (18 min for 10): 2 hours leaves a
-# wide margin. Searching all 1M rows' neighbours on a CPU takes hours (2.2 h extrapolated), longer
-# than a timeout should wait for a hung rank: a GPU run searches on its GPU; a CPU-only run that
-# large sets CLUSTERLAB_PROCESS_GROUP_TIMEOUT_MINUTES.
+# neighbour searches while the other ranks wait in a broadcast. At 1M x 512 on a CPU, k-means on
+# its subsample takes minutes, well inside 2 hours; searching all 1M rows' neighbours on a CPU
+# takes hours, longer than a timeout should wait for a hung rank: a GPU run searches on its GPU; a
+# CPU-only run that large sets CLUSTERLAB_PROCESS_GROUP_TIMEOUT_MINUTES (figures: docs/results.md,
+# "At 1M vectors" and "Measurements behind design choices").
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=120)
 
 

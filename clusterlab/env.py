@@ -8,7 +8,7 @@
 here"), so that the JSON keeps their types; `format_rows()` aligns them for a terminal. The faiss rows
 say which build the `faiss` package on disk is, and what is wrong with it when the wheels that share
 its files (faiss-cpu, faiss-gpu) were installed or removed in an order that breaks it
-(docs/cluster.md, "GPU").
+(docs/multi-gpu.md, "GPU").
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from clusterlab import __version__
 PACKAGES = ("torchvision", "pytorch-lightning", "torchmetrics", "kornia", "jsonargparse", "numpy")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 GPU_FIX = (
-    "pip install --no-deps --force-reinstall faiss-gpu=={version} (docs/cluster.md, "
+    "pip install --no-deps --force-reinstall faiss-gpu=={version} (docs/multi-gpu.md, "
     '"Installing faiss for the GPU")'
 )
 
@@ -118,7 +118,7 @@ def _faiss_note(build: str | None, wheels: dict[str, str]) -> str | None:
     if others and (broken or len(wheels) > 1):  # e.g. faiss-gpu-cu12: another layout of the same folder
         return (
             f"{', '.join(others)} writes the faiss folder that clusterlab's faiss-cpu / faiss-gpu write: "
-            f"pip uninstall -y {' '.join(others)}, then the commands of docs/cluster.md, "
+            f"pip uninstall -y {' '.join(others)}, then the commands of docs/multi-gpu.md, "
             '"Installing faiss for the GPU"'
         )
     if broken:

@@ -106,9 +106,9 @@ def _pairs(counts: Tensor) -> Tensor:
 class AdjustedRandScore(_Labelling):
     """ARI (Hubert & Arabie 1985) from the contingency table in int64 / float64.
 
-    torchmetrics' own (1.x) overflows on large sets: on 100,000 random labels it gave -14.4 where
-    scikit-learn gives 0.359 (it still agreed at 70,000, Fashion-MNIST's size), and a folder given
-    to `clusterlab cluster` can hold any number of images (tests/test_metrics.py)."""
+    torchmetrics' own (1.x) overflows on large sets, where it departs from scikit-learn's, and a
+    folder given to `clusterlab cluster` can hold any number of images (tests/test_metrics.py;
+    figures: docs/results.md, "Measurements behind design choices")."""
 
     def score(self, table: Tensor) -> Tensor:
         together = _pairs(table).sum()

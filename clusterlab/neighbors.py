@@ -194,7 +194,7 @@ def kmeans(
 
     With more than `max_points` rows the centroids are trained on `max_points` of them, drawn
     without replacement by numpy's default_rng(seed) (sorted), and then every row is assigned to its
-    nearest centroid; with at most `max_points` rows every row trains, as before.
+    nearest centroid; with at most `max_points` rows every row trains.
     """
     x = _as_faiss(features)
     train = x

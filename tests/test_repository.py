@@ -73,3 +73,32 @@ def test_no_module_imports_another_modules_private_names():
             ):
                 offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_every_option_of_every_method_is_documented_and_set_by_a_config_or_a_test():
+    """A switch no config or test ever sets is untested code; one the docs do not list is hidden."""
+    import inspect
+
+    import clusterlab.methods as methods
+
+    common = {"num_clusters", "backbone", "views", "optimizer", "lr_scheduler"}
+    documented = Path(REPO, "docs", "options.md").read_text()
+    users = {  # where an option can be set: configs, benchmark suites, tests (not this file)
+        path: path.read_text()
+        for path in [*Path(REPO, "experiments").rglob("*.yaml"), *Path(REPO, "tests").rglob("*.py")]
+        if path.name != Path(__file__).name
+    }
+    undocumented, unset = [], []
+    for name in ("CC", "NNM", "SCL", "DCCM", "SimCLR"):
+        for option in list(inspect.signature(getattr(methods, name).__init__).parameters)[1:]:
+            if option in common:
+                continue
+            if f"`{option}`" not in documented:
+                undocumented.append(f"{name}.{option}")
+            setting = re.compile(
+                rf"(\b{option}\s*[:=]|init_args\.{option}\b|hparams\.{option}\b.*=|[\"']{option}[\"']\s*:)"
+            )
+            if not any(setting.search(text) for text in users.values()):
+                unset.append(f"{name}.{option}")
+    assert not undocumented, f"not in docs/options.md: {undocumented}"
+    assert not unset, f"set by no config and no test: {unset}"

@@ -12,23 +12,21 @@ greedy agglomeration of Clauset, Newman & Moore 2004).
    (e_cc: the share of the graph's links inside group c; a_c: the share of link ends in c; the
    gain of merging c and d is 2 (e_cd - a_c a_d)), recording Q at every K down to 2.
 4. Steps 2-3 are repeated from 5 k-means seeds and Q(K) averaged: a single over-clustering
-   moves the argmax of a flat curve by one or two. The curve in report.html is that mean Q(K).
+   moves the argmax of a flat curve. The curve in report.html is that mean Q(K).
 5. K = the smallest K whose mean Q is within one standard error of the best mean Q (the
    one-standard-error rule of model selection: Breiman et al. 1984, and the gap statistic's
    "smallest k such that Gap(k) >= Gap(k+1) - s"; the standard error is that of the best K's
-   mean over the 5 over-clusterings). The top of the curve is flat: on the folders of
-   benchmarks/make_folders.py Q(K) is within 0.003 for K = 10..13, and its argmax landed on a K
-   that splits a kind with two styles of writing it (a 0, a 2) as often as on the number of kinds.
-   Within the noise of the criterion, the fewer clusters win.
+   mean over the 5 over-clusterings). The top of the curve is flat, and its plain argmax can land
+   on a K that splits a kind with two styles of writing it (a 0, a 2). Within the noise of the
+   criterion, the fewer clusters win.
 
-Why not the eigengap of the same graph, which this module used before: on contrastive features
-trained for minutes it counts the sub-kinds that the features separate (a folder of 2,000
-Fashion-MNIST images of 10 kinds gave K = 19, its sub-kinds of sleeves and shoes), and it moved
-with the neighbourhood size (30/50/100/200 neighbours: 19/19/13/6). Modularity weighs a split
-against the links it cuts relative to chance, and on the same saved features it gave 8-12 for
-both folders of benchmarks/make_folders.py (docs/cluster-folder.md, "How K is chosen"): averaged over
-5 over-clusterings, 10-11 at 30 neighbours; at 50 neighbours 10 on the digits and 8 on
-Fashion-MNIST (more neighbours link the neighbouring kinds, shirts and coats, more).
+Why not the eigengap of the same graph: on contrastive features trained for minutes it counts
+the sub-kinds that the features separate (sleeve lengths, shoe types), and it moves with the
+neighbourhood size. Modularity weighs a split against the links it cuts relative to chance, and
+on the same features it lands near the number of kinds on both folders of
+benchmarks/make_folders.py; more neighbours link neighbouring kinds (shirts and coats) more.
+(Figures: docs/results.md, "Measurements behind design choices"; docs/cluster-folder.md,
+"How K is chosen".)
 
 Details: k = N / 5 neighbours, at least 10 and at most 30 (a fair share of a group, so that a group
 does not break into the sub-groups of pose or exposure, and not so many that neighbouring kinds

@@ -16,8 +16,9 @@ same for every method:
   only where the folder's mirror images look like its images (`mirror_ratio`: photos of
   objects, not digits or text);
 - backbone: a VGG-style SmallCNN that halves the side down to 4 px (4 blocks at 32 px,
-  16-128 channels, 98k parameters): ~1,600-1,800 images/s of two-view training on 2 idle CPU
-  cores at 32 px, so that 2,000 images get about 250 epochs per phase within 10 minutes;
+  16-128 channels, 98k parameters): small enough that a folder of a few thousand images gets
+  hundreds of epochs per phase on 2 CPU cores within the command's default budget (figures:
+  docs/results.md, "Measurements behind design choices");
 - the pretext (SimCLR's own recipe): the features K is chosen on, and the start of a method
   that has a pretext stage or starts warm.
 """
@@ -103,7 +104,8 @@ def mirror_ratio(images: torch.Tensor, max_images: int = 5000, seed: int = 0) ->
 
     If mirroring does not change what images look like (photos of objects, scenes), a mirror
     image is one more draw from the folder: it is as near to the other images as the image is,
-    and the ratio is 1 up to sampling noise. Digits give about 3.
+    and the ratio is 1 up to sampling noise. Digits, whose mirror images are no digit or another
+    one, give a ratio far above 1 (figures: docs/results.md, "Measurements behind design choices").
     """
     n = len(images)
     pick = torch.arange(n)

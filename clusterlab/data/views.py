@@ -177,10 +177,10 @@ class ImageStandardize(nn.Module):
     exposure and contrast normalisation): a colour cast, a dim or a washed-out photo looks like
     the same photo taken well, so that such casts cannot become clusters. Colour jitter and
     random greyscale vary the colours between two views, but both views of a photo keep most of
-    its cast, which stays the easiest way to tell photos apart (on a folder of digits with a
-    random cast per image, SimCLR features clustered by cast: ACC 0.14, chance level; with this,
-    0.59 after the same 30 epochs). `eps` (of the [0, 1] range) keeps flat images from having
-    their noise blown up."""
+    its cast, which stays the easiest way to tell photos apart: without this, SimCLR features of
+    a folder with a random cast per image cluster by cast (figures: docs/results.md,
+    "Measurements behind design choices"). `eps` (of the [0, 1] range) keeps flat images from
+    having their noise blown up."""
 
     def __init__(self, eps: float = 0.05) -> None:
         super().__init__()

@@ -35,15 +35,16 @@ class CC(ClusteringMethod):
             The head with the lowest cluster loss (Eq. 6, no label) over the last epoch is the one
             reported and predicted with, as SCAN and NNM do. The backbone sees the mean of the
             heads' losses, so its balance between L_ins and L_clu is the paper's whatever the
-            number of heads. Measured on digits (docs/results.md): it does not remove CC's bad
-            seeds, since the heads share the backbone (seed 1 with 5 heads: every head 0.86-0.88).
+            number of heads. It does not reliably rescue a run whose partition crosses two
+            classes: the heads share the backbone, and with it the crossing (figures:
+            docs/results.md, CC).
         head_init_epoch: None (the paper): the cluster head is trained from its random start only.
             An epoch E: at the start of epoch E the cluster head is set to the spherical k-means
             clustering of the instance features z over the training set, as DEC/IDEC/DCN start
             their cluster centres from k-means on the learned features, and CC trains on from
-            there. No label is involved. Measured on digits (docs/results.md): it rescued one bad
-            seed (22: 0.80 -> 0.986) but not another (9: CC's cluster loss pulled the head back to
-            a partition that crosses two classes within 20 epochs).
+            there. No label is involved. It can rescue a run whose head crossed two classes, but
+            not always: CC's cluster loss can pull a head that starts at the classes back to the
+            crossing partition (figures: docs/results.md, CC).
         head_init_temperature: the softmax temperature of the k-means head (cosine to the centres
             divided by it): 0.1, as prototype heads on normalised features use.
         use_instance_loss, use_cluster_loss, use_cluster_entropy: switch each term of Eq. 7 on or

@@ -12,8 +12,8 @@ the readings taken (each also commented where it is used):
 - Eq. 3's p~ is a fixed target of Eq. 4 (no gradient into it); Eq. 4's p is the softmax of the
   classifier's logits. The classifier takes the representation q itself: the paper writes cos()
   wherever it compares representations, so q is not L2-normalised. (On unit-length q the linear
-  classifier's logits stayed small, its argmax followed p~ on 59% of digits and ACC was 0.56;
-  on q itself it follows p~ on 99.5% and ACC is 0.95.)
+  classifier's logits stay small and its argmax often departs from p~; on q itself it follows p~.
+  Figures: docs/results.md, SCL, and "Measurements behind design choices".)
 - Eq. 6: the weights are normalised over the (global) mini-batch (Sec. 4.2: "we re-weight the
   samples within the same mini-batches"); uniform while no label has changed. The counts are the
   target task's (the under-clustering task's when the target task is off), and one weight per
@@ -27,9 +27,9 @@ the readings taken (each also commented where it is used):
 - "We followed [41] (ODC) to avoid extremely imbalanced cluster assignments": both of ODC's
   guards, the split of the largest cluster to refill a small one (see callbacks/scl.py) and the
   loss re-weighting by n_c^-0.5 (here on the concept loss, the classifier's, as ODC weights its
-  classifier's). Without the first, every digit fell into one cluster (ACC 0.10); with the first
-  alone, 7 of 10 digits seeds kept half a digit in a cluster of its own (ACC 0.84-0.92;
-  docs/results.md, SCL, "robust over seeds").
+  classifier's). Without the first, every image can fall into one cluster; with the first alone,
+  half of a class can keep a cluster of its own, too large for the refill to fire
+  (figures: docs/results.md, SCL, and its "robust over seeds").
 - The refresh runs at the start of each epoch from epoch 1 on (the weights at the end of the
   previous one), so that a resumed run refreshes exactly once per epoch.
 """

@@ -123,3 +123,26 @@ def test_the_head_starts_from_spherical_kmeans_of_the_instance_features_at_its_e
     assignments, _ = kmeans(F.normalize(seen["z"], dim=1), 10, seed=derive_seed(0, 7) % 2**31)
     assert (seen["head"] == assignments.to(seen["head"])).float().mean() > 0.99
     assert len(seen["head"].unique()) == 10
+
+
+def test_head_init_temperature_divides_the_kmeans_heads_logits():
+    """head_init_temperature T: the k-means start's logits are cos(z, c_k) / T (up to |z|), so halving
+    T doubles the output layer and leaves the hidden layer and the argmax as they were."""
+    weights = []  # per temperature: the hidden layer, the output layer's weight and bias
+    for temperature in (0.1, 0.05):
+        pl.seed_everything(0)
+        model = _cc_model()
+        model.hparams.head_init_epoch, model.hparams.head_init_temperature = 0, temperature
+
+        class AtFirstBatch(pl.Callback):
+            def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+                head = module.cluster_head.heads[0]
+                weights.append([head[0].weight.clone(), head[2].weight.clone(), head[2].bias.clone()])
+
+        trainer(1, AtFirstBatch(), max_epochs=1, limit_train_batches=1, limit_val_batches=0).fit(
+            model, ClusterDataModule("digits", batch_size=64)
+        )
+    (hidden, out, bias), (hidden_half, out_half, bias_half) = weights
+    torch.testing.assert_close(hidden_half, hidden)
+    torch.testing.assert_close(out_half, 2 * out)
+    torch.testing.assert_close(bias_half, 2 * bias)

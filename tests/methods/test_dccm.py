@@ -58,9 +58,21 @@ ABLATIONS = {  # dccm-paper Table 3, as config overrides
 }
 
 
-@pytest.mark.parametrize("row", ABLATIONS)
+SWITCHES = {  # the other switches of the loss terms, beyond Table 3's rows
+    "without L_PG": (
+        ["--model.init_args.use_pseudo_graph_loss", "false"],
+        {"pseudo_label", "pseudo_label_transformed", "mutual_information"},
+    ),
+    "transformed images only (the authors' code)": (
+        ["--model.init_args.original_images", "false"],
+        {"pseudo_graph_transformed", "pseudo_label_transformed", "mutual_information"},
+    ),
+}
+
+
+@pytest.mark.parametrize("row", [*ABLATIONS, *SWITCHES])
 def test_table_3_rows_are_config_overrides(row, in_tmp):
-    overrides, expected_terms = ABLATIONS[row]
+    overrides, expected_terms = {**ABLATIONS, **SWITCHES}[row]
     model = ClusterLabCLI(args=["--config", DIGITS, *overrides], run=False).model
     captured = {}
     model.objective = lambda terms, head_losses=None: captured.update(terms) or sum(terms.values())

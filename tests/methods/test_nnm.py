@@ -3,6 +3,7 @@
 import copy
 import functools
 import time
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -37,7 +38,7 @@ def test_the_newest_pretext_of_the_runs_seed_is_found(in_tmp, monkeypatch):
         time.sleep(0.02)
     monkeypatch.setenv("PL_GLOBAL_SEED", "3")
     found = resolve_pretext_checkpoint("runs/*-seed{seed}/checkpoints/last.ckpt")
-    assert found == __import__("pathlib").Path("runs/b-seed3/checkpoints/last.ckpt")
+    assert found == Path("runs/b-seed3/checkpoints/last.ckpt")
 
 
 def test_a_missing_pretext_says_what_was_looked_for(in_tmp, monkeypatch):
@@ -200,3 +201,23 @@ def test_neighbours_can_be_mined_by_l2_distance_on_the_raw_features(tmp_path):
         distances.gather(1, mined), distances.topk(5, largest=False).values, atol=1e-4, rtol=0
     )
     assert list(tmp_path.glob("neighbors-*-l2.pt"))  # cached apart from the cosine neighbours
+
+
+@pytest.mark.parametrize("second_view, views_per_step", [(True, 3), (False, 2)])
+def test_second_view_draws_p_aug_or_reuses_p(pretext, second_view, views_per_step):
+    """second_view: A = [p; p_aug] with a second strong view of the anchor (the default); false:
+    A = [p; p], Eq. 7 as printed, and one view fewer a step (anchor and neighbour only)."""
+    pl.seed_everything(0)
+    model = NNM(10, tiny_cnn(), Views(), pretext_checkpoint=pretext, second_view=second_view)
+    calls = []
+    model.views.register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
+    fit_digits(model, epochs=1, limit_train_batches=1, limit_val_batches=0)
+    assert calls == [64] * views_per_step
+
+
+def test_the_mining_metric_option_reaches_the_mining(pretext):
+    """mining_metric "l2" (the authors' code) mines by Euclidean distance: its cache says so."""
+    pl.seed_everything(0)
+    model = NNM(10, tiny_cnn(), Views(), pretext_checkpoint=pretext, mining_metric="l2")
+    fit_digits(model, epochs=1, limit_train_batches=1, limit_val_batches=0)
+    assert [path.name.endswith("-l2.pt") for path in Path(pretext).parent.glob("neighbors-*.pt")] == [True]

@@ -3,6 +3,7 @@
 import copy
 import functools
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
@@ -66,3 +67,16 @@ def test_simclr_step_on_two_processes_equals_one_process_with_the_whole_batch(tm
         copy.deepcopy(model), ClusterDataModule("digits", batch_size=64)
     )
     assert_first_steps_equal(single_out, ddp_out)
+
+
+@pytest.mark.parametrize("knn_k, agreement", [(1, 1.0), (3, 1 / 3)])
+def test_knn_monitor_counts_the_knn_k_nearest(knn_k, agreement):
+    """knn_k: how many neighbours the monitor asks about. Pairs of close points share a label and
+    the pairs lie far apart with other labels: the nearest agrees, the 2nd and 3rd do not."""
+    pairs = torch.arange(6.0)[:, None] * torch.tensor([[10.0, 0.0]])
+    features = torch.cat([pairs, pairs + torch.tensor([[0.1, 0.0]])])  # point i and i + 6 a pair
+    features = torch.cat([features, torch.ones(12, 1)], 1)  # off the origin: cosine sees direction
+    labels = torch.arange(6).repeat(2)
+    model = SimCLR(6, tiny_cnn(), Views(), knn_k=knn_k)
+    model.knn_monitor("val", features, labels)
+    assert model.diagnostics["knn_agreement"] == pytest.approx(agreement)
