@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 
-import numpy as np
 import torch
 
 from clusterlab.callbacks.figures import confusion_figure, embedding_figure, pyplot
@@ -355,7 +354,3 @@ def cluster_views(
                     )
         views.append(view)
     return views
-
-
-def sizes_of(outputs: dict) -> np.ndarray:
-    return torch.bincount(outputs["cluster"], minlength=int(outputs["num_clusters"])).numpy()

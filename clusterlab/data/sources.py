@@ -26,8 +26,6 @@ from torch import Tensor
 
 from clusterlab.errors import UserError
 
-SPLITS = ("train", "test", "train+test", "unlabeled")
-
 
 class DataNotFoundError(UserError, FileNotFoundError):
     """A data set's files are not where the source looked."""
