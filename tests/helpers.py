@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
@@ -11,6 +12,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+import yaml
 
 from clusterlab.data.datamodule import ClusterDataModule
 from clusterlab.data.views import SmallImageViews
@@ -20,35 +22,110 @@ from tests.launch import clusterlab
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# CC on digits, small enough for a test: 8/16-channel CNN, 3 batches of 64 per epoch.
-TINY_CC = """
-seed_everything: 3
-trainer:
-  max_epochs: 4
-  limit_train_batches: 3
-  check_val_every_n_epoch: 1
-  num_sanity_val_steps: 0
-  enable_model_summary: false
-  logger:
-  - class_path: clusterlab.loggers.CSVLogger
-model:
-  class_path: clusterlab.methods.CC
-  init_args:
-    backbone:
-      class_path: clusterlab.nn.SmallCNN
-      init_args: {in_channels: 1, widths: [8, 16], downsample: [false, true]}
-    views:
-      class_path: clusterlab.data.views.SmallImageViews
-    optimizer:
-      class_path: torch.optim.Adam
-      init_args: {lr: 0.001}
-data:
-  dataset: digits
-  batch_size: 64
-kmeans_baseline: false
-figures:
-  embedding_points: 300
-"""
+
+def tiny_config(method: str = "CC", *, model: dict | None = None, trainer: dict | None = None, **top) -> str:
+    """The one tiny test config, as YAML text: `method` (a name in clusterlab.methods) on digits, an
+    8/16-channel CNN, batches of 64, 4 epochs of 3 batches with an evaluation after each, a CSV log,
+    no k-means baseline, figures of 300 points, and the method's own views and optimiser (SCL also
+    its cosine schedule, NNM the pretext pattern of TINY_SIMCLR's runs). `model` (init_args),
+    `trainer` and the top-level keyword arguments (`data`, `figures`, `seed_everything`, ...) are
+    merged over it; a value of None removes the key."""
+    config = {
+        "seed_everything": 3,
+        "trainer": {
+            "max_epochs": 4,
+            "limit_train_batches": 3,
+            "check_val_every_n_epoch": 1,
+            "num_sanity_val_steps": 0,
+            "enable_model_summary": False,
+            "logger": [{"class_path": "clusterlab.loggers.CSVLogger"}],
+        },
+        "model": {
+            "class_path": f"clusterlab.methods.{method}",
+            "init_args": {
+                "backbone": {
+                    "class_path": "clusterlab.nn.SmallCNN",
+                    "init_args": {"in_channels": 1, "widths": [8, 16], "downsample": [False, True]},
+                },
+                **copy.deepcopy(_TINY_METHOD_ARGS[method]),
+            },
+        },
+        "data": {"dataset": "digits", "batch_size": 64},
+        "kmeans_baseline": False,
+        "figures": {"embedding_points": 300},
+    }
+    _merge(config["model"]["init_args"], model or {})
+    _merge(config["trainer"], trainer or {})
+    _merge(config, top)
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def _adam(lr: float) -> dict:
+    return {"class_path": "torch.optim.Adam", "init_args": {"lr": lr}}
+
+
+_TINY_METHOD_ARGS = {  # what each method needs beyond the shared backbone
+    "CC": {"views": {"class_path": "clusterlab.data.views.SmallImageViews"}, "optimizer": _adam(0.001)},
+    "SimCLR": {"views": {"class_path": "clusterlab.data.views.SmallImageViews"}},
+    "NNM": {
+        "pretext_checkpoint": "runs/tiny_simclr/*-seed{seed}/checkpoints/last.ckpt",
+        "views": {
+            "class_path": "clusterlab.data.views.StrongViews",
+            "init_args": {
+                "flip": False,
+                "ops": {"identity": None, "rotate": [0, 20], "contrast": None},
+                "cutout_fill": 0.0,
+            },
+        },
+        "optimizer": _adam(0.001),
+    },
+    "SCL": {
+        "views": {"class_path": "clusterlab.data.views.SmallImageViews"},
+        "memory_size": 90,
+        "optimizer": {
+            "class_path": "torch.optim.SGD",
+            "init_args": {"lr": 0.03, "momentum": 0.9, "weight_decay": 0.0005},
+        },
+        "lr_scheduler": {
+            "class_path": "torch.optim.lr_scheduler.CosineAnnealingLR",
+            "init_args": {"T_max": 4},
+        },
+    },
+    "DCCM": {
+        "views": {"class_path": "clusterlab.data.views.GeometricViews", "init_args": {"flip": False}},
+        "discriminator_dim": 16,
+        "optimizer": {"class_path": "torch.optim.RMSprop", "init_args": {"lr": 0.001}},
+    },
+}
+
+
+def _merge(base: dict, changes: dict) -> None:
+    """`changes` into `base`, dicts merged key by key; None removes a key."""
+    for key, value in changes.items():
+        if value is None:
+            base.pop(key, None)
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+# The same CNN as command-line overrides, for a test that shrinks a config of experiments/.
+TINY_BACKBONE_ARGS = [
+    "--model.init_args.backbone.init_args.widths=[8, 16]",
+    "--model.init_args.backbone.init_args.downsample=[false, true]",
+]
+
+# The tiny configs the CLI tests write (tiny_config: one builder). SimCLR then NNM on digits: the
+# NNM config names the SimCLR run's checkpoint.
+TINY_CC = tiny_config("CC")
+TINY_SIMCLR = tiny_config(
+    "SimCLR",
+    trainer={"max_epochs": 1, "limit_train_batches": 2, "check_val_every_n_epoch": None, "logger": False},
+)
+TINY_NNM = tiny_config("NNM", trainer={"logger": False})
+TINY_SCL = tiny_config("SCL")
+TINY_DCCM = tiny_config("DCCM")
 
 
 class KillAt(pl.Callback):
@@ -65,119 +142,6 @@ class KillAt(pl.Callback):
                 os.kill(os.getpid(), signal.SIGKILL)
             else:
                 os.killpg(os.getpgid(0), self.signal)
-
-
-# SimCLR then NNM on digits, small enough for a test (the NNM config names the SimCLR run's checkpoint).
-TINY_SIMCLR = """
-seed_everything: 3
-trainer:
-  max_epochs: 1
-  limit_train_batches: 2
-  num_sanity_val_steps: 0
-  enable_model_summary: false
-  logger: false
-model:
-  class_path: clusterlab.methods.SimCLR
-  init_args:
-    backbone:
-      class_path: clusterlab.nn.SmallCNN
-      init_args: {in_channels: 1, widths: [8, 16], downsample: [false, true]}
-    views:
-      class_path: clusterlab.data.views.SmallImageViews
-data:
-  dataset: digits
-  batch_size: 64
-kmeans_baseline: false
-"""
-
-TINY_NNM = """
-seed_everything: 3
-trainer:
-  max_epochs: 4
-  limit_train_batches: 3
-  check_val_every_n_epoch: 1
-  num_sanity_val_steps: 0
-  enable_model_summary: false
-  logger: false
-model:
-  class_path: clusterlab.methods.NNM
-  init_args:
-    pretext_checkpoint: runs/tiny_simclr/*-seed{seed}/checkpoints/last.ckpt
-    backbone:
-      class_path: clusterlab.nn.SmallCNN
-      init_args: {in_channels: 1, widths: [8, 16], downsample: [false, true]}
-    views:
-      class_path: clusterlab.data.views.StrongViews
-      init_args: {flip: false, ops: {identity: null, rotate: [0, 20], contrast: null}, cutout_fill: 0.0}
-    optimizer:
-      class_path: torch.optim.Adam
-      init_args: {lr: 0.001}
-data:
-  dataset: digits
-  batch_size: 64
-kmeans_baseline: false
-"""
-
-
-TINY_SCL = """
-seed_everything: 3
-trainer:
-  max_epochs: 4
-  limit_train_batches: 3
-  check_val_every_n_epoch: 1
-  num_sanity_val_steps: 0
-  enable_model_summary: false
-  logger:
-  - class_path: clusterlab.loggers.CSVLogger
-model:
-  class_path: clusterlab.methods.SCL
-  init_args:
-    backbone:
-      class_path: clusterlab.nn.SmallCNN
-      init_args: {in_channels: 1, widths: [8, 16], downsample: [false, true]}
-    views:
-      class_path: clusterlab.data.views.SmallImageViews
-    memory_size: 90
-    optimizer:
-      class_path: torch.optim.SGD
-      init_args: {lr: 0.03, momentum: 0.9, weight_decay: 0.0005}
-    lr_scheduler:
-      class_path: torch.optim.lr_scheduler.CosineAnnealingLR
-      init_args: {T_max: 4}
-data:
-  dataset: digits
-  batch_size: 64
-kmeans_baseline: false
-"""
-
-TINY_DCCM = """
-seed_everything: 3
-trainer:
-  max_epochs: 4
-  limit_train_batches: 3
-  check_val_every_n_epoch: 1
-  num_sanity_val_steps: 0
-  enable_model_summary: false
-  logger:
-  - class_path: clusterlab.loggers.CSVLogger
-model:
-  class_path: clusterlab.methods.DCCM
-  init_args:
-    backbone:
-      class_path: clusterlab.nn.SmallCNN
-      init_args: {in_channels: 1, widths: [8, 16], downsample: [false, true]}
-    views:
-      class_path: clusterlab.data.views.GeometricViews
-      init_args: {flip: false}
-    discriminator_dim: 16
-    optimizer:
-      class_path: torch.optim.RMSprop
-      init_args: {lr: 0.001}
-data:
-  dataset: digits
-  batch_size: 64
-kmeans_baseline: false
-"""
 
 
 def tiny_cnn(norm: str = "batch") -> SmallCNN:

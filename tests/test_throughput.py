@@ -9,20 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import REPO, TINY_BACKBONE_ARGS
 
 sys.path.insert(0, str(Path(REPO, "benchmarks")))
 
 import throughput  # noqa: E402
 
-TINY = [
-    "--model.init_args.backbone.init_args.widths",
-    "[8, 16]",
-    "--model.init_args.backbone.init_args.downsample",
-    "[false, true]",
-    "--data.batch_size",
-    "64",
-]
+TINY = [*TINY_BACKBONE_ARGS, "--data.batch_size", "64"]
 
 
 @pytest.mark.parametrize(

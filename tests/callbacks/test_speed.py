@@ -13,11 +13,10 @@ from clusterlab.cli import ClusterLabCLI
 from clusterlab.data.views import Views
 from clusterlab.methods import CC
 from clusterlab.nn import SmallCNN
-from tests.helpers import REPO
+from tests.helpers import REPO, TINY_BACKBONE_ARGS
 
 TINY = [
-    "--model.init_args.backbone.init_args.widths=[8, 16]",
-    "--model.init_args.backbone.init_args.downsample=[false, true]",
+    *TINY_BACKBONE_ARGS,
     "--trainer.max_epochs=1",
     "--trainer.limit_train_batches=2",
     "--trainer.limit_val_batches=0",

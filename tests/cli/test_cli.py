@@ -10,8 +10,10 @@ import torch
 from clusterlab.cli import ClusterLabCLI, main
 from clusterlab.methods import CC
 from clusterlab.methods.base import CheckpointMismatchError
-from tests.helpers import REPO, TINY_CC, save_pretext, user_error
+from tests.helpers import REPO, TINY_CC, save_pretext, tiny_config, user_error
 
+# Every paper config: the top-level files only. experiments/base/*.yaml are the blocks they name
+# (a backbone, views, an optimizer...), not configs to run (tests/test_experiments.py).
 EXPERIMENTS = sorted(Path(REPO, "experiments").glob("*.yaml"))
 
 
@@ -180,10 +182,13 @@ def test_wandb_runs_offline_without_login_or_network(in_tmp, monkeypatch):
     monkeypatch.setenv("HOME", str(in_tmp))
     monkeypatch.setenv("NETRC", str(in_tmp / "no-netrc"))
     (in_tmp / "tiny.yaml").write_text(
-        TINY_CC.replace(
-            "  logger:\n  - class_path: clusterlab.loggers.CSVLogger\n",
-            "  logger:\n  - class_path: clusterlab.loggers.CSVLogger\n  - class_path: "
-            "clusterlab.loggers.WandbLogger\n",
+        tiny_config(
+            trainer={
+                "logger": [
+                    {"class_path": "clusterlab.loggers.CSVLogger"},
+                    {"class_path": "clusterlab.loggers.WandbLogger"},
+                ]
+            }
         )
     )
     main(["fit", "--config", "tiny.yaml", "--trainer.max_epochs", "1"])

@@ -8,40 +8,20 @@ import json
 
 import pytest
 
-from tests.helpers import TINY_DCCM, TINY_NNM, TINY_SCL, TINY_SIMCLR
+from tests.helpers import TINY_DCCM, TINY_NNM, TINY_SCL, TINY_SIMCLR, tiny_config
 from tests.launch import clusterlab, srun, torchrun
 
 # CC with a batch-independent network (GroupNorm) and no random views: two processes with 32
 # images each then compute exactly what one process computes with 64 (tests/test_distributed.py).
-DDP_CC = """
-seed_everything: 3
-trainer:
-  accelerator: cpu
-  max_epochs: 2
-  limit_train_batches: 3
-  check_val_every_n_epoch: 1
-  num_sanity_val_steps: 0
-  enable_model_summary: false
-  logger:
-  - class_path: clusterlab.loggers.CSVLogger
-model:
-  class_path: clusterlab.methods.CC
-  init_args:
-    backbone:
-      class_path: clusterlab.nn.SmallCNN
-      init_args: {widths: [8, 16], downsample: [false, true], norm: group}
-    views:
-      class_path: clusterlab.data.views.Views
-    optimizer:
-      class_path: torch.optim.Adam
-      init_args: {lr: 0.001}
-data:
-  dataset: digits
-  batch_size: 64
-kmeans_baseline: false
-figures:
-  embedding_points: 200
-"""
+DDP_CC = tiny_config(
+    "CC",
+    trainer={"accelerator": "cpu", "max_epochs": 2},
+    model={
+        "backbone": {"init_args": {"in_channels": None, "norm": "group"}},
+        "views": {"class_path": "clusterlab.data.views.Views"},
+    },
+    figures={"embedding_points": 200},
+)
 
 TWO = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
 

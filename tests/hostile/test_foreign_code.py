@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import TINY_CC, TINY_NNM, tiny_cnn, user_error
+from tests.helpers import TINY_CC, TINY_NNM, tiny_cnn, tiny_config, user_error
 
 
 class Payload:
@@ -126,7 +126,7 @@ def test_a_planted_cifar_batch_is_refused(in_tmp, capsys):
         pickle.load(f)
     assert marker.is_dir()
     marker.rmdir()
-    (in_tmp / "tiny.yaml").write_text(TINY_CC.replace("dataset: digits", "dataset: cifar10"))
+    (in_tmp / "tiny.yaml").write_text(tiny_config(data={"dataset": "cifar10"}))
     line = user_error(capsys, "fit", "--config", "tiny.yaml", "--data.root", str(root))
     assert f"cannot read CIFAR batch {batch}: it names posix.mkdir" in line
     assert not marker.exists()

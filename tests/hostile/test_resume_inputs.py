@@ -16,11 +16,11 @@ import pytorch_lightning as pl
 import torch
 
 from clusterlab.checkpointing import AtomicCheckpointIO
-from tests.helpers import TINY_CC, user_error
+from tests.helpers import tiny_config, user_error
 from tests.launch import clusterlab
 
 FIT = ["fit", "--config", "tiny.yaml"]
-TWO_EPOCHS = TINY_CC.replace("max_epochs: 4", "max_epochs: 2", 1)
+TWO_EPOCHS = tiny_config(trainer={"max_epochs": 2})
 
 
 class RecordStart(pl.Callback):
@@ -178,15 +178,9 @@ def epoch_rows(run_dir: Path) -> list[int]:
 def test_a_kill_right_after_an_epochs_checkpoint_keeps_the_epochs_row_once(tmp_path):
     """Lightning writes the checkpoint that ends an epoch before it logs the epoch's reduced values:
     a SIGKILL in between once lost the row for good, as the resumed run starts with the next epoch."""
-    (tmp_path / "tiny.yaml").write_text(TINY_CC.replace("max_epochs: 4", "max_epochs: 3", 1))
-    plugin = (
-        "  plugins:\n"
-        "  - class_path: tests.hostile.test_resume_inputs.KillAfterCheckpoint\n"
-        "    init_args: {epoch: 1}\n"
-    )
-    (tmp_path / "kill.yaml").write_text(
-        (tmp_path / "tiny.yaml").read_text().replace("trainer:\n", "trainer:\n" + plugin, 1)
-    )
+    (tmp_path / "tiny.yaml").write_text(tiny_config(trainer={"max_epochs": 3}))
+    kill = {"class_path": "tests.hostile.test_resume_inputs.KillAfterCheckpoint", "init_args": {"epoch": 1}}
+    (tmp_path / "kill.yaml").write_text(tiny_config(trainer={"max_epochs": 3, "plugins": [kill]}))
     killed = clusterlab("fit", "--config", "kill.yaml", "--name", "tiny", cwd=tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.tail()
     [run] = run_dirs(tmp_path)
