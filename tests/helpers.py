@@ -100,12 +100,18 @@ _TINY_METHOD_ARGS = {  # what each method needs beyond the shared backbone
 
 
 def _merge(base: dict, changes: dict) -> None:
-    """`changes` into `base`, dicts merged key by key; None removes a key."""
+    """`changes` into `base`, dicts merged key by key; None removes a key; a class of another
+    `class_path` replaces the one there (its init_args are its own)."""
     for key, value in changes.items():
+        old = base.get(key)
         if value is None:
             base.pop(key, None)
-        elif isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
+        elif (
+            isinstance(value, dict)
+            and isinstance(old, dict)
+            and value.get("class_path") in (None, old.get("class_path"))
+        ):
+            _merge(old, value)
         else:
             base[key] = value
 

@@ -1,4 +1,4 @@
-from clusterlab.nn.backbones import DCCMNet, ResNet, SmallCNN
+from clusterlab.nn.backbones import DCCMNet, Pretrained, ResNet, SmallCNN
 from clusterlab.nn.heads import ClusterHead, ClusterHeads, KMeansHead, LocalDiscriminator, mlp
 
 __all__ = [
@@ -7,6 +7,7 @@ __all__ = [
     "DCCMNet",
     "KMeansHead",
     "LocalDiscriminator",
+    "Pretrained",
     "ResNet",
     "SmallCNN",
     "mlp",

@@ -10,6 +10,7 @@ A method never indexes into a backbone's layers itself.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -185,3 +186,124 @@ class DCCMNet(nn.Module):
         shallow = self.shallow_layers(x)
         features = self.fc(self.deep_layers(shallow))
         return (features, shallow) if with_shallow else features
+
+
+class WeightsNotFoundError(ConfigError):
+    """A pretrained backbone without its weights file: what to download, and where to put it."""
+
+
+class Pretrained(nn.Module):
+    """A network of torchvision's model zoo with pretrained weights read from a local file; its
+    features are what comes before its classifier (a ResNet-50: 2048-d, a ViT-B/16: 768-d).
+
+    Nothing is downloaded: `weights` names a state_dict file (`.pth`, read weights-only, with or
+    without the classifier's rows); without it, torchvision's own cache is used where the file of
+    the builder's default ImageNet weights is there (`torch.hub.get_dir()`/checkpoints), and
+    otherwise the run stops with one line naming the file's URL and the path to put it at.
+
+    The network sees what its weights were trained on: images resized to `image_size` and
+    normalised by the weights' mean and std inside `forward` (so the views stay in [0, 1]); grey
+    images are repeated to 3 channels.
+
+    Args:
+        name: a torchvision builder (`torchvision.models.list_models()`): resnet18, resnet50,
+            efficientnet_b0, convnext_tiny, vit_b_16, ...
+        weights: the state_dict file; None: torchvision's cache.
+        frozen: True: the weights stay as loaded (no gradient, batch-norm statistics kept, always in
+            eval mode), as methods on frozen features train heads only; False: fine-tuned.
+        in_channels: the images' channels (1 or 3), linked from the data by the CLI.
+        image_size: the side the weights expect (224 for torchvision's ImageNet weights).
+        mean, std: the weights' normalisation (ImageNet's by default).
+    """
+
+    shallow = None  # no shallow map: not a backbone for DCCM's local mutual information
+
+    def __init__(
+        self,
+        name: str,
+        weights: str | None = None,
+        frozen: bool = True,
+        in_channels: int = 3,
+        image_size: int = 224,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+    ) -> None:
+        super().__init__()
+        if name not in torchvision.models.list_models():
+            raise ConfigError(
+                f"Pretrained: torchvision has no model {name!r}; see torchvision.models.list_models()"
+            )
+        if in_channels not in (1, 3):
+            raise ConfigError(f"Pretrained: {name} takes 1- or 3-channel images, not {in_channels}")
+        self.net = torchvision.models.get_model(name, weights=None)
+        self.net.load_state_dict(_read_weights(name, weights))
+        self.out_dim = _drop_classifier(self.net, name)
+        self.name, self.weights, self.frozen = name, weights, frozen
+        self.in_channels, self.image_size = in_channels, image_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        if frozen:
+            self.net.requires_grad_(False)
+            self.net.eval()
+
+    def train(self, mode: bool = True) -> Pretrained:
+        super().train(mode)
+        if self.frozen:  # batch-norm statistics and dropout as the weights were trained
+            self.net.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            size = (self.image_size, self.image_size)
+            x = nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        if self.frozen:
+            with torch.no_grad():
+                return self.net(x)
+        return self.net(x)
+
+
+def _read_weights(name: str, weights: str | None) -> dict[str, Tensor]:
+    """The state_dict of `name` from the file `weights`, or from torchvision's cache."""
+    from clusterlab.runs import load_failure
+
+    if weights is None:
+        default = torchvision.models.get_model_weights(name).DEFAULT
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(default.url).name
+        if not cached.is_file():
+            raise WeightsNotFoundError(
+                f"Pretrained: no weights for {name}: download {default.url} and give it as "
+                f"--model.init_args.backbone.init_args.weights FILE, or put it at {cached}"
+            )
+        weights = str(cached)
+    if not Path(weights).is_file():
+        raise WeightsNotFoundError(f"Pretrained: the weights file {weights} of {name} does not exist")
+    try:  # weights only: a planted pickle cannot run code
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - every way a file can fail to be a state_dict
+        raise WeightsNotFoundError(f"Pretrained: cannot read {weights}: {load_failure(error)}") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise WeightsNotFoundError(f"Pretrained: {weights} is not a state_dict (a dict of tensors)")
+    return state
+
+
+def _drop_classifier(net: nn.Module, name: str) -> int:
+    """Replace the network's last Linear layer (its classifier) by an identity; returns the width
+    of what that layer took, the features."""
+    last = None
+    for module_name, module in net.named_modules():
+        if isinstance(module, nn.Linear):
+            last = module_name
+    if last is None:
+        raise ConfigError(f"Pretrained: {name} has no Linear classifier to take the features before")
+    parent_name, _, child = last.rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    width = getattr(parent, child).in_features
+    if child.isdigit():  # inside a Sequential (EfficientNet's, ConvNeXt's classifier)
+        parent[int(child)] = nn.Identity()
+    else:
+        setattr(parent, child, nn.Identity())
+    return width

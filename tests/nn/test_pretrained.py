@@ -1,0 +1,88 @@
+"""Pretrained backbones: torchvision's networks with weights from a local file, frozen or not."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from clusterlab.cli import main
+from clusterlab.nn import Pretrained
+from clusterlab.nn.backbones import WeightsNotFoundError
+from tests.helpers import tiny_config, user_error
+
+
+def pretrained_config(weights: str | None, **init_args) -> str:
+    """CC on digits over a frozen torchvision ResNet-18 at 32 px (a test's size, not the weights')."""
+    backbone = {"name": "resnet18", "image_size": 32, **init_args}
+    if weights is not None:
+        backbone["weights"] = weights
+    return tiny_config(
+        "CC",
+        model={"backbone": {"class_path": "clusterlab.nn.Pretrained", "init_args": backbone}},
+        trainer={"max_epochs": 1, "limit_train_batches": 2},
+    )
+
+
+def test_a_torchvision_backbone_loads_its_weights_file_through_the_cli_and_stays_frozen(in_tmp):
+    torch.manual_seed(0)
+    saved = torchvision.models.resnet18().state_dict()  # random weights, with the classifier's rows
+    torch.save(saved, in_tmp / "resnet18.pth")
+    (in_tmp / "tiny.yaml").write_text(pretrained_config("resnet18.pth"))
+    main(["fit", "--config", "tiny.yaml"])
+    [run_dir] = (in_tmp / "runs" / "tiny").iterdir()
+    trained = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    backbone = {
+        k.removeprefix("backbone.net."): v for k, v in trained.items() if k.startswith("backbone.net.")
+    }
+    assert set(backbone) == set(saved) - {"fc.weight", "fc.bias"}  # the classifier is dropped
+    for key, value in backbone.items():  # frozen: two steps of training left every weight as loaded
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0, msg=key)
+
+
+def test_without_weights_one_line_says_what_to_download_and_where_to_put_it(in_tmp, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(in_tmp / "torch-home"))  # an empty cache
+    (in_tmp / "tiny.yaml").write_text(pretrained_config(None))
+    line = user_error(capsys, "fit", "--config", "tiny.yaml")
+    cached = in_tmp / "torch-home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert "download https://download.pytorch.org/models/resnet18-f37072fd.pth" in line
+    assert f"put it at {cached}" in line
+
+
+def test_torchvisions_cache_is_used_when_no_file_is_given(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(1)
+    saved = torchvision.models.resnet18().state_dict()
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(saved, tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    net = Pretrained("resnet18")
+    torch.testing.assert_close(net.net.conv1.weight, saved["conv1.weight"])
+
+
+def test_features_are_the_networks_before_its_classifier_on_normalised_resized_input():
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18().eval()
+    path = Path(__import__("tempfile").mkdtemp()) / "w.pth"
+    torch.save(reference.state_dict(), path)
+    net = Pretrained("resnet18", weights=str(path), in_channels=1, image_size=64).train()
+    assert net.out_dim == 512 and not net.net.training  # frozen: eval mode whatever the module's
+    grey = torch.rand(2, 1, 32, 32)
+    x = torch.nn.functional.interpolate(
+        grey.expand(-1, 3, -1, -1), size=(64, 64), mode="bilinear", antialias=True, align_corners=False
+    )
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
+        1, 3, 1, 1
+    )
+    reference.fc = torch.nn.Identity()
+    torch.testing.assert_close(net(grey), reference(x))
+
+
+def test_fine_tuning_trains_the_weights_and_a_bad_file_is_named(tmp_path):
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), tmp_path / "m.pth")
+    net = Pretrained("mobilenet_v3_small", weights=str(tmp_path / "m.pth"), frozen=False).train()
+    assert net.net.training and all(p.requires_grad for p in net.parameters())
+    net(torch.rand(2, 3, 32, 32)).sum().backward()
+    assert net.net.features[0][0].weight.grad is not None
+    (tmp_path / "bad.pth").write_bytes(b"not a state dict")
+    with pytest.raises(WeightsNotFoundError, match=r"cannot read .*bad\.pth"):
+        Pretrained("resnet18", weights=str(tmp_path / "bad.pth"))
