@@ -278,6 +278,7 @@ def _read_weights(name: str, weights: str | None) -> dict[str, Tensor]:
                 f"--model.init_args.backbone.init_args.weights FILE, or put it at {cached}"
             )
         weights = str(cached)
+    weights = str(Path(weights).expanduser())
     if not Path(weights).is_file():
         raise WeightsNotFoundError(f"Pretrained: the weights file {weights} of {name} does not exist")
     try:  # weights only: a planted pickle cannot run code
