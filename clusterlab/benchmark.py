@@ -15,9 +15,10 @@ time per run. It replaces the suite's block in docs/results.md (between `<!-- be
 markers) together with the exact command and the machine. The per-run figures and the paths of their
 metrics.json go to benchmarks/results/<key>.json, so that the table can be checked against the runs.
 Each finished (method, seed) is also recorded in benchmarks/results/<key>.progress.json as it ends;
-`--resume` takes the runs found there (same seed, arguments and config files' contents) instead of
-running them again. Each run writes its directory's path into the file that the runner names in
-CLUSTERLAB_RUN_DIR_FILE (clusterlab.run_folder).
+`--resume` takes the runs found there (same seed, arguments and config files' contents, the shared
+blocks a config names included: `config_digest`) instead of running them again. Each run writes
+its directory's path into the file that the runner names in CLUSTERLAB_RUN_DIR_FILE
+(clusterlab.run_folder).
 """
 
 from __future__ import annotations
@@ -234,6 +235,52 @@ def budget(minutes: float | None, share: float) -> list[str]:
     return ["--trainer.max_time", f"00:{hms}"]
 
 
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def config_files(config: str | Path) -> list[Path]:
+    """A config file, then every config file it names, each once: a value that is the path of a
+    YAML or JSON file, relative to the directory of the file that names it, as jsonargparse reads
+    it (`backbone: base/backbone_cnn_digits.yaml` in experiments/*.yaml), and the files those name."""
+
+    def strings(node):
+        if isinstance(node, dict):
+            node = list(node.values())
+        if isinstance(node, list):
+            for item in node:
+                yield from strings(item)
+        elif isinstance(node, str):
+            yield node
+
+    files: list[Path] = []
+    todo = [Path(config)]
+    while todo:
+        path = Path(os.path.normpath(todo.pop(0)))
+        if path in files:
+            continue
+        files.append(path)
+        try:
+            content = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:
+            continue  # not YAML: the run itself will say so; its bytes are still hashed
+        named = (path.parent / value for value in strings(content) if value.endswith(CONFIG_SUFFIXES))
+        todo += [file for file in named if file.is_file()]
+    return files
+
+
+def config_digest(config: str | Path) -> str:
+    """What identifies a config's contents in the progress file: the SHA-256 of its bytes, updated
+    with the name and SHA-256 of every file it names (`config_files`), so that an edit of a shared
+    block in experiments/base/ is a new config for every config that uses it. A config that names
+    no file keeps the digest of its bytes alone."""
+    top, *named = config_files(config)
+    digest = hashlib.sha256(top.read_bytes())
+    for path in named:  # named as from the config's directory, wherever the runner is started
+        name = os.path.relpath(path, top.parent).encode()
+        digest.update(b"\0" + name + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class Plan:
     """What every (method, seed) run of a suite shares: the suite's arguments, the budget, where
@@ -254,7 +301,7 @@ def run_method(plan: Plan, method: dict, seed: int) -> dict:
     metrics, with the wall time of all stages."""
     method_extra = plan.extra + list(method.get("args", []))
     stages = [{"config": s, "args": []} if isinstance(s, str) else s for s in method["stages"]]
-    contents = [hashlib.sha256(Path(s["config"]).read_bytes()).hexdigest()[:16] for s in stages]
+    contents = [config_digest(s["config"]) for s in stages]
     key = json.dumps(
         [method["name"], method["stages"], contents, method_extra, budget(plan.budget_minutes, 1.0), seed]
     )
