@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
 setup: $(STAMP) chromium
 
-# Headless Chromium for the report's browser test (tests/cluster/test_command.py): Debian's package, once.
+# Headless Chromium for the report's browser test (tests/cluster/test_report.py): Debian's package, once.
 chromium:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -q chromium) || echo "chromium could not be installed: the browser test will be skipped"

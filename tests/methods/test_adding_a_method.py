@@ -19,7 +19,7 @@ from clusterlab.distributed import gather
 from clusterlab.losses.common import float32
 from clusterlab.methods.base import ClusteringMethod, FolderRecipe, LRSchedulerCallable, OptimizerCallable
 from clusterlab.nn.heads import ClusterHeads
-from tests.cluster.test_command import rows, write_photo_folder
+from tests.cluster.folders import rows, write_photo_folder
 
 
 @float32
