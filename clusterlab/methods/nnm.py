@@ -11,10 +11,6 @@ trains the cluster heads by matching each sample with its pretext, local (batch)
 
 from __future__ import annotations
 
-import glob
-import hashlib
-import os
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -24,11 +20,10 @@ from torch import Tensor, nn
 
 from clusterlab.callbacks.global_neighbors import GlobalNeighbors, HasFeaturesAndLogits
 from clusterlab.data.views import Views
-from clusterlab.distributed import broadcast, gather, rank
-from clusterlab.errors import CheckpointError, ConfigError, UserError
+from clusterlab.distributed import gather
+from clusterlab.errors import ConfigError
 from clusterlab.losses.nnm import class_contrastive_loss, consistency_loss, entropy_loss
 from clusterlab.methods.base import (
-    CheckpointMismatchError,
     ClusteringMethod,
     FolderRecipe,
     LRSchedulerCallable,
@@ -36,13 +31,7 @@ from clusterlab.methods.base import (
 )
 from clusterlab.neighbors import knn, neighbor_agreement
 from clusterlab.nn.heads import ClusterHeads
-from clusterlab.passes import Step, pass_over
-from clusterlab.runs import load_checkpoint, load_failure
-from clusterlab.seeding import run_seed
-
-
-class PretextNotFoundError(UserError, FileNotFoundError):
-    """No pretext checkpoint matches the path or pattern the NNM config names."""
+from clusterlab.pretext import load_pretext_backbone, mine_neighbors, resolve_pretext_checkpoint
 
 
 class NNM(ClusteringMethod, HasFeaturesAndLogits):
@@ -245,115 +234,3 @@ def global_blocks(p: Tensor, p_aug: Tensor, n_pre: Tensor, n_local: Tensor, form
     if form == "code":
         return torch.cat([p, p_aug, n_pre, n_local])
     raise ConfigError(f"global_matching must be 'paper' or 'code', not {form!r}")
-
-
-# -- the pretext hand-over ----------------------------------------------------------------------
-
-
-def resolve_pretext_checkpoint(pattern: str) -> Path:
-    """The newest file matching `pattern` ("{seed}" replaced by the run seed), or a clear error."""
-    seed = run_seed()
-    resolved = pattern.replace("{seed}", str(seed))
-    matches = [m for m in glob.glob(os.path.expanduser(resolved)) if os.path.isfile(m)]
-    if not matches:
-        raise PretextNotFoundError(
-            f"NNM: no pretext checkpoint matches '{resolved}' (model.init_args.pretext_checkpoint = "
-            f"'{pattern}', "
-            f"seed {seed}, relative to {os.getcwd()}). Train the pretext first with the same seed, e.g. "
-            f"`clusterlab fit --config experiments/simclr_<dataset>.yaml --seed_everything {seed}`, or point "
-            f"--model.init_args.pretext_checkpoint at a SimCLR checkpoint."
-        )
-    return Path(max(matches, key=os.path.getmtime))
-
-
-def load_pretext_backbone(path: Path, backbone: nn.Module) -> None:
-    """Copy the backbone weights of a SimCLR checkpoint (its contrastive head is left behind).
-    Read weights-only (`clusterlab.runs.load_checkpoint`): the file comes from a pattern in a
-    config, and a pickle that names a function would run it."""
-    try:
-        checkpoint = load_checkpoint(path)
-    except CheckpointError as error:
-        raise CheckpointMismatchError(f"NNM's pretext checkpoint: {error}") from None
-    meta = checkpoint.get("clusterlab")
-    if meta is None:
-        raise CheckpointMismatchError(
-            f"pretext checkpoint {path} was not written by clusterlab (no 'clusterlab' entry)"
-        )
-    if meta["method"] != "SimCLR":
-        raise CheckpointMismatchError(
-            f"pretext checkpoint {path} holds a {meta['method']} model; NNM needs a SimCLR one"
-        )
-    weights = {
-        k[len("backbone.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")
-    }
-    try:
-        backbone.load_state_dict(weights)
-    except RuntimeError as error:
-        raise CheckpointMismatchError(
-            f"pretext checkpoint {path}: its backbone does not fit this NNM config's backbone "
-            f"(use the pretext config's model.init_args.backbone): {str(error).splitlines()[0]}"
-        ) from None
-
-
-def checkpoint_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _read_neighbors(cache: Path, num_images: int, k: int) -> Tensor:
-    """The cached N x k neighbour table, read weights-only (a planted pickle cannot run code); a
-    file that is not one is refused with its path, not overwritten (clusterlab may not have written it)."""
-    try:
-        neighbors = torch.load(cache, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - every way a file can fail to be a tensor
-        raise CheckpointError(
-            f"NNM: the neighbour cache {cache} cannot be read ({load_failure(error)}); delete it to mine the "
-            "neighbours again"
-        ) from None
-    if not isinstance(neighbors, Tensor) or tuple(neighbors.shape) != (num_images, k):
-        raise CheckpointError(
-            f"NNM: the neighbour cache {cache} is not a {num_images} x {k} table; delete it to mine the "
-            "neighbours again"
-        )
-    return neighbors.long()
-
-
-def mine_neighbors(
-    path: Path, k: int, module: nn.Module, loader, features: Step, num_images: int, metric: str = "cosine"
-) -> Tensor:
-    """Top-k neighbours (N x k) of every image by its pretext features (Algorithm 1, line 2),
-    through faiss, by `metric` ("cosine" or "l2", `clusterlab.neighbors.knn`). `features(batch)`
-    gives the features of a batch ({"features": ...}); every process passes over its shard of
-    `loader` (`clusterlab.passes.pass_over`), the features are gathered to rank 0, which searches
-    and broadcasts (the others wait: clusterlab.distributed.PROCESS_GROUP_TIMEOUT). Cached beside the
-    checkpoint under the checkpoint's content hash, so a changed checkpoint is mined again."""
-    if k > num_images - 1:
-        rank_zero_info(f"NNM: only {num_images} training images: mining {num_images - 1} neighbours, not {k}")
-        k = num_images - 1
-    device = next(module.parameters()).device
-    cache = path.parent / f"neighbors-{checkpoint_digest(path)[:16]}-n{num_images}-k{k}-{metric}.pt"
-    # Rank 0 looks at the cache and says what it found (0: none, 1: read, 2: unreadable), so that
-    # every process takes the same branch (and stops together on a bad file, not in a hang).
-    neighbors = torch.zeros(num_images, k, dtype=torch.long, device=device)
-    found, problem = 0, None
-    if rank() == 0 and cache.exists():
-        try:
-            neighbors, found = _read_neighbors(cache, num_images, k).to(device), 1
-        except CheckpointError as error:
-            found, problem = 2, error
-    found = int(broadcast(torch.tensor(found, device=device)))
-    if found == 2:
-        raise problem or CheckpointError(f"NNM: the neighbour cache {cache} cannot be read (rank 0 says why)")
-    if found == 1:
-        rank_zero_info(f"NNM: neighbours from the cache {cache}")
-    else:
-        # Only rank 0 searches: the features go there alone; the table is broadcast to every rank.
-        mined = pass_over(module, loader, features, description="Mining neighbours", rank0_only=True)
-        if rank() == 0:
-            neighbors = knn(mined["features"], k, metric=metric)[0].to(device)
-            torch.save(neighbors.cpu(), cache)
-            rank_zero_info(f"NNM: mined top-{k} neighbours of {num_images} images, cached in {cache}")
-    return broadcast(neighbors).cpu()

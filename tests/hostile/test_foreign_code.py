@@ -93,7 +93,7 @@ def test_a_planted_pretext_checkpoint_is_refused(in_tmp, capsys):
 
 def test_a_planted_neighbour_cache_is_refused_not_overwritten(tmp_path):
     from clusterlab.errors import CheckpointError
-    from clusterlab.methods.nnm import checkpoint_digest, mine_neighbors
+    from clusterlab.pretext import checkpoint_digest, mine_neighbors
 
     pretext = tmp_path / "pretext.ckpt"
     torch.save({"state_dict": {}}, pretext)

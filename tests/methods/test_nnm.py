@@ -14,12 +14,8 @@ from clusterlab.data.datamodule import ClusterDataModule
 from clusterlab.data.views import SmallImageViews, Views
 from clusterlab.methods import CC, NNM, SimCLR
 from clusterlab.methods.base import CheckpointMismatchError
-from clusterlab.methods.nnm import (
-    PretextNotFoundError,
-    global_blocks,
-    mine_neighbors,
-    resolve_pretext_checkpoint,
-)
+from clusterlab.methods.nnm import global_blocks
+from clusterlab.pretext import PretextNotFoundError, mine_neighbors, resolve_pretext_checkpoint
 from tests.ddp_workers import RecordFirstStep, RecordGlobalTable
 from tests.helpers import (
     assert_first_steps_equal,
