@@ -31,6 +31,10 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read, or that does not fit the config it is given with."""
 
 
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint written by another method (or not by clusterlab) was given to this one."""
+
+
 class DivergenceError(UserError, FloatingPointError):
     """Training diverged: a non-finite loss term or parameter."""
 

@@ -14,8 +14,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
 from clusterlab.distributed import broadcast, rank
-from clusterlab.errors import CheckpointError, UserError
-from clusterlab.methods.base import CheckpointMismatchError
+from clusterlab.errors import CheckpointError, CheckpointMismatchError, UserError
 from clusterlab.neighbors import knn
 from clusterlab.passes import Step, pass_over
 from clusterlab.runs import load_checkpoint, load_failure

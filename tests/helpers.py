@@ -79,6 +79,15 @@ _TINY_METHOD_ARGS = {  # what each method needs beyond the shared backbone
         },
         "optimizer": _adam(0.001),
     },
+    "TEMI": {
+        "pretext_checkpoint": "runs/tiny_simclr/*-seed{seed}/checkpoints/last.ckpt",
+        "views": {"class_path": "clusterlab.data.views.Views"},
+        "num_heads": 2,
+        "num_neighbors": 5,
+        "hidden_dim": 32,
+        "bottleneck_dim": 16,
+        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.001}},
+    },
     "SCL": {
         "views": {"class_path": "clusterlab.data.views.SmallImageViews"},
         "memory_size": 90,
@@ -130,6 +139,7 @@ TINY_SIMCLR = tiny_config(
     trainer={"max_epochs": 1, "limit_train_batches": 2, "check_val_every_n_epoch": None, "logger": False},
 )
 TINY_NNM = tiny_config("NNM", trainer={"logger": False})
+TINY_TEMI = tiny_config("TEMI")
 TINY_SCL = tiny_config("SCL")
 TINY_DCCM = tiny_config("DCCM")
 

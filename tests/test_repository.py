@@ -15,6 +15,11 @@ PAPERS = {  # method: (title, venue, arXiv id or None)
     "NNM": ("Nearest Neighbor Matching for Deep Clustering", "CVPR 2021", None),
     "SCL": ("Deep Clustering by Semantic Contrastive Learning", "2021", "arXiv:2103.02662"),
     "DCCM": ("Deep Comprehensive Correlation Mining for Image Clustering", "ICCV 2019", "arXiv:1904.06925"),
+    "TEMI": (
+        "Exploring the Limits of Deep Image Clustering using Pretrained Models",
+        "BMVC 2023",
+        "arXiv:2303.17896",
+    ),
 }
 
 
@@ -89,7 +94,7 @@ def test_every_option_of_every_method_is_documented_and_set_by_a_config_or_a_tes
         if path.name != Path(__file__).name
     }
     undocumented, unset = [], []
-    for name in ("CC", "NNM", "SCL", "DCCM", "SimCLR"):
+    for name in ("CC", "NNM", "SCL", "DCCM", "SimCLR", "TEMI"):
         for option in list(inspect.signature(getattr(methods, name).__init__).parameters)[1:]:
             if option in common:
                 continue

@@ -6,6 +6,7 @@ from clusterlab.methods.dccm import DCCM
 from clusterlab.methods.nnm import NNM
 from clusterlab.methods.scl import SCL
 from clusterlab.methods.simclr import SimCLR
+from clusterlab.methods.temi import TEMI
 
 # The names `clusterlab cluster FOLDER --method NAME` accepts (any ClusteringMethod with a
 # folder_recipe is accepted by class path too).
@@ -16,4 +17,4 @@ FOLDER_METHODS = {
     "dccm": "clusterlab.methods.DCCM",
 }
 
-__all__ = ["CC", "DCCM", "FOLDER_METHODS", "NNM", "SCL", "ClusteringMethod", "SimCLR"]
+__all__ = ["CC", "DCCM", "FOLDER_METHODS", "NNM", "SCL", "TEMI", "ClusteringMethod", "SimCLR"]

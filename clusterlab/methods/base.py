@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from clusterlab import __version__
 from clusterlab.distributed import all_reduce_sum, broadcast_object
-from clusterlab.errors import CheckpointError, DivergenceError
+from clusterlab.errors import CheckpointMismatchError, DivergenceError
 from clusterlab.metrics import evaluate
 from clusterlab.nn.heads import ClusterHead
 from clusterlab.passes import SampleOutputs
@@ -45,10 +45,6 @@ from clusterlab.seeding import reseed
 
 OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
 LRSchedulerCallable = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
-
-
-class CheckpointMismatchError(CheckpointError):
-    """A checkpoint written by another method (or not by clusterlab) was given to this one."""
 
 
 ADAM = {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3}}

@@ -1,5 +1,12 @@
 from clusterlab.nn.backbones import DCCMNet, Pretrained, ResNet, SmallCNN
-from clusterlab.nn.heads import ClusterHead, ClusterHeads, KMeansHead, LocalDiscriminator, mlp
+from clusterlab.nn.heads import (
+    ClusterHead,
+    ClusterHeads,
+    KMeansHead,
+    LocalDiscriminator,
+    ProjectionHeads,
+    mlp,
+)
 
 __all__ = [
     "ClusterHead",
@@ -8,6 +15,7 @@ __all__ = [
     "KMeansHead",
     "LocalDiscriminator",
     "Pretrained",
+    "ProjectionHeads",
     "ResNet",
     "SmallCNN",
     "mlp",

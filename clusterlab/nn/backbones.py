@@ -236,7 +236,8 @@ class Pretrained(nn.Module):
         if in_channels not in (1, 3):
             raise ConfigError(f"Pretrained: {name} takes 1- or 3-channel images, not {in_channels}")
         self.net = torchvision.models.get_model(name, weights=None)
-        self.net.load_state_dict(_read_weights(name, weights))
+        state, self.weights_file = _read_weights(name, weights)  # the file read: what caches key on
+        self.net.load_state_dict(state)
         self.out_dim = _drop_classifier(self.net, name)
         self.name, self.weights, self.frozen = name, weights, frozen
         self.in_channels, self.image_size = in_channels, image_size
@@ -265,8 +266,8 @@ class Pretrained(nn.Module):
         return self.net(x)
 
 
-def _read_weights(name: str, weights: str | None) -> dict[str, Tensor]:
-    """The state_dict of `name` from the file `weights`, or from torchvision's cache."""
+def _read_weights(name: str, weights: str | None) -> tuple[dict[str, Tensor], Path]:
+    """The state_dict of `name` from the file `weights`, or from torchvision's cache, and the file."""
     from clusterlab.runs import load_failure
 
     if weights is None:
@@ -288,7 +289,7 @@ def _read_weights(name: str, weights: str | None) -> dict[str, Tensor]:
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise WeightsNotFoundError(f"Pretrained: {weights} is not a state_dict (a dict of tensors)")
-    return state
+    return state, Path(weights)
 
 
 def _drop_classifier(net: nn.Module, name: str) -> int:

@@ -92,6 +92,50 @@ class ClusterHeads(ClusterHead):
                 permute_outputs_(layer, order)
 
 
+class ProjectionHeads(ClusterHead):
+    """`num_heads` DINO-style heads, each features -> C logits: Linear - GELU - Linear to a
+    bottleneck, L2-normalised, then a weight-normalised linear layer without bias (each cluster a
+    direction v_k with a length g_k: logits g_k <z, v_k / |v_k|>). TEMI's heads (its authors use
+    DINO's head: "Emerging Properties in Self-Supervised Vision Transformers", Caron et al., ICCV
+    2021, arXiv:2104.14294). Output: num_heads x B x C."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_clusters: int,
+        num_heads: int = 1,
+        hidden_dim: int = 512,
+        bottleneck_dim: int = 256,
+    ) -> None:
+        super().__init__()
+        self.mlps = nn.ModuleList(mlp_gelu(in_dim, hidden_dim, bottleneck_dim) for _ in range(num_heads))
+        directions = torch.stack(
+            [nn.Linear(bottleneck_dim, num_clusters).weight.detach() for _ in range(num_heads)]
+        )
+        self.directions = nn.Parameter(directions)  # v: heads x C x bottleneck
+        self.lengths = nn.Parameter(torch.ones(num_heads, num_clusters, 1))  # g: heads x C x 1
+
+    def forward(self, features: Tensor) -> Tensor:
+        weights = self.lengths * nn.functional.normalize(self.directions, dim=-1)
+        z = torch.stack([nn.functional.normalize(head(features), dim=-1) for head in self.mlps])
+        return z @ weights.transpose(1, 2)
+
+    def permute_(self, order: Tensor) -> None:
+        with torch.no_grad():
+            for tensor in (self.directions, self.lengths):
+                tensor.copy_(tensor[:, order.to(tensor.device)])
+
+
+def mlp_gelu(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """Linear - GELU - Linear, weights from a normal of std 0.02 truncated at 2 std, biases 0 (DINO's
+    head initialisation)."""
+    layers = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
+    for layer in (layers[0], layers[2]):
+        nn.init.trunc_normal_(layer.weight, std=0.02, a=-0.04, b=0.04)
+        nn.init.zeros_(layer.bias)
+    return layers
+
+
 class KMeansHead(ClusterHead):
     """Clusters as the k-means centres of some features: the cluster head of a method that trains
     none (SimCLR, CC's "ICH only", SCL without its target task).

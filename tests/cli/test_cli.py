@@ -42,11 +42,12 @@ def tiny_data_root(config: Path, tmp: Path) -> list[str]:
 
 
 def pretext_checkpoint(config: Path, data_args: list[str], tmp: Path) -> list[str]:
-    """An NNM config names its pretext's checkpoint: make one (untrained) with the matching
+    """An NNM or TEMI config names its pretext's checkpoint: make one (untrained) with the matching
     simclr_<dataset>.yaml, and point the config at it."""
-    if not config.stem.startswith("nnm_"):
+    method = config.stem.split("_", 1)[0]
+    if method not in ("nnm", "temi"):
         return []
-    pretext_config = config.with_name(config.name.replace("nnm_", "simclr_", 1))
+    pretext_config = config.with_name(config.name.replace(f"{method}_", "simclr_", 1))
     pretext = ClusterLabCLI(args=["--config", str(pretext_config), *data_args], run=False).model
     return ["--model.init_args.pretext_checkpoint", save_pretext(pretext, tmp / "pretext.ckpt")]
 

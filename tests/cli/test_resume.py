@@ -17,6 +17,7 @@ from tests.helpers import (
     TINY_NNM,
     TINY_SCL,
     TINY_SIMCLR,
+    TINY_TEMI,
     kill_and_resume,
 )
 from tests.launch import clusterlab
@@ -46,6 +47,17 @@ def test_killed_and_resumed_nnm_run_continues_with_the_same_global_table(tmp_pat
     assert torch.equal(table["table"], resumed_table["table"])
     report = json.loads(next((tmp_path / "runs" / "killed").glob("*/metrics.json")).read_text())
     assert "neighbor_agreement" in report["diagnostics"]
+
+
+@pytest.mark.slow  # a pretext run first, as NNM's
+def test_killed_and_resumed_temi_run_continues_with_the_same_teacher_and_prior(tmp_path):
+    (tmp_path / "tiny_simclr.yaml").write_text(TINY_SIMCLR)
+    (tmp_path / "tiny_temi.yaml").write_text(TINY_TEMI)
+    pretext = clusterlab("fit", "--config", "tiny_simclr.yaml", cwd=tmp_path)
+    assert pretext.returncode == 0, pretext.tail()
+    expected, stopped, got = kill_and_resume(tmp_path, "tiny_temi.yaml")  # every tensor equal
+    assert not torch.equal(stopped["state_dict"]["prior"], expected["state_dict"]["prior"])  # it moved on
+    assert "momentum_encoder.cluster_head.directions" in got["state_dict"]
 
 
 # SCL on digits, small enough for a test: 8/16-channel CNN, 3 batches of 64 per epoch, queues that
