@@ -178,3 +178,12 @@ class TEMI(ClusteringMethod, HasMomentumEncoder):
             ]
         )
         return self.objective({"temi": per_head.mean()}, head_losses=per_head)
+
+    def permute_clusters_(self, order: list[int] | Tensor) -> None:
+        """The students' clusters, and with them the teachers' and the cluster prior's, so that a
+        renumbered model trains on as it would have."""
+        super().permute_clusters_(order)
+        index = torch.as_tensor(order, dtype=torch.long)
+        self.momentum_encoder["cluster_head"].permute_(index)
+        with torch.no_grad():
+            self.prior.copy_(self.prior[:, index.to(self.prior.device)])

@@ -84,3 +84,20 @@ def test_momenta_of_one_hold_the_teacher_and_the_prior_and_temperatures_change_t
     default = first_loss(group_pretext)
     assert first_loss(group_pretext, student_temperature=0.5) != pytest.approx(default, rel=1e-4)
     assert first_loss(group_pretext, teacher_temperature=0.5) != pytest.approx(default, rel=1e-4)
+
+
+def test_renumbering_moves_the_students_the_teachers_and_the_prior_together():
+    torch.manual_seed(0)
+    model = temi(None).eval()
+    model.prior.copy_(torch.rand(2, 10).softmax(-1))
+    features = torch.randn(5, model.backbone.out_dim)
+    before = (
+        model.cluster_head(features),
+        model.momentum_encoder["cluster_head"](features),
+        model.prior.clone(),
+    )
+    order = torch.randperm(10)
+    model.permute_clusters_(order)
+    after = (model.cluster_head(features), model.momentum_encoder["cluster_head"](features), model.prior)
+    for old, new in zip(before, after):
+        torch.testing.assert_close(new, old[..., order])
