@@ -1,6 +1,7 @@
 """benchmarks/device/measure.py, the prepared GPU script, in its --quick CPU mode: every part runs
 end to end on toy sizes (tiny Fashion-MNIST files in the real IDX format), so that the script a GPU
-session runs once cannot rot between GPU sessions."""
+session runs once cannot rot between GPU sessions. Slow (36 s: a process that imports everything and
+runs five parts): `make test-slow` runs it; run it before a GPU session spends its device time."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.formats import write_fashion_mnist
 from tests.helpers import REPO
 
 
+@pytest.mark.slow
 def test_the_device_script_runs_every_part_in_quick_mode(tmp_path):
     write_fashion_mnist(tmp_path / "fashion", n=64)
     out = tmp_path / "out"
