@@ -31,6 +31,9 @@ def test_the_folder_is_grouped_into_its_kinds_and_every_output_is_written(groupe
     counts = [sum(int(r["cluster"]) == k for r in assignments) for k in range(summary["num_clusters"])]
     assert counts == sizes
     assert summary["metrics"]["acc"] >= 0.9  # four kinds, one per cluster
+    # The chosen K beside the true number of classes (the sub-folders), and the field's other scores.
+    assert summary["metrics"]["classes"] == len(KINDS) and summary["metrics"]["labelled"] == 4 * 30
+    assert {"ami", "many_to_one_acc", "nmi", "ari"} <= set(summary["metrics"])
     for k in range(summary["num_clusters"]):
         assert (out / "clusters" / f"{k}.png").stat().st_size > 1000
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
