@@ -99,6 +99,7 @@ def test_srun_tasks_agree_on_one_run_directory(tmp_path):
     assert report["steps"] == 6
 
 
+@pytest.mark.slow  # 30 s; the slow every-stage test covers NNM under torchrun too (make test under 8 min)
 def test_torchrun_nnm_fit_with_mining_and_global_neighbours_ends(tmp_path):
     (tmp_path / "tiny_simclr.yaml").write_text(TINY_SIMCLR)
     (tmp_path / "tiny_nnm.yaml").write_text(TINY_NNM)
