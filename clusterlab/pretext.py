@@ -7,15 +7,17 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
 from clusterlab.distributed import broadcast, rank
 from clusterlab.errors import CheckpointError, CheckpointMismatchError, UserError
-from clusterlab.neighbors import knn
+from clusterlab.neighbors import knn, neighbor_agreement
 from clusterlab.passes import Step, pass_over
 from clusterlab.runs import load_checkpoint, load_failure
 from clusterlab.seeding import run_seed
@@ -145,3 +147,36 @@ def mine_neighbors(
                 + (f", cached in {cache}" if cache is not None else "")
             )
     return broadcast(neighbors).cpu()
+
+
+def mine_for_training(method, k: int, load: Callable[[], Path | None], metric: str = "cosine") -> None:
+    """At the start of a fit: every training image's top-k neighbours by `method`'s backbone
+    features (cosine: L2-normalised; "l2": raw), handed to its data module, whose batches then carry
+    one of them per image; their label agreement goes to `method.diagnostics` (labels only report).
+    `load()` runs once the data module is known to deliver neighbours: it loads the backbone's
+    weights and returns the file the neighbours are cached beside (None: not cached)."""
+    name = type(method).__name__
+    data = method.trainer.datamodule
+    if data is None or not hasattr(data, "set_neighbors"):
+        raise RuntimeError(
+            f"{name} trains from a ClusterDataModule, which delivers each sample's mined neighbour"
+        )
+    anchor = load()
+    method.to(method.trainer.strategy.root_device)  # the pass below runs on the training device
+
+    def features(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        f = method.backbone(method.plain(batch["image"])).float()
+        return {"features": F.normalize(f, dim=1) if metric == "cosine" else f}
+
+    neighbors = mine_neighbors(
+        anchor, k, method, data.train_eval_dataloader(), features, len(data.train_set), metric=metric
+    )
+    data.set_neighbors(neighbors)
+    agreement = neighbor_agreement(neighbors, data.train_set.labels)
+    if agreement is not None:
+        method.diagnostics["neighbor_agreement"] = agreement
+        source = f" from {anchor}" if anchor is not None else ""
+        rank_zero_info(
+            f"{name}: top-{neighbors.shape[1]} neighbours of {len(neighbors)} training images{source}: "
+            f"label agreement {agreement:.4f}"
+        )

@@ -11,11 +11,10 @@ trains the cluster heads by matching each sample with its pretext, local (batch)
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
 from clusterlab.callbacks.global_neighbors import GlobalNeighbors, HasFeaturesAndLogits
@@ -29,9 +28,9 @@ from clusterlab.methods.base import (
     LRSchedulerCallable,
     OptimizerCallable,
 )
-from clusterlab.neighbors import knn, neighbor_agreement
+from clusterlab.neighbors import knn
 from clusterlab.nn.heads import ClusterHeads
-from clusterlab.pretext import load_pretext_backbone, mine_neighbors, resolve_pretext_checkpoint
+from clusterlab.pretext import load_pretext_backbone, mine_for_training, resolve_pretext_checkpoint
 
 
 class NNM(ClusteringMethod, HasFeaturesAndLogits):
@@ -118,41 +117,14 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
-        data = self.trainer.datamodule
-        if data is None or not hasattr(data, "set_neighbors"):
-            raise RuntimeError(
-                "NNM trains from a ClusterDataModule, which delivers each sample's mined neighbour"
-            )
-        path = resolve_pretext_checkpoint(self.hparams.pretext_checkpoint)
-        # A resumed run then overwrites these weights with its own checkpoint's.
-        load_pretext_backbone(path, self.backbone)
-        self.to(self.trainer.strategy.root_device)  # the pass below runs on the training device
 
-        def pretext_features(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-            features = self.backbone(self.plain(batch["image"])).float()
-            return {
-                "features": F.normalize(features, dim=1)
-                if self.hparams.mining_metric == "cosine"
-                else features
-            }
+        def load() -> Path:
+            path = resolve_pretext_checkpoint(self.hparams.pretext_checkpoint)
+            # A resumed run then overwrites these weights with its own checkpoint's.
+            load_pretext_backbone(path, self.backbone)
+            return path
 
-        neighbors = mine_neighbors(
-            path,
-            self.hparams.num_neighbors,
-            self,
-            data.train_eval_dataloader(),
-            pretext_features,
-            len(data.train_set),
-            metric=self.hparams.mining_metric,
-        )
-        data.set_neighbors(neighbors)
-        agreement = neighbor_agreement(neighbors, data.train_set.labels)
-        if agreement is not None:
-            self.diagnostics["neighbor_agreement"] = agreement
-            rank_zero_info(
-                f"NNM: top-{neighbors.shape[1]} pretext neighbours of {len(neighbors)} training "
-                f"images from {path}: label agreement {agreement:.4f}"
-            )
+        mine_for_training(self, self.hparams.num_neighbors, load, metric=self.hparams.mining_metric)
 
     # -- Algorithm 1, lines 5-15 --------------------------------------------------------------
 

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
 from clusterlab.callbacks.momentum import HasMomentumEncoder, MomentumEncoder
@@ -32,9 +31,8 @@ from clusterlab.distributed import gather
 from clusterlab.errors import ConfigError
 from clusterlab.losses.temi import teacher_agreement, temi_loss
 from clusterlab.methods.base import ClusteringMethod, LRSchedulerCallable, OptimizerCallable
-from clusterlab.neighbors import neighbor_agreement
 from clusterlab.nn.heads import ProjectionHeads
-from clusterlab.pretext import load_pretext_backbone, mine_neighbors, resolve_pretext_checkpoint
+from clusterlab.pretext import load_pretext_backbone, mine_for_training, resolve_pretext_checkpoint
 
 
 class TEMI(ClusteringMethod, HasMomentumEncoder):
@@ -111,33 +109,16 @@ class TEMI(ClusteringMethod, HasMomentumEncoder):
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
-        data = self.trainer.datamodule
-        if data is None or not hasattr(data, "set_neighbors"):
-            raise RuntimeError("TEMI trains from a ClusterDataModule, which delivers each image's neighbour")
-        anchor = getattr(self.backbone, "weights_file", None)  # a Pretrained network's weights file
-        if self.hparams.pretext_checkpoint is not None:
-            anchor = resolve_pretext_checkpoint(self.hparams.pretext_checkpoint, "TEMI")
-            load_pretext_backbone(anchor, self.backbone, "TEMI")  # a resumed run loads its own after
-        self.to(self.trainer.strategy.root_device)
 
-        def features(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-            return {"features": F.normalize(self.backbone(self.plain(batch["image"])).float(), dim=1)}
+        def load() -> Path | None:
+            if self.hparams.pretext_checkpoint is None:  # a Pretrained network: beside its weights file
+                anchor = getattr(self.backbone, "weights_file", None)
+                return Path(anchor) if anchor is not None else None
+            path = resolve_pretext_checkpoint(self.hparams.pretext_checkpoint, "TEMI")
+            load_pretext_backbone(path, self.backbone, "TEMI")  # a resumed run loads its own after
+            return path
 
-        neighbors = mine_neighbors(
-            Path(anchor) if anchor is not None else None,
-            self.hparams.num_neighbors,
-            self,
-            data.train_eval_dataloader(),
-            features,
-            len(data.train_set),
-        )
-        data.set_neighbors(neighbors)
-        agreement = neighbor_agreement(neighbors, data.train_set.labels)
-        if agreement is not None:  # labels only report
-            self.diagnostics["neighbor_agreement"] = agreement
-            rank_zero_info(
-                f"TEMI: label agreement of the top-{neighbors.shape[1]} neighbours {agreement:.4f}"
-            )
+        mine_for_training(self, self.hparams.num_neighbors, load)
 
     # -- a training step ------------------------------------------------------------------------
 
