@@ -10,9 +10,11 @@ from clusterlab.neighbors import kmeans
 from clusterlab.seeding import run_seed
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """Linear - ReLU - Linear: the two-layer MLP of SimCLR and CC's g_I and g_C."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, activation: nn.Module | None = None) -> nn.Sequential:
+    """Linear - activation - Linear: the two-layer MLP of SimCLR and CC's g_I and g_C (ReLU, the
+    default), and of DINO's heads (GELU)."""
+    activation = nn.ReLU(inplace=True) if activation is None else activation
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), activation, nn.Linear(hidden_dim, out_dim))
 
 
 class ClusterHead(nn.Module):
@@ -108,7 +110,15 @@ class ProjectionHeads(ClusterHead):
         bottleneck_dim: int = 256,
     ) -> None:
         super().__init__()
-        self.mlps = nn.ModuleList(mlp_gelu(in_dim, hidden_dim, bottleneck_dim) for _ in range(num_heads))
+
+        def head() -> nn.Sequential:  # DINO's initialisation: a normal of std 0.02 cut at 2 std, biases 0
+            layers = mlp(in_dim, hidden_dim, bottleneck_dim, nn.GELU())
+            for layer in (layers[0], layers[2]):
+                nn.init.trunc_normal_(layer.weight, std=0.02, a=-0.04, b=0.04)
+                nn.init.zeros_(layer.bias)
+            return layers
+
+        self.mlps = nn.ModuleList(head() for _ in range(num_heads))
         directions = torch.stack(
             [nn.Linear(bottleneck_dim, num_clusters).weight.detach() for _ in range(num_heads)]
         )
@@ -124,16 +134,6 @@ class ProjectionHeads(ClusterHead):
         with torch.no_grad():
             for tensor in (self.directions, self.lengths):
                 tensor.copy_(tensor[:, order.to(tensor.device)])
-
-
-def mlp_gelu(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """Linear - GELU - Linear, weights from a normal of std 0.02 truncated at 2 std, biases 0 (DINO's
-    head initialisation)."""
-    layers = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
-    for layer in (layers[0], layers[2]):
-        nn.init.trunc_normal_(layer.weight, std=0.02, a=-0.04, b=0.04)
-        nn.init.zeros_(layer.bias)
-    return layers
 
 
 class KMeansHead(ClusterHead):
