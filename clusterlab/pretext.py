@@ -103,7 +103,7 @@ def mine_neighbors(
     k: int,
     module: nn.Module,
     loader,
-    features: Step,
+    features: Step | Tensor,
     num_images: int,
     metric: str = "cosine",
 ) -> Tensor:
@@ -111,7 +111,8 @@ def mine_neighbors(
     through faiss, by `metric` ("cosine" or "l2", `clusterlab.neighbors.knn`). `features(batch)`
     gives the features of a batch ({"features": ...}); every process passes over its shard of
     `loader` (`clusterlab.passes.pass_over`), the features are gathered to rank 0, which searches
-    and broadcasts (the others wait: clusterlab.distributed.PROCESS_GROUP_TIMEOUT). Cached beside the
+    and broadcasts (the others wait: clusterlab.distributed.PROCESS_GROUP_TIMEOUT). `features` may
+    also be the table itself (N x D, on every process): then there is no pass. Cached beside the
     checkpoint (or weights file) `path` under its content hash, so a changed checkpoint is mined again;
     path None: not cached."""
     if k > num_images - 1:
@@ -137,7 +138,10 @@ def mine_neighbors(
         rank_zero_info(f"neighbours from the cache {cache}")
     else:
         # Only rank 0 searches: the features go there alone; the table is broadcast to every rank.
-        mined = pass_over(module, loader, features, description="Mining neighbours", rank0_only=True)
+        if isinstance(features, Tensor):
+            mined = {"features": features}
+        else:
+            mined = pass_over(module, loader, features, description="Mining neighbours", rank0_only=True)
         if rank() == 0:
             neighbors = knn(mined["features"], k, metric=metric)[0].to(device)
             if cache is not None:
@@ -149,12 +153,20 @@ def mine_neighbors(
     return broadcast(neighbors).cpu()
 
 
-def mine_for_training(method, k: int, load: Callable[[], Path | None], metric: str = "cosine") -> None:
+def mine_for_training(
+    method,
+    k: int,
+    load: Callable[[], Path | None],
+    metric: str = "cosine",
+    embed: Callable[[], Tensor] | None = None,
+) -> None:
     """At the start of a fit: every training image's top-k neighbours by `method`'s backbone
     features (cosine: L2-normalised; "l2": raw), handed to its data module, whose batches then carry
     one of them per image; their label agreement goes to `method.diagnostics` (labels only report).
     `load()` runs once the data module is known to deliver neighbours: it loads the backbone's
-    weights and returns the file the neighbours are cached beside (None: not cached)."""
+    weights and returns the file the neighbours are cached beside (None: not cached). `embed()`,
+    when given, returns the training images' features (N x D, the method's own, computed once):
+    the neighbours are searched among them instead of a pass of their own."""
     name = type(method).__name__
     data = method.trainer.datamodule
     if data is None or not hasattr(data, "set_neighbors"):
@@ -168,8 +180,12 @@ def mine_for_training(method, k: int, load: Callable[[], Path | None], metric: s
         f = method.backbone(method.plain(batch["image"])).float()
         return {"features": F.normalize(f, dim=1) if metric == "cosine" else f}
 
+    searched: Step | Tensor = features
+    if embed is not None:  # the method's features, computed once: searched as they are
+        table = embed()
+        searched = F.normalize(table, dim=1) if metric == "cosine" else table
     neighbors = mine_neighbors(
-        anchor, k, method, data.train_eval_dataloader(), features, len(data.train_set), metric=metric
+        anchor, k, method, data.train_eval_dataloader(), searched, len(data.train_set), metric=metric
     )
     data.set_neighbors(neighbors)
     agreement = neighbor_agreement(neighbors, data.train_set.labels)

@@ -1,9 +1,10 @@
 """TEMI: clustering heads on frozen pretrained features ("Exploring the Limits of Deep Image
 Clustering using Pretrained Models", Adaloglou et al., BMVC 2023, arXiv:2303.17896).
 
-The backbone is never trained: it embeds, and only the heads learn. Before training, every image's
-k nearest neighbours are mined once in the backbone's feature space (cosine); each step then sees
-a batch of images x and, per image, one of its neighbours x' drawn at random. Student heads h_s
+The backbone is never trained: it embeds every training image once (`clusterlab.features`, cached
+on disk), and only the heads learn, on those features. Before training, every image's k nearest
+neighbours are mined once among them (cosine); each step then sees a batch of images x and, per
+image, one of its neighbours x' drawn at random. Student heads h_s
 and their teacher h_t, the students' moving average, assign clusters to both; each head's loss is
 the weighted beta-PMI of `clusterlab.losses.temi` between one view's student and the other view's
 teacher, with the cluster prior p~ a moving average of the teacher's batch marginals and the
@@ -29,6 +30,7 @@ from clusterlab.callbacks.momentum import HasMomentumEncoder, MomentumEncoder
 from clusterlab.data.views import Views
 from clusterlab.distributed import gather
 from clusterlab.errors import ConfigError
+from clusterlab.features import digest, embed_once
 from clusterlab.losses.temi import teacher_agreement, temi_loss
 from clusterlab.methods.base import ClusteringMethod, LRSchedulerCallable, OptimizerCallable
 from clusterlab.nn.heads import ProjectionHeads
@@ -42,8 +44,8 @@ class TEMI(ClusteringMethod, HasMomentumEncoder):
         num_clusters: C.
         backbone: the pretrained feature extractor, frozen here: a `clusterlab.nn.Pretrained`
             network, or the backbone of a SimCLR run named by `pretext_checkpoint`.
-        views: the input the backbone embeds (`Views()`: the images as they are; TEMI trains on
-            fixed embeddings, without augmentations).
+        views: the input the backbone embeds: their plain transform, without augmentation (TEMI
+            trains on fixed embeddings; `Views()`: the images as they are).
         pretext_checkpoint: a SimCLR checkpoint (path or glob, "{seed}": this run's seed) whose
             backbone weights to load; None: the backbone's own weights.
         num_heads: heads trained side by side (the authors' README: 16; the paper reports 50).
@@ -58,6 +60,9 @@ class TEMI(ClusteringMethod, HasMomentumEncoder):
         prior_momentum: the cluster prior's moving-average momentum (0.9).
         hidden_dim, bottleneck_dim: the heads' widths (512, 256).
         optimizer: AdamW, lr 1e-4, weight decay 1e-4 in the authors' code.
+        feature_cache: the folder the training images' features are stored in, under a hash of
+            backbone, weights and images, so a later run reads them back; None: embedded once
+            per fit, not stored.
     """
 
     def __init__(
@@ -79,6 +84,7 @@ class TEMI(ClusteringMethod, HasMomentumEncoder):
         bottleneck_dim: int = 256,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
+        feature_cache: str | None = "~/.cache/clusterlab/features",
     ) -> None:
         super().__init__(num_clusters, backbone, num_heads, optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["backbone", "views"])
@@ -95,6 +101,9 @@ class TEMI(ClusteringMethod, HasMomentumEncoder):
         self.momentum_encoder.requires_grad_(False)
         # p~: each head's cluster prior, a moving average of its teacher's marginal over batches.
         self.register_buffer("prior", torch.full((num_heads, num_clusters), 1.0 / num_clusters))
+        # The training images' features (N x D), embedded once in setup; not a buffer: DDP would
+        # broadcast it every step, and a checkpoint need not hold what the weights recompute.
+        self.train_features: Tensor | None = None
 
     def configure_callbacks(self) -> list:
         return [MomentumEncoder(self.hparams.teacher_momentum)]
@@ -118,14 +127,28 @@ class TEMI(ClusteringMethod, HasMomentumEncoder):
             load_pretext_backbone(path, self.backbone, "TEMI")  # a resumed run loads its own after
             return path
 
-        mine_for_training(self, self.hparams.num_neighbors, load)
+        def embed() -> Tensor:
+            data = self.trainer.datamodule
+            images = data.train_set.images
+            key = digest(self.backbone, self.views, images)
+
+            def step(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+                return {"features": self.backbone(self.plain(batch["image"]))}
+
+            features = embed_once(
+                self, data.train_eval_dataloader(), step, key, len(images), self.hparams.feature_cache
+            )
+            self.train_features = features.to(self.device)
+            return features
+
+        mine_for_training(self, self.hparams.num_neighbors, load, embed=embed)
 
     # -- a training step ------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        with torch.no_grad():  # the pretrained features of x and of its neighbour x'
-            f = self.backbone(self.views(batch["image"]))
-            f_neighbor = self.backbone(self.views(batch["neighbor_image"]))
+        with torch.no_grad():  # the pretrained features of x and of its neighbour x', embedded in setup
+            f = self.train_features[batch["index"]]
+            f_neighbor = self.train_features[batch["neighbor_index"]]
             t, t_neighbor = (self.momentum_encoder["cluster_head"](v) for v in (f, f_neighbor))
         s, s_neighbor = self.cluster_head(f), self.cluster_head(f_neighbor)
         # Everything below is over the global batch: heads x (global B) x C.

@@ -58,10 +58,16 @@ def test_the_instance_weights_and_the_teacher_ensemble_are_switches(group_pretex
 
 def test_temi_step_on_two_processes_equals_one_process_with_the_whole_batch(group_pretext, tmp_path):
     pl.seed_everything(0)
-    model = temi(group_pretext, optimizer=functools.partial(torch.optim.SGD, lr=0.5))
+    # One feature cache: the single process embeds and writes it, the two processes read it (rank 0
+    # reads, every rank receives the table).
+    model = temi(
+        group_pretext,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.5),
+        feature_cache=str(tmp_path / "features"),
+    )
     single_out, ddp_out = tmp_path / "single", tmp_path / "ddp"
     single_out.mkdir(), ddp_out.mkdir()
-    for devices, batch_size, out in ((2, 32, ddp_out), (1, 64, single_out)):
+    for devices, batch_size, out in ((1, 64, single_out), (2, 32, ddp_out)):
         fit_digits(
             copy.deepcopy(model),
             devices=devices,
