@@ -25,6 +25,10 @@ from clusterlab.errors import CheckpointError
 from clusterlab.passes import Step, pass_over
 from clusterlab.runs import load_failure
 
+# Where features are kept unless a run says otherwise: keyed by content, shared by every run that
+# embeds the same images with the same weights (TEMI, the folder command's --backbone).
+DEFAULT_CACHE = "~/.cache/clusterlab/features"
+
 
 def digest(backbone: nn.Module, transform: nn.Module, images: Tensor) -> str:
     """The hash the features of `images` through `transform` then `backbone` are cached under."""
@@ -62,8 +66,9 @@ def embed_once(
     num_images: int,
     cache_dir: str | Path | None,
     description: str = "Embedding",
-) -> Tensor:
-    """Every sample's features (N x D, float32, in dataset order, on every process): read from
+) -> tuple[Tensor, Path | None]:
+    """Every sample's features (N x D, float32, in dataset order, on every process) and the file
+    they are stored in (None: not stored): read from
     `cache_dir`/features-<key>.pt when there, otherwise `step(batch)["features"]` over `loader` (each
     process its shard, `clusterlab.passes.pass_over`), gathered to every rank and written there by
     rank 0. `cache_dir` None: computed, not stored. `key`: `digest(...)` of what determines them."""
@@ -84,7 +89,7 @@ def embed_once(
         width = int(broadcast(torch.tensor(features.shape[1] if features is not None else 0, device=device)))
         table = features.to(device) if features is not None else torch.empty(num_images, width, device=device)
         rank_zero_info(f"features of {num_images:,} images from the cache {path}")
-        return broadcast(table).cpu()
+        return broadcast(table).cpu(), path
     features = pass_over(module, loader, step, description=description)["features"].float().cpu()
     if rank() == 0 and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,4 +97,4 @@ def embed_once(
         torch.save(features, partial)
         partial.replace(path)  # whole or absent: a killed run leaves no half-written cache
         rank_zero_info(f"embedded {num_images:,} images once, cached in {path}")
-    return features
+    return features, path

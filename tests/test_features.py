@@ -71,6 +71,7 @@ def test_temi_embeds_once_the_training_steps_read_the_table_and_a_second_run_rea
     table = torch.load(files[0], weights_only=True)
     assert table.shape == (1797, model.backbone.out_dim) and table.dtype == torch.float32
     torch.testing.assert_close(model.train_features.cpu(), table, rtol=0, atol=0)
+    assert len(list(cache.glob("neighbors-*-k5-cosine.pt"))) == 1  # mined among them, cached beside them
 
     # A second run with the same backbone and data reads the file: planted values come back as they are.
     planted = torch.randn_like(table)

@@ -30,7 +30,7 @@ from clusterlab.callbacks.momentum import HasMomentumEncoder, MomentumEncoder
 from clusterlab.data.views import Views
 from clusterlab.distributed import gather
 from clusterlab.errors import ConfigError
-from clusterlab.features import digest, embed_once
+from clusterlab.features import DEFAULT_CACHE, digest, embed_once
 from clusterlab.losses.temi import teacher_agreement, temi_loss
 from clusterlab.methods.base import ClusteringMethod, LRSchedulerCallable, OptimizerCallable
 from clusterlab.nn.heads import ProjectionHeads
@@ -84,7 +84,7 @@ class TEMI(ClusteringMethod, HasMomentumEncoder):
         bottleneck_dim: int = 256,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
-        feature_cache: str | None = "~/.cache/clusterlab/features",
+        feature_cache: str | None = DEFAULT_CACHE,
     ) -> None:
         super().__init__(num_clusters, backbone, num_heads, optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["backbone", "views"])
@@ -120,28 +120,28 @@ class TEMI(ClusteringMethod, HasMomentumEncoder):
             return
 
         def load() -> Path | None:
-            if self.hparams.pretext_checkpoint is None:  # a Pretrained network: beside its weights file
-                anchor = getattr(self.backbone, "weights_file", None)
-                return Path(anchor) if anchor is not None else None
-            path = resolve_pretext_checkpoint(self.hparams.pretext_checkpoint, "TEMI")
-            load_pretext_backbone(path, self.backbone, "TEMI")  # a resumed run loads its own after
-            return path
-
-        def embed() -> Tensor:
+            """The backbone's weights, then every training image's features, embedded once; returns
+            the file the neighbours are cached beside: the features' (the pretext's checkpoint when
+            the features are not stored)."""
+            path = None
+            if self.hparams.pretext_checkpoint is not None:
+                path = resolve_pretext_checkpoint(self.hparams.pretext_checkpoint, "TEMI")
+                load_pretext_backbone(path, self.backbone, "TEMI")  # a resumed run loads its own after
+            self.to(self.trainer.strategy.root_device)
             data = self.trainer.datamodule
             images = data.train_set.images
-            key = digest(self.backbone, self.views, images)
 
             def step(batch: dict[str, Tensor]) -> dict[str, Tensor]:
                 return {"features": self.backbone(self.plain(batch["image"]))}
 
-            features = embed_once(
+            key = digest(self.backbone, self.views, images)
+            features, stored = embed_once(
                 self, data.train_eval_dataloader(), step, key, len(images), self.hparams.feature_cache
             )
             self.train_features = features.to(self.device)
-            return features
+            return stored or path
 
-        mine_for_training(self, self.hparams.num_neighbors, load, embed=embed)
+        mine_for_training(self, self.hparams.num_neighbors, load, embed=lambda: self.train_features)
 
     # -- a training step ------------------------------------------------------------------------
 
