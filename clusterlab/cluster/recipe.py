@@ -80,9 +80,24 @@ def backbone(size: int) -> dict:
     }
 
 
-def views(recipe: FolderRecipe, size: int, flip: bool = True) -> dict:
+def pretrained(name: str, weights: str | None = None) -> dict:
+    """A frozen pretrained network (`clusterlab.nn.Pretrained`): its weights from `weights`, or, without
+    it, from the installed package or torchvision's cache."""
+    return {
+        "class_path": "clusterlab.nn.Pretrained",
+        "init_args": {"name": name, "weights": weights, "frozen": True, "in_channels": 3},
+    }
+
+
+def views(recipe: FolderRecipe, size: int, flip: bool = True, pretrained: bool = False) -> dict:
     """The recipe's views at `size`, each image standardised, with the horizontal flip or without
-    it (a folder whose mirror images are not of its kinds: `mirror_ratio`)."""
+    it (a folder whose mirror images are not of its kinds: `mirror_ratio`). A method on frozen
+    features sees the images as they are (no augmentation): standardised at `size` as the folder's
+    SimCLR pretext sees them, or, for a `pretrained` network, as they are decoded (the network
+    resizes and normalises its input as its weights expect)."""
+    if recipe.frozen_features:
+        plain = {} if pretrained else {"size": size, "standardize": True}
+        return {"class_path": recipe.views, "init_args": {**plain, **copy.deepcopy(recipe.view_args)}}
     return {
         "class_path": recipe.views,
         "init_args": {"size": size, **copy.deepcopy(recipe.view_args), "flip": flip, "standardize": True},
@@ -142,10 +157,14 @@ def clustering(
     epochs: int,
     pretext_checkpoint: str | None = None,
     flip: bool = True,
+    network: dict | None = None,
 ) -> dict:
-    """The clustering model of `method` (a registered name or a class path) with K clusters."""
+    """The clustering model of `method` (a registered name or a class path) with K clusters;
+    `network`: a pretrained backbone's config (`pretrained`) in place of the recipe's own."""
     method_class(method)  # a clear error for a method the folder command cannot build
-    return model_config(class_path(method), size, num_clusters, num_images, epochs, pretext_checkpoint, flip)
+    return model_config(
+        class_path(method), size, num_clusters, num_images, epochs, pretext_checkpoint, flip, network
+    )
 
 
 def model_config(
@@ -156,14 +175,16 @@ def model_config(
     epochs: int,
     pretext_checkpoint: str | None = None,
     flip: bool = True,
+    network: dict | None = None,
 ) -> dict:
-    """The config of the class at `path` from its folder recipe: backbone and views for `size`,
-    the recipe's sizes for N images and K clusters, its optimiser and schedule for E epochs."""
+    """The config of the class at `path` from its folder recipe: backbone and views for `size`
+    (`network`: a pretrained backbone's config instead), the recipe's sizes for N images and K
+    clusters, its optimiser and schedule for E epochs."""
     recipe = method_class(path).folder_recipe
     args: dict = {
         "num_clusters": num_clusters,
-        "backbone": backbone(size),
-        "views": views(recipe, size, flip),
+        "backbone": copy.deepcopy(network) if network is not None else backbone(size),
+        "views": views(recipe, size, flip, pretrained=network is not None),
     }
     if recipe.pretext_checkpoint:
         args["pretext_checkpoint"] = pretext_checkpoint

@@ -211,6 +211,7 @@ clusters/&lt;k&gt;.png (contact sheets), <a href="config.yaml">config.yaml</a> a
 _K_CHOSEN = Template("K = $k chosen from the data ($how)")
 _K_GIVEN = Template("K = $k (given)")
 _FEATURES = Template(" after $epochs epochs of SimCLR features")
+_BACKBONE = Template(" on the frozen features of $backbone (weights: $weights)")
 _SKIPPED = Template(', <a href="skipped.csv">$count unreadable file$plural skipped</a>')
 _NAV = Template('<a href="#cluster-$index">cluster $index ($size)</a>')
 _FIGURE = Template('<figure><img src="$src" alt="$name"><figcaption>$caption</figcaption></figure>\n')
@@ -305,7 +306,7 @@ def write_html(
         k_line=_render(_K_CHOSEN, k=k, how=s["k_method"]) if s["k_auto"] else _render(_K_GIVEN, k=k),
         method=s["method"],
         epochs=s["epochs"],
-        features=_render(_FEATURES, epochs=s["features_epochs"]) if s.get("features_epochs") else "",
+        features=_features_line(s),
         train_minutes=f"{s['train_minutes']:.1f}",
         total_minutes=f"{s['total_minutes']:.1f}",
         skipped=_render(_SKIPPED, count=skipped, plural="s" if skipped != 1 else "")
@@ -328,6 +329,14 @@ def write_html(
     )
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def _features_line(s: dict) -> str:
+    """What the method's features came from: a pretrained network and its weights file, or the
+    SimCLR pretext trained on the folder."""
+    if s.get("backbone"):
+        return _render(_BACKBONE, backbone=s["backbone"], weights=s["weights"])
+    return _render(_FEATURES, epochs=s["features_epochs"]) if s.get("features_epochs") else ""
 
 
 def cluster_views(

@@ -38,14 +38,16 @@ class IndexedImages(Dataset):
     """In-memory images served a batch at a time: one indexing operation per batch, no per-image
     Python work, so a DataLoader without workers keeps up with the GPU."""
 
-    def __init__(self, images: ImageSet) -> None:
-        self.images, self.labels = images.images, images.labels
+    def __init__(self, images: ImageSet, with_images: bool = True) -> None:
+        self.images, self.labels, self.with_images = images.images, images.labels, with_images
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         index = torch.as_tensor(indices, dtype=torch.long)
+        if not self.with_images:  # a method that trains on features computed once: no pixels to copy
+            return {"index": index, "label": self.labels[index]}
         return {"index": index, "image": self.images[index], "label": self.labels[index]}
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
@@ -276,6 +278,7 @@ class ClusterDataModule(pl.LightningDataModule):
         self._columns, self._columns_epoch = torch.empty(0, dtype=torch.long), None
         self._train_loader: ResumableLoader | None = None
         self.chunks: dict | None = None  # set_chunks: DCCM's chunked schedule
+        self.images_in_training_batches = True  # train_on_indices: False
 
     @property
     def input_channels(self) -> int:
@@ -360,7 +363,7 @@ class ClusterDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self._world()
-        dataset = IndexedImages(self.train_set)
+        dataset = IndexedImages(self.train_set, with_images=self.images_in_training_batches)
         if len(dataset) < self.hparams.batch_size * world:
             raise ConfigError(
                 f"{self.source.name} {self.hparams.train_split}: {len(dataset)} images do not fill one "
@@ -390,6 +393,12 @@ class ClusterDataModule(pl.LightningDataModule):
         """Train in chunks (`ChunkBatches`, DCCM's authors' schedule). The first batch of every
         chunk also carries this process's share of the chunk: "chunk_index" and "chunk_image"."""
         self.chunks = {"chunk_size": chunk_size, "repeats": repeats, "batch_repeats": batch_repeats}
+
+    def train_on_indices(self) -> None:
+        """Training batches carry each sample's index and label (and neighbour's index), not its
+        image: for a method that trains on features embedded once (TEMI), which would otherwise
+        copy every batch's pixels for nothing."""
+        self.images_in_training_batches = False
 
     def set_neighbors(self, neighbors: torch.Tensor) -> None:
         """Give every training sample its candidate neighbours (N x K indices into the training
@@ -429,7 +438,8 @@ class ClusterDataModule(pl.LightningDataModule):
             index = batch["index"]
             column = self._neighbor_columns(epoch)[index]
             batch["neighbor_index"] = self.neighbors[index, column]
-            batch["neighbor_image"] = self.train_set.images[batch["neighbor_index"]]
+            if self.images_in_training_batches:
+                batch["neighbor_image"] = self.train_set.images[batch["neighbor_index"]]
         return batch
 
     def _neighbor_columns(self, epoch: int) -> torch.Tensor:

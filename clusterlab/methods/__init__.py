@@ -15,6 +15,7 @@ FOLDER_METHODS = {
     "nnm": "clusterlab.methods.NNM",
     "scl": "clusterlab.methods.SCL",
     "dccm": "clusterlab.methods.DCCM",
+    "temi": "clusterlab.methods.TEMI",
 }
 
 __all__ = ["CC", "DCCM", "FOLDER_METHODS", "NNM", "SCL", "TEMI", "ClusteringMethod", "SimCLR"]

@@ -69,6 +69,9 @@ class FolderRecipe:
             `pretext_checkpoint`): the command trains SimCLR on the folder first and hands it over.
         warm_start: when the command trained SimCLR on the folder anyway (K chosen from its
             features), the method's backbone starts from SimCLR's.
+        frozen_features: the method trains on a frozen backbone's features, not the backbone: the
+            command can give it a pretrained network (`--backbone NAME [--weights FILE]`) in place
+            of the folder's SimCLR pretext; its views are then the images as they are.
     """
 
     views: str
@@ -79,6 +82,7 @@ class FolderRecipe:
     args: dict = field(default_factory=dict)
     pretext_checkpoint: bool = False
     warm_start: bool = False
+    frozen_features: bool = False
 
 
 class ClusteringMethod(pl.LightningModule, ABC):
@@ -200,9 +204,13 @@ class ClusteringMethod(pl.LightningModule, ABC):
     # so a diverged run stops within log_every_n_steps steps, naming the first bad step.
 
     def _watched_tensors(self) -> list[tuple[str, Tensor]]:
+        """What a step can change: the trained parameters and the buffers. Not the frozen parameters:
+        a pretrained backbone's stay as loaded (millions of values to read for nothing every step),
+        and a momentum encoder's follow trained ones, which are watched."""
+        parameters = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         return [
             (n, t.detach())
-            for n, t in (*self.named_parameters(), *self.named_buffers())
+            for n, t in (*parameters, *self.named_buffers())
             if t.is_floating_point() and t.numel() and not n.startswith("head_loss")
         ]
 
@@ -307,7 +315,14 @@ class ClusteringMethod(pl.LightningModule, ABC):
     @torch.no_grad()
     def assign(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Online prediction of uint8 images: the selected head's cluster and its probability (B, B)."""
-        confidence, cluster = self.predict_proba(images)[self.selected_head].max(-1)
+        return self.assign_features(self.cluster_features(self.plain(images)))
+
+    @torch.no_grad()
+    def assign_features(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """`assign` of the features the cluster head reads (`cluster_features`), for a caller that
+        holds them already (features embedded once by a frozen backbone)."""
+        probabilities = self.cluster_head(features).float().softmax(-1)
+        confidence, cluster = probabilities[self.selected_head].max(-1)
         return cluster, confidence
 
     def evaluation_outputs(self, images: Tensor) -> dict[str, Tensor]:

@@ -32,7 +32,7 @@ from clusterlab.distributed import gather
 from clusterlab.errors import ConfigError
 from clusterlab.features import DEFAULT_CACHE, digest, embed_once
 from clusterlab.losses.temi import teacher_agreement, temi_loss
-from clusterlab.methods.base import ClusteringMethod, LRSchedulerCallable, OptimizerCallable
+from clusterlab.methods.base import ClusteringMethod, FolderRecipe, LRSchedulerCallable, OptimizerCallable
 from clusterlab.nn.heads import ProjectionHeads
 from clusterlab.pretext import load_pretext_backbone, mine_for_training, resolve_pretext_checkpoint
 
@@ -64,6 +64,22 @@ class TEMI(ClusteringMethod, HasMomentumEncoder):
             backbone, weights and images, so a later run reads them back; None: embedded once
             per fit, not stored.
     """
+
+    # On a folder: heads on the features of a pretrained network (--backbone) or of the folder's
+    # SimCLR pretext; 4 heads and AdamW at 1e-3 as in experiments/temi_digits.yaml (a CPU budget).
+    # A folder run is hundreds of steps, not thousands: the teacher's momentum 0.99 (a memory of
+    # ~100 steps) lets it move within them; at 0.996 a 100-step run of 48 photos put every image in
+    # one cluster (docs/results.md, TEMI on a folder).
+    folder_recipe = FolderRecipe(
+        views="clusterlab.data.views.Views",
+        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3, "weight_decay": 1e-4}},
+        sizes=lambda num_images, num_clusters: {
+            "num_neighbors": max(1, min(50, num_images // (2 * num_clusters)))
+        },
+        args={"num_heads": 4, "teacher_momentum": 0.99},
+        pretext_checkpoint=True,
+        frozen_features=True,
+    )
 
     def __init__(
         self,
@@ -142,6 +158,7 @@ class TEMI(ClusteringMethod, HasMomentumEncoder):
             return stored or path
 
         mine_for_training(self, self.hparams.num_neighbors, load, embed=lambda: self.train_features)
+        self.trainer.datamodule.train_on_indices()  # the steps read the table, not the pixels
 
     # -- a training step ------------------------------------------------------------------------
 

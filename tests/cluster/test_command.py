@@ -144,7 +144,7 @@ def test_bad_input_is_one_line_with_what_where_and_what_to_do_and_leaves_nothing
         ((photos, "--out", tmp_path / "mine"), "did not write; nothing was changed"),
         (
             (photos, "--out", out, "--method", "kmeans"),
-            "neither one of cc, nnm, scl, dccm nor the class path",
+            "neither one of cc, nnm, scl, dccm, temi nor the class path",
         ),
         (
             (photos, "--out", out, "--method", "clusterlab.methods.base.ClusteringMethod"),
