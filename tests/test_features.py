@@ -114,3 +114,18 @@ def test_a_cache_file_that_is_not_the_table_is_refused_by_its_path(pretext, tmp_
         fit_digits(temi(pretext, cache), epochs=1, limit_train_batches=1, limit_val_batches=0)
     assert "delete it to embed again" in str(error.value)
     assert path.exists()  # not overwritten: clusterlab may not have written it
+
+
+def test_temi_evaluates_on_the_embedded_features_as_it_would_through_the_backbone(pretext, tmp_path):
+    calls = []
+    model = temi(pretext, tmp_path / "features")
+    model.backbone.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    pl.seed_everything(0)
+    trainer = fit_digits(model, epochs=1, limit_train_batches=3, limit_val_batches=None)
+    assert sum(calls) == 1797  # the setup's embedding only: the evaluation read the table
+    embedded = {k: model.eval_results[k] for k in ("acc", "nmi", "ari")}
+    model.eval_features = None  # through the backbone, batch by batch
+    trainer.validate(model, datamodule=trainer.datamodule, verbose=False)
+    assert sum(calls) == 2 * 1797
+    through = {k: model.eval_results[k] for k in ("acc", "nmi", "ari")}
+    assert embedded == pytest.approx(through, abs=1e-6) and embedded["acc"] > 0.1

@@ -120,6 +120,7 @@ class TEMI(ClusteringMethod, HasMomentumEncoder):
         # The training images' features (N x D), embedded once in setup; not a buffer: DDP would
         # broadcast it every step, and a checkpoint need not hold what the weights recompute.
         self.train_features: Tensor | None = None
+        self.eval_features: Tensor | None = None  # the same for the evaluation set of the fit
 
     def configure_callbacks(self) -> list:
         return [MomentumEncoder(self.hparams.teacher_momentum)]
@@ -155,6 +156,19 @@ class TEMI(ClusteringMethod, HasMomentumEncoder):
                 self, data.train_eval_dataloader(), step, key, len(images), self.hparams.feature_cache
             )
             self.train_features = features.to(self.device)
+            self.eval_features = self.train_features
+            if data.eval_set is not data.train_set:  # another split: embedded once too (or read back)
+                eval_key = digest(self.backbone, self.views, data.eval_set.images)
+                if eval_key != key:
+                    eval_features, _ = embed_once(
+                        self,
+                        data.val_dataloader(),
+                        step,
+                        eval_key,
+                        len(data.eval_set),
+                        self.hparams.feature_cache,
+                    )
+                    self.eval_features = eval_features.to(self.device)
             return stored or path
 
         mine_for_training(self, self.hparams.num_neighbors, load, embed=lambda: self.train_features)
@@ -199,6 +213,21 @@ class TEMI(ClusteringMethod, HasMomentumEncoder):
             ]
         )
         return self.objective({"temi": per_head.mean()}, head_losses=per_head)
+
+    # -- evaluation during the fit: the heads on the features embedded in setup ---------------------
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """The evaluation set's clusters from its features embedded in setup, by index: the frozen
+        backbone does not run again at every evaluation (outside a fit: the backbone runs)."""
+        if self.eval_features is None:
+            return super().validation_step(batch, batch_idx)
+        with torch.no_grad():
+            clusters = self.cluster_head(self.eval_features[batch["index"]]).argmax(-1).T
+        self._evaluation.add(batch["index"], label=batch["label"], cluster=clusters)
+        return None
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)  # a test set is read through the backbone
 
     def permute_clusters_(self, order: list[int] | Tensor) -> None:
         """The students' clusters, and with them the teachers' and the cluster prior's, so that a
