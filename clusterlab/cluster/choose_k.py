@@ -44,15 +44,16 @@ import torch
 from clusterlab.errors import ConfigError
 
 METHOD = (
-    "modularity of the kNN graph of the SimCLR features, over-clustered by k-means then merged; "
+    "modularity of the kNN graph of the features, over-clustered by k-means then merged; "
     "the fewest clusters within one standard error of the best"
 )
 CAPTION = (
-    "How K was chosen: the images' nearest-neighbour graph (features of the first training phase, "
-    "no label) is over-clustered by k-means, then the two groups whose union raises the graph's "
-    "modularity Q most are merged, again and again. Q(K) is the share of links inside the groups "
-    "minus what chance would give, averaged over 5 over-clusterings; the smallest K whose Q is "
-    "within one standard error of the largest wins (the dashed line)."
+    "How K was chosen: the images' nearest-neighbour graph (features of the first phase: SimCLR "
+    "trained on the folder, or the pretrained network; no label) is over-clustered by k-means, then "
+    "the two groups whose union raises the graph's modularity Q most are merged, again and again. "
+    "Q(K) is the share of links inside the groups minus what chance would give, averaged over 5 "
+    "over-clusterings; the smallest K whose Q is within one standard error of the largest wins "
+    "(the dashed line)."
 )
 MAX_POINTS = 5000
 OVER_CLUSTERING = 3  # C = 3 x K_max groups before merging

@@ -40,7 +40,7 @@ PRETEXT = "clusterlab.methods.SimCLR"
 
 
 def method_class(method: str) -> type[ClusteringMethod]:
-    """The class `--method` names: a registered name (cc, nnm, scl, dccm) or the class path of a
+    """The class `--method` names: a registered name (cc, nnm, scl, dccm, temi) or the class path of a
     ClusteringMethod that declares a `folder_recipe`; a ConfigError that says which otherwise."""
     path = class_path(method)
     module_name, _, name = path.rpartition(".")
