@@ -4,6 +4,7 @@
     python benchmarks/same_numbers.py OLD_CHECKOUT NEW_CHECKOUT --runs_dir DIR [--epochs 4] [--seed 3]
     python benchmarks/same_numbers.py OLD_CHECKOUT NEW_CHECKOUT --runs_dir DIR --compare_only
     python benchmarks/same_numbers.py OLD_CHECKOUT NEW_CHECKOUT --runs_dir DIR --only new  # old's runs kept
+    ... --folder FOLDER   # also `clusterlab cluster FOLDER --epochs 2` in each: K, metrics, every assignment
 
 Used to carry results measured on one commit over to a later one that only refactors: when every
 figure matches, a re-run on the older commit stands for the newer one.
@@ -33,6 +34,20 @@ def fit(checkout: Path, runs: Path, method: str, epochs: int, seed: int) -> None
         subprocess.run(command, cwd=checkout, env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
 
 
+def cluster(checkout: Path, runs: Path, folder: Path) -> None:
+    command = [sys.executable, "-m", "clusterlab", "cluster", str(folder), "--out", str(runs / "folder")]
+    command += ["--epochs", "2", "--seed", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(checkout)}
+    with open(runs / "folder.log", "w") as out:
+        subprocess.run(command, cwd=checkout, env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
+
+
+def folder_result(runs: Path) -> tuple[dict, str]:
+    summary = json.loads((runs / "folder" / "cluster.json").read_text())
+    facts = {"K": summary["num_clusters"], **{m: summary["metrics"][m] for m in ("acc", "nmi", "ari")}}
+    return facts, (runs / "folder" / "assignments.csv").read_text()
+
+
 def heads(runs: Path, method: str) -> list[dict]:
     (metrics,) = runs.glob(f"{method}_digits/*/metrics.json")
     return json.loads(metrics.read_text())["heads"]
@@ -47,6 +62,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--compare_only", action="store_true")
     parser.add_argument("--only", choices=("old", "new"), help="fit one side (the other's runs are there)")
+    parser.add_argument("--folder", type=Path, help="also the folder command on this folder")
     args = parser.parse_args()
     sides = {"old": args.old.resolve(), "new": args.new.resolve()}
     if not args.compare_only:
@@ -54,8 +70,12 @@ def main() -> None:
             if args.only not in (None, side):
                 continue
             for method in STAGES:
-                (args.runs_dir / side).mkdir(parents=True, exist_ok=True)
-                fit(checkout, (args.runs_dir / side).resolve(), method, args.epochs, args.seed)
+                runs = (args.runs_dir / side).resolve()
+                runs.mkdir(parents=True, exist_ok=True)
+                if not list(runs.glob(f"{method}_digits/*/metrics.json")):  # a run there already stands
+                    fit(checkout, runs, method, args.epochs, args.seed)
+            if args.folder is not None:
+                cluster(checkout, (args.runs_dir / side).resolve(), args.folder.resolve())
     print("| method | head | ACC old / new | NMI old / new | ARI old / new | same |")
     print("|---|---|---|---|---|---|")
     all_same = True
@@ -67,6 +87,12 @@ def main() -> None:
             cells = " | ".join(f"{a[m]:.6f} / {b[m]:.6f}" for m in ("acc", "nmi", "ari"))
             print(f"| {method} | {h} | {cells} | {'yes' if same else 'NO'} |")
     print(f"\nevery head of every method the same, bit for bit: {all_same}")
+    if args.folder is not None:
+        (old, old_rows), (new, new_rows) = (folder_result(args.runs_dir / side) for side in ("old", "new"))
+        same = old == new and old_rows == new_rows
+        all_same &= same
+        print(f"\nclusterlab cluster {args.folder.name} --epochs 2: old {old}, new {new}")
+        print(f"the same K, metrics and assignments.csv, byte for byte: {same}")
     sys.exit(0 if all_same else 1)
 
 

@@ -158,3 +158,11 @@ def _quiet_settings():
 
     # No console capture (Lightning's rich output stays intact) and no git/system probing.
     return wandb.Settings(console="off", silent=True, x_disable_stats=True, disable_git=True)
+
+
+def logs_this_step(trainer) -> bool:
+    """Whether Lightning sends the logged values to the loggers at the end of the coming training
+    batch (every `log_every_n_steps` optimizer steps, and when the run is stopping), from the
+    trainer's public state: the step it reads them at is the one its optimizer step counter reaches
+    next (one optimizer, as every method here has)."""
+    return (trainer.global_step + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop

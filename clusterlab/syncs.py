@@ -28,6 +28,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from clusterlab.loggers import logs_this_step
+
 aten = torch.ops.aten
 
 
@@ -256,7 +258,7 @@ class CountTrainingSyncs(pl.Callback):
         return (
             trainer.global_step >= self.warmup
             and batch_idx + 1 < trainer.num_training_batches
-            and not trainer._logger_connector.should_update_logs
+            and not logs_this_step(trainer)
         )
 
     def summary(self) -> str:

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from clusterlab import __version__
 from clusterlab.distributed import all_reduce_sum, broadcast_object
 from clusterlab.errors import CheckpointMismatchError, DivergenceError
+from clusterlab.loggers import logs_this_step
 from clusterlab.metrics import evaluate
 from clusterlab.nn.heads import ClusterHead
 from clusterlab.passes import SampleOutputs
@@ -163,7 +164,7 @@ class ClusteringMethod(pl.LightningModule, ABC):
         # The divergence guard reads its device flags when Lightning reads the logged values anyway
         # (every log_every_n_steps) and on each epoch's last batch, before validation uses the weights.
         self._read_divergence = trainer is None or (
-            trainer._logger_connector.should_update_logs or batch_idx + 1 >= trainer.num_training_batches
+            logs_this_step(trainer) or batch_idx + 1 >= trainer.num_training_batches
         )
 
     def objective(self, terms: dict[str, Tensor], head_losses: Tensor | None = None) -> Tensor:
