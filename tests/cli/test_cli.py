@@ -56,9 +56,21 @@ def setup_args(config: Path, tmp: Path) -> list[str]:
     data_args = tiny_data_root(config, tmp)
     # A pretrained network embeds every training image once: at 32 px, not 224, for a test (digits,
     # the embedded data set, is not made tiny: 1,797 images).
-    pretrained = "base/backbone_efficientnet_lite0.yaml" in config.read_text()
+    text = config.read_text()
+    pretrained = "base/backbone_efficientnet_lite0.yaml" in text or "base/backbone_vit_b16.yaml" in text
     small = ["--model.init_args.backbone.init_args.image_size", "32"] if pretrained else []
+    if "base/backbone_vit_b16.yaml" in text:  # its weights are a user's file: a random ResNet-18's here
+        small += ["--model.init_args.backbone.init_args.name", "resnet18"]
+        small += ["--model.init_args.backbone.init_args.weights", random_resnet18(tmp)]
     return [*data_args, *pretext_checkpoint(config, data_args, tmp), *small]
+
+
+def random_resnet18(tmp: Path) -> str:
+    import torchvision
+
+    path = tmp / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return str(path)
 
 
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.stem)
