@@ -17,8 +17,6 @@ import kornia
 import kornia.augmentation as K
 import torch
 import torch.nn.functional as F
-from kornia.augmentation._2d.intensity.base import _clamp_unit_range
-from kornia.augmentation._2d.intensity.color_jiggle import _FACTOR_KEYS as _JITTER_FACTORS
 from torch import Tensor, nn
 
 from clusterlab.errors import ConfigError
@@ -140,6 +138,7 @@ class ColorJitter(K.ColorJitter):
     """
 
     _NEUTRAL = (1.0, 1.0, 1.0, 0.0)
+    _FACTORS = ("brightness_factor", "contrast_factor", "saturation_factor", "hue_factor")  # kornia's names
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -151,15 +150,14 @@ class ColorJitter(K.ColorJitter):
     ) -> Tensor:
         if self._fixed_order is not None:  # kornia's own path is sync-free on RGB only
             return super().apply_transform(input, params, flags, transform)
-        factors = [params[key] for key in _JITTER_FACTORS]
+        factors = [params[key] for key in self._FACTORS]
         steps = (self._brightness_fn, self._contrast_fn, self._saturation_fn, self._adjust_hue_turns)
-        output = _clamp_unit_range(input)
+        output = input.clamp(0.0, 1.0)  # as kornia clamps (the views carry no gradient)
         for chosen in params["order"]:  # the adjustments' random order: on the device, never read
             current = output
             for k in self._active:
                 output = torch.where(chosen == k, steps[k](current, factors[k]), output)
-        # kornia returns a copy when every step was skipped; torch.where's outputs are new tensors.
-        return _clamp_unit_range(output.clone() if output is input else output)
+        return output.clamp(0.0, 1.0)  # a new tensor, as kornia's, even when every step was skipped
 
 
 def _neutral_range(value, neutral: float, hue: bool) -> bool:
