@@ -646,16 +646,22 @@ def _train(model, data, folder: Path, epochs: int, seconds: float, args):
 
 
 def _features(model, images) -> torch.Tensor:
-    """L2-normalised backbone features of every image, read from the memmap a batch at a time."""
-    model.eval()
-    parts = []
-    with torch.no_grad():
-        for start in range(0, len(images), 512):
-            batch = images.images[start : start + 512].to(model.device)
-            parts.append(
-                torch.nn.functional.normalize(model.backbone(model.plain(batch)).float(), dim=1).cpu()
-            )
-    return torch.cat(parts)
+    """L2-normalised backbone features of every image: one pass (`clusterlab.passes.pass_over`) over
+    the memmap, a batch at a time."""
+    from clusterlab.passes import pass_over
+
+    def step(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"features": model.backbone(model.plain(batch["image"])).float()}
+
+    features = pass_over(model, _batches(images, 512), step)["features"]
+    return torch.nn.functional.normalize(features, dim=1).cpu()
+
+
+def _batches(images, size: int):
+    """The decoded images a batch at a time, with their indices, as a pass over them reads them."""
+    for start in range(0, len(images), size):
+        end = min(start + size, len(images))
+        yield {"index": torch.arange(start, end), "image": images.images[start:end]}
 
 
 def _pretrained(args):
@@ -682,16 +688,9 @@ def _embed(network, images, args) -> tuple[torch.Tensor, Path | None, bool]:
     key = digest(network, views, images.images)
     stored = Path(DEFAULT_CACHE).expanduser() / f"features-{key[:24]}.pt"
     reused = stored.exists()
-    batches = (
-        {
-            "index": torch.arange(start, min(start + 64, len(images))),
-            "image": images.images[start : start + 64],
-        }
-        for start in range(0, len(images), 64)
-    )
     features, stored = embed_once(
         network,
-        batches,
+        _batches(images, 64),
         lambda batch: {"features": network(views.plain(batch["image"]))},
         key,
         len(images),
