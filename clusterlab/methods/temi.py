@@ -69,7 +69,7 @@ class TEMI(ClusteringMethod, HasMomentumEncoder):
     # SimCLR pretext; 4 heads and AdamW at 1e-3 as in experiments/temi_digits.yaml (a CPU budget).
     # A folder run is hundreds of steps, not thousands: the teacher's momentum 0.99 (a memory of
     # ~100 steps) lets it move within them; at 0.996 a 100-step run of 48 photos put every image in
-    # one cluster (docs/results.md, TEMI on a folder).
+    # one cluster (docs/results.md, "Pretrained features").
     folder_recipe = FolderRecipe(
         views="clusterlab.data.views.Views",
         optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3, "weight_decay": 1e-4}},
