@@ -67,7 +67,7 @@ class TEMI(ClusteringMethod, HasMomentumEncoder):
 
     # On a folder: heads on the features of a pretrained network (--backbone) or of the folder's
     # SimCLR pretext; 4 heads and AdamW at 1e-3 as in experiments/temi_digits.yaml (a CPU budget).
-    # A folder run is hundreds of steps, not thousands: the teacher's momentum 0.99 (a memory of
+    # A folder run is a few hundred to two thousand steps: the teacher's momentum 0.99 (a memory of
     # ~100 steps) lets it move within them; at 0.996 a 100-step run of 48 photos put every image in
     # one cluster (docs/results.md, "Pretrained features").
     folder_recipe = FolderRecipe(
