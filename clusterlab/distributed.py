@@ -12,11 +12,18 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from clusterlab.errors import CheckpointError
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -121,6 +128,23 @@ def broadcast(x: Tensor, src: int = 0) -> Tensor:
     x = x.detach().clone().contiguous()
     dist.broadcast(x, src)
     return x
+
+
+def read_on_rank0(path: Path | None, read: Callable[[Path], T], what: str, device) -> tuple[T | None, bool]:
+    """A cache file read by rank 0 alone, when it exists: (what `read` returned there, None on the
+    other ranks; whether it was found, on every rank). Rank 0 says what it found (none, read,
+    unreadable), so every process takes the same branch; a file `read` refuses (CheckpointError)
+    stops every process together, with rank 0's message, not in a hang. `what` names the file."""
+    value, found, problem = None, 0, None
+    if rank() == 0 and path is not None and path.exists():
+        try:
+            value, found = read(path), 1
+        except CheckpointError as error:
+            found, problem = 2, error
+    found = int(broadcast(torch.tensor(found, device=device)))
+    if found == 2:
+        raise problem or CheckpointError(f"{what} {path} cannot be read (rank 0 says why)")
+    return value, found == 1
 
 
 def broadcast_object(obj, src: int = 0):

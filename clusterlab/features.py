@@ -20,7 +20,7 @@ import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
-from clusterlab.distributed import broadcast, rank
+from clusterlab.distributed import broadcast, rank, read_on_rank0
 from clusterlab.errors import CheckpointError
 from clusterlab.passes import Step, pass_over
 from clusterlab.runs import load_failure
@@ -58,6 +58,11 @@ def _read(path: Path, num_images: int) -> Tensor:
     return features
 
 
+def cache_file(cache_dir: str | Path | None, key: str) -> Path | None:
+    """Where `embed_once` keeps the features under `key` in `cache_dir` (None: not stored)."""
+    return Path(cache_dir).expanduser() / f"features-{key[:24]}.pt" if cache_dir is not None else None
+
+
 def embed_once(
     module: nn.Module,
     loader,
@@ -73,19 +78,9 @@ def embed_once(
     process its shard, `clusterlab.passes.pass_over`), gathered to every rank and written there by
     rank 0. `cache_dir` None: computed, not stored. `key`: `digest(...)` of what determines them."""
     device = next(module.parameters()).device
-    path = Path(cache_dir).expanduser() / f"features-{key[:24]}.pt" if cache_dir is not None else None
-    # Rank 0 looks at the cache and says what it found (0: none, 1: read, 2: unreadable), so that
-    # every process takes the same branch (and stops together on a bad file, not in a hang).
-    features, found, problem = None, 0, None
-    if rank() == 0 and path is not None and path.exists():
-        try:
-            features, found = _read(path, num_images), 1
-        except CheckpointError as error:
-            found, problem = 2, error
-    found = int(broadcast(torch.tensor(found, device=device)))
-    if found == 2:
-        raise problem or CheckpointError(f"the feature cache {path} cannot be read (rank 0 says why)")
-    if found == 1:
+    path = cache_file(cache_dir, key)
+    features, found = read_on_rank0(path, lambda p: _read(p, num_images), "the feature cache", device)
+    if found:
         width = int(broadcast(torch.tensor(features.shape[1] if features is not None else 0, device=device)))
         table = features.to(device) if features is not None else torch.empty(num_images, width, device=device)
         rank_zero_info(f"features of {num_images:,} images from the cache {path}")

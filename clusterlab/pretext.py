@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
-from clusterlab.distributed import broadcast, rank
+from clusterlab.distributed import broadcast, rank, read_on_rank0
 from clusterlab.errors import CheckpointError, CheckpointMismatchError, UserError
 from clusterlab.neighbors import knn, neighbor_agreement
 from clusterlab.passes import Step, pass_over
@@ -122,19 +122,13 @@ def mine_neighbors(
     cache = None
     if path is not None:
         cache = path.parent / f"neighbors-{checkpoint_digest(path)[:16]}-n{num_images}-k{k}-{metric}.pt"
-    # Rank 0 looks at the cache and says what it found (0: none, 1: read, 2: unreadable), so that
-    # every process takes the same branch (and stops together on a bad file, not in a hang).
-    neighbors = torch.zeros(num_images, k, dtype=torch.long, device=device)
-    found, problem = 0, None
-    if rank() == 0 and cache is not None and cache.exists():
-        try:
-            neighbors, found = _read_neighbors(cache, num_images, k).to(device), 1
-        except CheckpointError as error:
-            found, problem = 2, error
-    found = int(broadcast(torch.tensor(found, device=device)))
-    if found == 2:
-        raise problem or CheckpointError(f"the neighbour cache {cache} cannot be read (rank 0 says why)")
-    if found == 1:
+    cached, found = read_on_rank0(
+        cache, lambda p: _read_neighbors(p, num_images, k), "the neighbour cache", device
+    )
+    neighbors = (
+        torch.zeros(num_images, k, dtype=torch.long, device=device) if cached is None else cached.to(device)
+    )
+    if found:
         rank_zero_info(f"neighbours from the cache {cache}")
     else:
         # Only rank 0 searches: the features go there alone; the table is broadcast to every rank.

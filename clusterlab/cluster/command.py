@@ -680,14 +680,13 @@ def _embed(network, images, args) -> tuple[torch.Tensor, Path | None, bool]:
     (clusterlab.features), where the clustering method's own setup reads them back; returns them,
     the file and whether it was there already."""
     from clusterlab.data.views import Views
-    from clusterlab.features import DEFAULT_CACHE, digest, embed_once
+    from clusterlab.features import DEFAULT_CACHE, cache_file, digest, embed_once
 
     gpu = args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     network.to("cuda" if gpu else "cpu")
     views = Views()  # the images as they are: the network resizes and normalises them
     key = digest(network, views, images.images)
-    stored = Path(DEFAULT_CACHE).expanduser() / f"features-{key[:24]}.pt"
-    reused = stored.exists()
+    reused = cache_file(DEFAULT_CACHE, key).exists()
     features, stored = embed_once(
         network,
         _batches(images, 64),
