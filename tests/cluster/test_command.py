@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from clusterlab.cli import main
-from tests.cluster.folders import KINDS, rows, write_photo_folder
+from tests.cluster.folders import KINDS, assert_predict_groups_as_the_report, rows, write_photo_folder
 
 
 def test_the_folder_is_grouped_into_its_kinds_and_every_output_is_written(grouped, capsys):
@@ -45,24 +45,7 @@ def test_the_folder_is_grouped_into_its_kinds_and_every_output_is_written(groupe
 def test_predict_groups_images_as_the_report_does_with_the_written_checkpoint(grouped, tmp_path, monkeypatch):
     folder, out = grouped
     monkeypatch.chdir(tmp_path)
-    main(
-        [
-            "predict",
-            "--config",
-            str(out / "config.yaml"),
-            "--ckpt_path",
-            str(out / "checkpoints" / "last.ckpt"),
-            "--data.dataset",
-            "image_folder",
-            "--data.root",
-            str(folder),
-        ]
-    )
-    predicted = rows(next(out.glob("predict-*/assignments.csv")))
-    assigned = {r["path"]: int(r["cluster"]) for r in rows(out / "assignments.csv")}
-    assert len(predicted) == len(assigned)
-    same = sum(assigned[str(Path(r["path"]).relative_to(folder))] == int(r["cluster"]) for r in predicted)
-    assert same == len(assigned)  # the checkpoint numbers clusters as the report does
+    assert_predict_groups_as_the_report(folder, out)
 
 
 @pytest.mark.parametrize("method", ["nnm", "scl", "dccm"])
