@@ -149,6 +149,15 @@ def cpu_info(path: str = "/proc/cpuinfo") -> tuple[str | None, set[str] | None]:
     return model, flags
 
 
+def native_bf16(device: str = "cpu") -> bool:
+    """Whether `device` ("cpu" or "cuda") computes in bfloat16 in hardware: a CPU with AVX512-BF16 or
+    AMX (elsewhere torch emulates it, slower than float32), a GPU from Ampere on."""
+    if device == "cuda":
+        return _gpu_bf16()
+    _, flags = cpu_info()
+    return bool(flags and any(flag in flags for flag in BF16_CPU_FLAGS))
+
+
 def cudnn_version(number: int) -> str:
     """torch's cuDNN number as a version: 90100 is 9.1.0 (cuDNN 9), 8902 is 8.9.2 (cuDNN 8)."""
     if number >= 90000:

@@ -3,7 +3,7 @@
     clusterlab cluster ~/photos --out ~/photos-grouped [--num_clusters auto|K]
                        [--method cc|nnm|scl|dccm|temi|package.module.Class]
                        [--backbone efficientnet_lite0|resnet50|... [--weights FILE]]
-                       [--minutes 10] [--image_size 32] [--seed 0]
+                       [--minutes 10] [--image_size 32] [--precision auto|32|bf16] [--seed 0]
 
 One line per phase, Lightning's progress bar while training, the report's path at the end:
 
@@ -132,6 +132,14 @@ def _parser() -> OneLineParser:
         "counts at the 1/2 to 1/8 scale it is decoded at), with its size in skipped.csv (default: "
         f"{DEFAULT_MAX_PIXELS:,}: above nearly every camera's photo; a small PNG that decodes to "
         "gigabytes is skipped). The decodes running at once hold about 2 GB at most, whatever their number",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "32", "bf16"),
+        default="auto",
+        help="arithmetic: 32 (float32) or bf16 (bfloat16: the --backbone embeds under autocast, "
+        "training runs in Lightning's bf16-mixed); auto: bf16 with --backbone where the hardware "
+        "computes in it (a CPU with AVX512-BF16 or AMX, a GPU from Ampere on), 32 otherwise (default: auto)",
     )
     parser.add_argument(
         "--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu (default: auto)"
@@ -290,6 +298,7 @@ def _run_phases(args, folder: Path, out: Path, staging: Path) -> dict:
     import pytorch_lightning as pl
 
     run = _Run(args, folder, out, staging)
+    args.precision = _precision(args)
     pl.seed_everything(args.seed, verbose=False)
     if args.backbone is not None:  # a missing weights file stops the run before the folder is read
         run.network = _pretrained(args)
@@ -396,7 +405,9 @@ def _features_phase(run: _Run) -> None:
     epochs = args.epochs or _epochs(n, data.hparams.batch_size)
     if run.network is not None:
         phases.start(
-            f"features: {n:,} images through {args.backbone}, frozen (weights {run.network.weights_file})"
+            f"features: {n:,} images through {args.backbone}, frozen, in "
+            f"{'bfloat16' if args.precision == 'bf16' else 'float32'} "
+            f"(weights {run.network.weights_file})"
         )
         started = time.time()
         run.features, stored, reused = _embed(run.network, run.decoded.images, args)
@@ -454,7 +465,9 @@ def _clustering_phase(run: _Run):
     pretext_ckpt = None
     if method.pretext_checkpoint and run.network is None:
         pretext_ckpt = str(staging / "features" / "last.ckpt")
-    network = recipe.pretrained(args.backbone, _weights(args)) if run.network is not None else None
+    network = None
+    if run.network is not None:  # the network that embedded, so that the method reads its features back
+        network = recipe.pretrained(args.backbone, _weights(args), args.precision)
     model_config = recipe.clustering(
         args.method, args.image_size, num_clusters, n, epochs, pretext_ckpt, flip, network
     )
@@ -547,6 +560,7 @@ def _report_phase(run: _Run, model, outputs: dict, paths: list[str], metrics: di
         "features_epochs": int(features_model.epochs_trained) if features_model is not None else 0,
         "backbone": args.backbone,
         "weights": str(run.network.weights_file) if run.network is not None else None,
+        "precision": args.precision,
         "command": "clusterlab cluster " + shlex.join(args.argv),
     }
     summary["total_minutes"] = (time.time() - run.phases.started) / 60
@@ -628,6 +642,7 @@ def _train(model, data, folder: Path, epochs: int, seconds: float, args):
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=1,
+        precision="bf16-mixed" if args.precision == "bf16" else "32-true",
         max_epochs=epochs,
         max_time=timedelta(seconds=max(1.0, seconds)),
         logger=CSVLogger(str(folder)),
@@ -668,7 +683,22 @@ def _pretrained(args):
     """The --backbone network, frozen, with its weights (a one-line error when there are none)."""
     from clusterlab.nn import Pretrained
 
-    return Pretrained(**recipe.pretrained(args.backbone, _weights(args))["init_args"])
+    return Pretrained(**recipe.pretrained(args.backbone, _weights(args), args.precision)["init_args"])
+
+
+def _precision(args) -> str:
+    """--precision, with auto resolved: bf16 for a pretrained backbone where the device computes in
+    it, 32 otherwise."""
+    from clusterlab import env
+
+    if args.precision != "auto":
+        return args.precision
+    return "bf16" if args.backbone is not None and env.native_bf16(_embedding_device(args)) else "32"
+
+
+def _embedding_device(args) -> str:
+    gpu = args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "cuda" if gpu else "cpu"
 
 
 def _weights(args) -> str | None:
@@ -682,8 +712,7 @@ def _embed(network, images, args) -> tuple[torch.Tensor, Path | None, bool]:
     from clusterlab.data.views import Views
     from clusterlab.features import DEFAULT_CACHE, cache_file, digest, embed_once
 
-    gpu = args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    network.to("cuda" if gpu else "cpu")
+    network.to(_embedding_device(args))
     views = Views()  # the images as they are: the network resizes and normalises them
     key = digest(network, views, images.images)
     reused = cache_file(DEFAULT_CACHE, key).exists()

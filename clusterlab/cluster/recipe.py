@@ -80,12 +80,18 @@ def backbone(size: int) -> dict:
     }
 
 
-def pretrained(name: str, weights: str | None = None) -> dict:
+def pretrained(name: str, weights: str | None = None, precision: str = "32") -> dict:
     """A frozen pretrained network (`clusterlab.nn.Pretrained`): its weights from `weights`, or, without
-    it, from the installed package or torchvision's cache."""
+    it, from the installed package or torchvision's cache; embedding in `precision` (32, bf16)."""
     return {
         "class_path": "clusterlab.nn.Pretrained",
-        "init_args": {"name": name, "weights": weights, "frozen": True, "in_channels": 3},
+        "init_args": {
+            "name": name,
+            "weights": weights,
+            "frozen": True,
+            "in_channels": 3,
+            "precision": precision,
+        },
     }
 
 

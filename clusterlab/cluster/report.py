@@ -211,7 +211,7 @@ clusters/&lt;k&gt;.png (contact sheets), <a href="config.yaml">config.yaml</a> a
 _K_CHOSEN = Template("K = $k chosen from the data ($how)")
 _K_GIVEN = Template("K = $k (given)")
 _FEATURES = Template(" after $epochs epochs of SimCLR features")
-_BACKBONE = Template(" on the frozen features of $backbone (weights: $weights)")
+_BACKBONE = Template(" on the frozen features of $backbone (weights: $weights; embedded in $precision)")
 _SKIPPED = Template(', <a href="skipped.csv">$count unreadable file$plural skipped</a>')
 _NAV = Template('<a href="#cluster-$index">cluster $index ($size)</a>')
 _FIGURE = Template('<figure><img src="$src" alt="$name"><figcaption>$caption</figcaption></figure>\n')
@@ -335,7 +335,8 @@ def _features_line(s: dict) -> str:
     """What the method's features came from: a pretrained network and its weights file, or the
     SimCLR pretext trained on the folder."""
     if s.get("backbone"):
-        return _render(_BACKBONE, backbone=s["backbone"], weights=s["weights"])
+        precision = "bfloat16" if s.get("precision") == "bf16" else "float32"
+        return _render(_BACKBONE, backbone=s["backbone"], weights=s["weights"], precision=precision)
     return _render(_FEATURES, epochs=s["features_epochs"]) if s.get("features_epochs") else ""
 
 

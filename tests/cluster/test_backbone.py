@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from clusterlab import env
 from clusterlab.cli import main
 from tests.cluster.browser import open_in_chromium
 from tests.cluster.folders import KINDS, assert_predict_groups_as_the_report, rows, write_photo_folder
@@ -33,6 +34,8 @@ def test_a_folder_is_grouped_on_the_packaged_pretrained_features(on_pretrained, 
     assert summary["method"] == "TEMI" and summary["backbone"] == "efficientnet_lite0"
     assert Path(summary["weights"]).name == "efficientnet-lite0-57934424.pth"
     assert summary["image_size"] == 224 and summary["flip"] is False  # no views: the images as they are
+    # auto: bf16 where the CPU computes in it (AVX512-BF16 / AMX), float32 elsewhere
+    assert summary["precision"] == ("bf16" if env.native_bf16("cpu") else "32")
     assert summary["k_auto"] and summary["metrics"]["classes"] == len(KINDS)
     assert abs(summary["num_clusters"] - len(KINDS)) <= 1  # chosen on the pretrained features
     assert summary["metrics"]["acc"] >= 0.6  # four kinds; chance is 0.25
@@ -47,6 +50,7 @@ def test_the_report_names_the_backbone_and_its_weights_in_a_real_browser(on_pret
     assert requests and all(url.startswith("file://") for url in requests)
     assert images and all(width > 0 for _, width in images)
     assert "frozen features of efficientnet_lite0" in text and "efficientnet-lite0-57934424.pth" in text
+    assert ("embedded in bfloat16" if env.native_bf16("cpu") else "embedded in float32") in text
 
 
 def test_a_second_run_reads_the_features_back_and_predict_groups_as_the_report(

@@ -86,3 +86,36 @@ def test_fine_tuning_trains_the_weights_and_a_bad_file_is_named(tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"not a state dict")
     with pytest.raises(WeightsNotFoundError, match=r"cannot read .*bad\.pth"):
         Pretrained("resnet18", weights=str(tmp_path / "bad.pth"))
+
+
+def test_what_changes_the_features_changes_the_cache_key_and_bf16_stays_close_to_float32(tmp_path):
+    from clusterlab.data.views import Views
+    from clusterlab.errors import ConfigError
+    from clusterlab.features import digest
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "w.pth")
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+
+    def net(**init_args) -> Pretrained:
+        return Pretrained("resnet18", weights=str(tmp_path / "w.pth"), **{"image_size": 64, **init_args})
+
+    key = digest(net(), Views(), images)
+    assert digest(net(), Views(), images) == key
+    # the input size, the normalisation (buffers outside the state) and the precision: other features
+    for other in ({"image_size": 96}, {"mean": (0.5, 0.5, 0.5)}, {"precision": "bf16"}):
+        assert digest(net(**other), Views(), images) != key, other
+    x = torch.rand(8, 3, 32, 32)
+    fp32, bf16 = net()(x), net(precision="bf16")(x)
+    assert net().net.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # frozen: NHWC
+    assert fp32.dtype == bf16.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(fp32, bf16).min() > 0.99
+    reference = torchvision.models.resnet18().eval()  # the plain NCHW float32 network
+    reference.load_state_dict(torch.load(tmp_path / "w.pth", weights_only=True))
+    reference.fc = torch.nn.Identity()
+    scaled = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", antialias=True)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    with torch.no_grad():
+        torch.testing.assert_close(fp32, reference((scaled - mean) / std), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="precision bf16 is for a frozen network"):
+        net(precision="bf16", frozen=False)
