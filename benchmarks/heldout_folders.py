@@ -9,8 +9,8 @@ For each kind: the folder is made (seed 0) unless DIR/folders/<kind> exists; the
   SimCLR, K chosen, CC; 10 minutes of training);
 - pretrained: the same with `--backbone efficientnet_lite0` (the `pretrained` extra);
 - k-means on the pixels: every image as the command decodes it (its cache, DIR/out/.../cache,
-  `--image_size` px, RGB), flattened and standardised per pixel, scikit-learn's k-means with the
-  true number of kinds, 10 restarts.
+  `--image_size` px, RGB), flattened, in [0, 1], scikit-learn's k-means with the true number of
+  kinds, 10 restarts (`--pixels_only`: recompute this row from the outputs there).
 The kinds are read from the top folder of each image's path only to score. Prints one markdown
 table and writes DIR/heldout.json (resumable: a route already in it is not run again).
 """
@@ -73,8 +73,7 @@ def pixel_kmeans(out: Path, seed: int) -> dict:
     kinds, labels = kinds_of(out)
     by_path = {p: i for i, p in enumerate(index["paths"])}
     rows = list(csv.DictReader(open(out / "assignments.csv", newline="")))
-    x = pixels[[by_path[r["path"]] for r in rows]].astype(np.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    x = pixels[[by_path[r["path"]] for r in rows]].astype(np.float32) / 255.0  # the raw pixels
     clusters = KMeans(len(kinds), n_init=10, random_state=seed).fit_predict(x)
     scores = evaluate(torch.as_tensor(clusters), torch.as_tensor(labels))
     return {"k": len(kinds), **{m: float(scores[m]) for m in ("acc", "nmi", "ari")}, "side": side}
@@ -107,10 +106,12 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--routes", nargs="+", default=list(ROUTES), choices=list(ROUTES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pixels_only", action="store_true", help="recompute the k-means rows only")
     args = parser.parse_args()
     record = args.work / "heldout.json"
     results = json.loads(record.read_text()) if record.exists() else {"kinds": {}}
     results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, no GPU"
+    results["command"] = "python benchmarks/heldout_folders.py " + " ".join(sys.argv[1:])
     for kind in args.kinds:
         folder = args.work / "folders" / kind
         if not folder.exists():
@@ -119,6 +120,11 @@ def main() -> None:
                 check=True,
             )
         part = results["kinds"].setdefault(kind, {"routes": {}})
+        if args.pixels_only:
+            if (args.work / "out" / f"{kind}-scratch").exists():
+                part["pixels"] = pixel_kmeans(args.work / "out" / f"{kind}-scratch", args.seed)
+                record.write_text(json.dumps(results, indent=2) + "\n")
+            continue
         for route in args.routes:
             if route in part["routes"]:
                 continue

@@ -215,8 +215,7 @@ class Pretrained(nn.Module):
     normalised by the weights' mean and std inside `forward` (so the views stay in [0, 1]); grey
     images are repeated to 3 channels. A frozen convolutional network runs in channels_last
     (NHWC): the same features up to float rounding, and faster on both devices (a CPU embeds with
-    EfficientNet-Lite0 at 1.46x, ResNet-50 at 1.5x; docs/results.md, "Measurements behind design
-    choices").
+    EfficientNet-Lite0 at 1.57x, ResNet-50 at 1.6x: benchmarks/results/embedding-cpu.md).
 
     Args:
         name: a torchvision builder (`torchvision.models.list_models()`): resnet18, resnet50,
@@ -229,8 +228,8 @@ class Pretrained(nn.Module):
         mean, std: the weights' normalisation; None: the network's, ImageNet's for torchvision's
             networks, the TF Lite models' 127/255 and 128/255 for efficientnet_lite0.
         precision: a frozen network's arithmetic: "32" (float32), or "bf16" (autocast to bfloat16,
-            features returned in float32: 3x the images/s of float32 on a CPU with AMX, features at
-            cosine >= 0.998 to float32's). A fine-tuned network trains in the trainer's precision.
+            features returned in float32: 3.6x the images/s of float32 on a CPU with AMX, features at
+            cosine >= 0.997 to float32's). A fine-tuned network trains in the trainer's precision.
     """
 
     shallow = None  # no shallow map: not a backbone for DCCM's local mutual information
