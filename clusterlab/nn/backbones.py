@@ -214,8 +214,9 @@ class Pretrained(nn.Module):
     The network sees what its weights were trained on: images resized to `image_size` and
     normalised by the weights' mean and std inside `forward` (so the views stay in [0, 1]); grey
     images are repeated to 3 channels. A frozen convolutional network runs in channels_last
-    (NHWC): the same features up to float rounding, and faster on both devices (a CPU embeds with
-    EfficientNet-Lite0 at 1.57x, ResNet-50 at 1.6x: benchmarks/results/embedding-cpu.md).
+    (NHWC): the same features up to float rounding, and faster (this 2-core CPU embeds with
+    EfficientNet-Lite0 at 1.57x, ResNet-50 at 1.6x: benchmarks/results/embedding-cpu.md; GPUs' tensor
+    cores take NHWC too, not measured here).
 
     Args:
         name: a torchvision builder (`torchvision.models.list_models()`): resnet18, resnet50,
