@@ -59,22 +59,28 @@ def test_torchvisions_cache_is_used_when_no_file_is_given(tmp_path, monkeypatch)
     torch.testing.assert_close(net.net.conv1.weight, saved["conv1.weight"])
 
 
+def plain_resnet18_features(weights: Path, x: torch.Tensor, size: int) -> torch.Tensor:
+    """What a torchvision ResNet-18 with `weights` gives before its classifier, NCHW in float32, for
+    `x` (3 channels, in [0, 1]) resized to `size` and normalised by ImageNet's mean and std."""
+    reference = torchvision.models.resnet18().eval()
+    reference.load_state_dict(torch.load(weights, weights_only=True))
+    reference.fc = torch.nn.Identity()
+    x = torch.nn.functional.interpolate(
+        x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    with torch.no_grad():
+        return reference((x - mean) / std)
+
+
 def test_features_are_the_networks_before_its_classifier_on_normalised_resized_input():
     torch.manual_seed(0)
-    reference = torchvision.models.resnet18().eval()
     path = Path(__import__("tempfile").mkdtemp()) / "w.pth"
-    torch.save(reference.state_dict(), path)
+    torch.save(torchvision.models.resnet18().state_dict(), path)
     net = Pretrained("resnet18", weights=str(path), in_channels=1, image_size=64).train()
     assert net.out_dim == 512 and not net.net.training  # frozen: eval mode whatever the module's
     grey = torch.rand(2, 1, 32, 32)
-    x = torch.nn.functional.interpolate(
-        grey.expand(-1, 3, -1, -1), size=(64, 64), mode="bilinear", antialias=True, align_corners=False
-    )
-    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
-        1, 3, 1, 1
-    )
-    reference.fc = torch.nn.Identity()
-    torch.testing.assert_close(net(grey), reference(x))
+    torch.testing.assert_close(net(grey), plain_resnet18_features(path, grey.expand(-1, 3, -1, -1), 64))
 
 
 def test_fine_tuning_trains_the_weights_and_a_bad_file_is_named(tmp_path):
@@ -110,12 +116,7 @@ def test_what_changes_the_features_changes_the_cache_key_and_bf16_stays_close_to
     assert net().net.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # frozen: NHWC
     assert fp32.dtype == bf16.dtype == torch.float32
     assert torch.nn.functional.cosine_similarity(fp32, bf16).min() > 0.99
-    reference = torchvision.models.resnet18().eval()  # the plain NCHW float32 network
-    reference.load_state_dict(torch.load(tmp_path / "w.pth", weights_only=True))
-    reference.fc = torch.nn.Identity()
-    scaled = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", antialias=True)
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
-    with torch.no_grad():
-        torch.testing.assert_close(fp32, reference((scaled - mean) / std), rtol=1e-4, atol=1e-5)
+    reference = plain_resnet18_features(tmp_path / "w.pth", x, 64)  # the plain NCHW float32 network
+    torch.testing.assert_close(fp32, reference, rtol=1e-4, atol=1e-5)
     with pytest.raises(ConfigError, match="precision bf16 is for a frozen network"):
         net(precision="bf16", frozen=False)
