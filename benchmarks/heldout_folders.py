@@ -18,12 +18,10 @@ table and writes DIR/heldout.json (resumable: a route already in it is not run a
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,52 +29,37 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from pretrained import folder_labels, kmeans_scores, run_cluster  # noqa: E402 - the script beside this one
 
 KINDS = ("mnist-scans", "glyphs-colour", "emoji-colour")
 ROUTES = {"scratch": [], "pretrained": ["--backbone", "efficientnet_lite0"]}
 
 
-def kinds_of(out: Path) -> tuple[list[str], np.ndarray]:
-    rows = list(csv.DictReader(open(out / "assignments.csv", newline="")))
-    kinds = sorted({r["path"].split("/")[0] for r in rows})
-    return kinds, np.array([kinds.index(r["path"].split("/")[0]) for r in rows])
-
-
 def run_command(folder: Path, out: Path, route: str, seed: int) -> dict:
-    command = [sys.executable, "-m", "clusterlab", "cluster", str(folder), "--out", str(out)]
-    command += ["--seed", str(seed), *ROUTES[route]]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    with open(f"{out}.log", "w") as log:
-        subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
-    summary = json.loads((out / "cluster.json").read_text())
-    kinds, _ = kinds_of(out)
+    args = ["--seed", str(seed), *ROUTES[route]]
+    summary, seconds = run_cluster(folder, out, args)
+    _, kinds, _ = folder_labels(out)
     return {
-        "command": "clusterlab cluster " + " ".join(command[4:]),
+        "command": f"clusterlab cluster {folder} --out {out} " + " ".join(args),
         "k": summary["num_clusters"],
         "classes": len(kinds),
         **{m: summary["metrics"][m] for m in ("acc", "nmi", "ari")},
-        "seconds": time.time() - started,
+        "seconds": seconds,
         "method": summary["method"],
     }
 
 
 def pixel_kmeans(out: Path, seed: int) -> dict:
     """k-means with the true K on the pixels of the images as the command decoded them."""
-    from sklearn.cluster import KMeans
-
-    from clusterlab.metrics import evaluate
-
     index = json.loads((out / "cache" / "index.json").read_text())
-    side = index["size"]
     pixels = np.fromfile(out / "cache" / "images.u8", np.uint8).reshape(len(index["paths"]), -1)
-    kinds, labels = kinds_of(out)
+    rows, kinds, labels = folder_labels(out)
     by_path = {p: i for i, p in enumerate(index["paths"])}
-    rows = list(csv.DictReader(open(out / "assignments.csv", newline="")))
     x = pixels[[by_path[r["path"]] for r in rows]].astype(np.float32) / 255.0  # the raw pixels
-    clusters = KMeans(len(kinds), n_init=10, random_state=seed).fit_predict(x)
-    scores = evaluate(torch.as_tensor(clusters), torch.as_tensor(labels))
-    return {"k": len(kinds), **{m: float(scores[m]) for m in ("acc", "nmi", "ari")}, "side": side}
+    scores = kmeans_scores(x, labels, len(kinds), seed)
+    return {"k": len(kinds), **{m: scores[m] for m in ("acc", "nmi", "ari")}, "side": index["size"]}
 
 
 def table(results: dict) -> str:

@@ -113,18 +113,31 @@ def dataset_part(config: str, seeds: list[int], work: Path) -> dict:
     }
 
 
-def cluster_folder(folder: Path, out: Path, seed: int, env: dict | None = None) -> dict:
-    command = [sys.executable, "-m", "clusterlab", "cluster", str(folder), "--out", str(out)]
-    command += ["--backbone", "efficientnet_lite0", "--seed", str(seed)]
+def run_cluster(folder: Path, out: Path, args: list[str], env: dict | None = None) -> tuple[dict, float]:
+    """`clusterlab cluster FOLDER --out OUT ARGS`, its output in OUT.log; its cluster.json and the
+    seconds it took."""
+    command = [sys.executable, "-m", "clusterlab", "cluster", str(folder), "--out", str(out), *args]
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     with open(f"{out}.log", "w") as log:
         subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
     seconds = time.time() - started
-    summary = json.loads((out / "cluster.json").read_text())
+    return json.loads((out / "cluster.json").read_text()), seconds
+
+
+def folder_labels(out: Path) -> tuple[list[dict], list[str], np.ndarray]:
+    """The rows of OUT/assignments.csv, the kinds (each path's top folder, sorted) and every row's
+    kind as an index: the labels the scores are computed against, read only to score."""
     rows = list(csv.DictReader(open(out / "assignments.csv", newline="")))
     kinds = sorted({r["path"].split("/")[0] for r in rows})
-    labels = np.array([kinds.index(r["path"].split("/")[0]) for r in rows])
+    return rows, kinds, np.array([kinds.index(r["path"].split("/")[0]) for r in rows])
+
+
+def cluster_folder(folder: Path, out: Path, seed: int, env: dict | None = None) -> dict:
+    summary, seconds = run_cluster(
+        folder, out, ["--backbone", "efficientnet_lite0", "--seed", str(seed)], env
+    )
+    _, kinds, labels = folder_labels(out)
     features = np.load(out / "cache" / "features.npy")
     return {
         "k": summary["num_clusters"],
