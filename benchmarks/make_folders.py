@@ -99,6 +99,15 @@ def save(image: Image.Image, path: Path, mode: str, fmt: str) -> None:
     image.save(path, fmt, **kwargs)
 
 
+def nested_folder(out: Path, kind: str, rng: np.random.Generator) -> Path:
+    """Where the next image of `kind` goes, made: <kind>/batch_<0-2>/, one in five in a `more/` below."""
+    folder = out / kind / f"batch_{rng.integers(3)}"
+    if rng.random() < 0.2:
+        folder = folder / "more"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def make_folder(kind: str, out: Path, count: int = 2000, seed: int = 0) -> dict:
     """Write the folder; returns what was written (also saved as OUT.json beside it)."""
     source, _, style = kind.partition("-")
@@ -115,10 +124,7 @@ def make_folder(kind: str, out: Path, count: int = 2000, seed: int = 0) -> dict:
     for n, i in enumerate(chosen):
         ext, fmt = FORMATS[rng.integers(len(FORMATS))]
         mode = MODES[rng.integers(len(MODES))]
-        folder = out / names[labels[i]] / f"batch_{rng.integers(3)}"
-        if rng.random() < 0.2:
-            folder = folder / "more"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = nested_folder(out, names[labels[i]], rng)
         save(
             photo(images[i], style == "colour", int(i) in seen, rng), folder / f"img_{n:05d}.{ext}", mode, fmt
         )
@@ -144,14 +150,17 @@ def make_folder(kind: str, out: Path, count: int = 2000, seed: int = 0) -> dict:
     return summary
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", help="digits-colour, digits-grey, fashion-colour or fashion-grey")
+def main(
+    make=make_folder, kinds: str = "digits-colour, digits-grey, fashion-colour or fashion-grey", doc=__doc__
+):
+    """The command line of a folder maker: KIND OUT [--count] [--seed], the summary printed."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("kind", help=kinds)
     parser.add_argument("out", type=Path, help="the folder to create (must not exist)")
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print(json.dumps(make_folder(args.kind, args.out, args.count, args.seed), indent=2))
+    print(json.dumps(make(args.kind, args.out, args.count, args.seed), indent=2))
 
 
 if __name__ == "__main__":

@@ -28,14 +28,17 @@ measure grouping, and make_folders.py's folders already test what the command sk
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
+import sys
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import make_folders  # noqa: E402 - the script beside this one: the layout and the command line
 
 FONT_DIRS = ("/usr/share/fonts/truetype", "/usr/share/fonts/opentype")
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -145,10 +148,7 @@ def make_folder(kind: str, out: Path, count: int = 2000, seed: int = 0) -> dict:
     per_kind: dict[str, int] = {}
     for n, (name, image) in enumerate(makers[kind](count, rng)):
         ext, fmt = formats[rng.integers(len(formats))]
-        folder = out / name / f"batch_{rng.integers(3)}"
-        if rng.random() < 0.2:
-            folder = folder / "more"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = make_folders.nested_folder(out, name, rng)
         image.save(folder / f"img_{n:05d}.{ext}", fmt, **({"quality": 90} if fmt != "PNG" else {}))
         per_kind[name] = per_kind.get(name, 0) + 1
     count = sum(per_kind.values())
@@ -157,15 +157,5 @@ def make_folder(kind: str, out: Path, count: int = 2000, seed: int = 0) -> dict:
     return summary
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", help=", ".join(KINDS))
-    parser.add_argument("out", type=Path, help="the folder to create (must not exist)")
-    parser.add_argument("--count", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    print(json.dumps(make_folder(args.kind, args.out, args.count, args.seed), indent=2))
-
-
 if __name__ == "__main__":
-    main()
+    make_folders.main(make_folder, ", ".join(KINDS), __doc__)
