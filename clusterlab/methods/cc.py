@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from clusterlab.data.views import Views
-from clusterlab.distributed import broadcast, gather
+from clusterlab.distributed import gather
 from clusterlab.errors import ConfigError
 from clusterlab.losses.cc import cluster_entropy, cluster_loss, instance_loss
 from clusterlab.methods.base import ClusteringMethod, FolderRecipe, LRSchedulerCallable, OptimizerCallable
 from clusterlab.methods.simclr import PHOTO_VIEWS
-from clusterlab.nn.heads import ClusterHeads, KMeansHead, mlp
+from clusterlab.nn.heads import ClusterHeads, KMeansHead, kmeans_start, mlp
 from clusterlab.passes import pass_over
-from clusterlab.seeding import derive_seed
-
-_HEAD_INIT_STREAM = 7  # derive_seed stream of the k-means head initialisation
 
 
 class CC(ClusteringMethod):
@@ -160,18 +156,18 @@ class CC(ClusteringMethod):
         )
         z = passed.get("z")  # rank 0 only
         hidden, output = self.instance_projector[0], self.instance_projector[2]  # z = output(relu(hidden(h)))
-        scale = torch.zeros((), device=self.device)
-        if z is not None:
-            scale = 1.0 / (self.hparams.head_init_temperature * z.norm(dim=1).median())
-        scale = broadcast(scale)
-        spherical = KMeansHead(self.num_clusters, self.hparams.instance_dim).to(self.device)
-        for h, head in enumerate(self.cluster_head.heads):
-            seed = derive_seed(h, _HEAD_INIT_STREAM) % 2**31  # each head its own k-means run
-            spherical.fit(None if z is None else F.normalize(z, dim=1), seed=seed)
-            centres = F.normalize(spherical.centroids, dim=1)
+        starts = kmeans_start(
+            z,
+            self.hparams.instance_dim,
+            self.num_clusters,
+            self.num_heads,
+            self.hparams.head_init_temperature,
+            self.device,
+        )
+        for head, start in zip(self.cluster_head.heads, starts):
             head[0].load_state_dict(hidden.state_dict())
-            head[2].weight.copy_(scale * centres @ output.weight)
-            head[2].bias.copy_(scale * centres @ output.bias)
+            head[2].weight.copy_(start @ output.weight)
+            head[2].bias.copy_(start @ output.bias)
         if z is not None:
             rank_zero_info(
                 f"CC: epoch {self.current_epoch}: cluster head set to k-means of the instance features "

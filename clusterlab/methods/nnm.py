@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from clusterlab.callbacks.global_neighbors import GlobalNeighbors, HasFeaturesAndLogits
@@ -29,7 +30,8 @@ from clusterlab.methods.base import (
     OptimizerCallable,
 )
 from clusterlab.neighbors import knn
-from clusterlab.nn.heads import ClusterHeads
+from clusterlab.nn.heads import ClusterHeads, kmeans_start
+from clusterlab.passes import pass_over
 from clusterlab.pretext import load_pretext_backbone, mine_for_training, resolve_pretext_checkpoint
 
 
@@ -60,6 +62,13 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
         mining_metric: how the pretext neighbours are mined: "cosine" (L2-normalised features,
             inner product: SCAN's and the paper's "nearest") or "l2" (Euclidean distance on the
             raw features, the authors' code).
+        head_init_epoch: None (the paper and the authors' code): the heads are trained from their
+            random start only. An epoch E: at the start of epoch E every head is set to a spherical
+            k-means clustering of the backbone features of the training images, each head its own
+            k-means run (`clusterlab.nn.heads.kmeans_start`, as CC's head_init_epoch). 0 starts the
+            heads at the pretext's k-means partition instead of a random one. No label is involved.
+        head_init_temperature: the softmax temperature of that start (cosine to the centres divided
+            by it; 0.1, as CC's).
         optimizer: Adam, lr 1e-4, weight decay 1e-4 in the paper (100 epochs, batch 200).
     """
 
@@ -93,6 +102,8 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
         second_view: bool = True,
         global_matching: Literal["paper", "code"] = "paper",
         mining_metric: Literal["cosine", "l2"] = "cosine",
+        head_init_epoch: int | None = None,
+        head_init_temperature: float = 0.1,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -125,6 +136,43 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
             return path
 
         mine_for_training(self, self.hparams.num_neighbors, load, metric=self.hparams.mining_metric)
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        if self.current_epoch == self.hparams.head_init_epoch:
+            self.init_heads_from_kmeans()
+
+    @torch.no_grad()
+    def init_heads_from_kmeans(self) -> None:
+        """Every head := the spherical k-means assignment of the backbone features h of the training
+        images, as its one linear layer (weight c_k / (T |h|_median), bias 0: `kmeans_start`)."""
+
+        def features(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {"h": self.backbone(self.plain(batch["image"])).float()}
+
+        passed = pass_over(
+            self,
+            self.trainer.datamodule.train_eval_dataloader(),
+            features,
+            precision=self.trainer.precision_plugin,
+            rank0_only=True,
+        )
+        h = passed.get("h")  # rank 0 only
+        starts = kmeans_start(
+            h,
+            self.backbone.out_dim,
+            self.num_clusters,
+            self.num_heads,
+            self.hparams.head_init_temperature,
+            self.device,
+        )
+        for head, start in zip(self.cluster_head.heads, starts):
+            head.weight.copy_(start)
+            head.bias.zero_()
+        if h is not None:
+            rank_zero_info(
+                f"NNM: epoch {self.current_epoch}: heads set to k-means of the features ({len(h)} images)"
+            )
 
     # -- Algorithm 1, lines 5-15 --------------------------------------------------------------
 

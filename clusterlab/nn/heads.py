@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clusterlab.distributed import broadcast, rank
 from clusterlab.neighbors import kmeans
-from clusterlab.seeding import run_seed
+from clusterlab.seeding import derive_seed, run_seed
+
+_KMEANS_START_STREAM = 7  # derive_seed stream of the k-means start of cluster heads
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, activation: nn.Module | None = None) -> nn.Sequential:
@@ -175,6 +178,35 @@ class KMeansHead(ClusterHead):
     def permute_(self, order: Tensor) -> None:
         with torch.no_grad():
             self.centroids.copy_(self.centroids[order.to(self.centroids.device)])
+
+
+@torch.no_grad()
+def kmeans_start(
+    features: Tensor | None,
+    dim: int,
+    num_clusters: int,
+    num_heads: int,
+    temperature: float,
+    device: torch.device | str,
+) -> list[Tensor]:
+    """Per head, the C x D matrix M = c / (T |f|_median) of a spherical k-means of `features` (N x D,
+    D = `dim`, rank 0's; None on the other ranks): the centres c_k (unit length) of k-means on the
+    L2-normalised features, each head with its own seed (derive_seed(h, 7)). A head whose
+    logits are M f gives
+    cos(f, c_k) |f| / (T |f|_median): k-means' spherical assignment as its argmax, at a softmax
+    temperature T. Rank 0 clusters; every rank returns the same matrices (the scale and the centres
+    are broadcast). How CC and NNM start their cluster heads from the features they read."""
+    scale = torch.zeros((), device=device)
+    if features is not None:
+        scale = 1.0 / (temperature * features.norm(dim=1).median())
+    scale = broadcast(scale)
+    spherical = KMeansHead(num_clusters, dim).to(device)
+    starts = []
+    for h in range(num_heads):
+        seed = derive_seed(h, _KMEANS_START_STREAM) % 2**31  # each head its own k-means run
+        spherical.fit(None if features is None else F.normalize(features, dim=1), seed=seed)
+        starts.append(scale * F.normalize(spherical.centroids, dim=1))
+    return starts
 
 
 class LocalDiscriminator(nn.Module):

@@ -15,7 +15,9 @@ from clusterlab.data.views import SmallImageViews, Views
 from clusterlab.methods import CC, NNM, SimCLR
 from clusterlab.methods.base import CheckpointMismatchError
 from clusterlab.methods.nnm import global_blocks
+from clusterlab.neighbors import kmeans
 from clusterlab.pretext import PretextNotFoundError, mine_neighbors, resolve_pretext_checkpoint
+from clusterlab.seeding import derive_seed
 from tests.ddp_workers import RecordFirstStep, RecordGlobalTable
 from tests.helpers import (
     assert_first_steps_equal,
@@ -85,7 +87,8 @@ def test_mined_neighbours_are_the_top_k_and_cached_by_checkpoint_content(tmp_pat
 
 
 def test_nnm_step_on_two_processes_equals_one_process_with_the_whole_batch(tmp_path):
-    """At epoch 1 (local and global terms on): loss, gradients and the global table."""
+    """At epoch 1 (local and global terms on): loss, gradients and the global table; the heads
+    start there from k-means of the features (head_init_epoch 1), fitted on rank 0 and broadcast."""
     pl.seed_everything(0)
     torch.manual_seed(0)
     pretext = save_pretext(SimCLR(10, tiny_cnn("group"), Views()), tmp_path / "pretext.ckpt")
@@ -95,6 +98,7 @@ def test_nnm_step_on_two_processes_equals_one_process_with_the_whole_batch(tmp_p
         tiny_cnn("group"),
         Views(),
         pretext_checkpoint=pretext,
+        head_init_epoch=1,
         optimizer=functools.partial(torch.optim.SGD, lr=0.5),
     )
     single_out, ddp_out = tmp_path / "single", tmp_path / "ddp"
@@ -217,3 +221,28 @@ def test_the_mining_metric_option_reaches_the_mining(pretext):
     model = NNM(10, tiny_cnn(), Views(), pretext_checkpoint=pretext, mining_metric="l2")
     fit_digits(model, epochs=1, limit_train_batches=1, limit_val_batches=0)
     assert [path.name.endswith("-l2.pt") for path in Path(pretext).parent.glob("neighbors-*.pt")] == [True]
+
+
+def test_the_heads_start_from_spherical_kmeans_of_the_features_at_their_epoch(pretext):
+    """head_init_epoch 0: before the first step each head's argmax over the training images is a
+    spherical k-means of the backbone features, each head its own run (no label read)."""
+    pl.seed_everything(0)
+    model = NNM(10, tiny_cnn(), Views(), pretext_checkpoint=pretext, num_heads=2, head_init_epoch=0)
+    seen = {}
+
+    class AtFirstBatch(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            if batch_idx == 0:
+                with torch.no_grad():
+                    module.eval()
+                    h = module.backbone(module.plain(trainer.datamodule.train_set.images))
+                    seen["heads"] = module.cluster_head(h).argmax(-1)
+                    seen["h"] = h.float()
+                    module.train()
+
+    fit_digits(model, epochs=1, callbacks=[AtFirstBatch()], limit_train_batches=1, limit_val_batches=0)
+    for head, assignment in enumerate(seen["heads"]):
+        expected, _ = kmeans(F.normalize(seen["h"], dim=1), 10, seed=derive_seed(head, 7) % 2**31)
+        assert (assignment == expected.to(assignment)).float().mean() > 0.99
+        assert len(assignment.unique()) == 10
+    assert not torch.equal(seen["heads"][0], seen["heads"][1])  # two k-means runs, two starts
