@@ -1,0 +1,114 @@
+"""NNM on Fashion-MNIST from random heads and from the k-means start, side by side from one pretext.
+
+For each seed: the SimCLR pretext once (experiments/simclr_fashion_mnist.yaml, its 8 epochs, 2
+threads), then two NNM runs of experiments/nnm_fashion_mnist.yaml (its 5 epochs) at the same time,
+one thread each, from that pretext: the paper's random heads, and `head_init_epoch 0` (every head
+starts at a spherical k-means of the pretext features). Epochs, not minutes: the two runs share the
+machine, so a time budget would measure the sharing. Labels only report.
+
+    python benchmarks/nnm_head_start.py --work DIR --seeds 0 1 2
+    python benchmarks/nnm_head_start.py --work DIR --seeds 0 1 2 --collect   # tables from DIR only
+
+Writes DIR/nnm_head_start.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from clusterlab.benchmark import machine
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = {"random": [], "kmeans": ["--model.init_args.head_init_epoch", "0"]}
+
+
+def fit(config: str, seed: int, runs: Path, threads: int, extra: list[str], log: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "clusterlab", "fit", "--config", config, "--seed_everything", str(seed)]
+    command += ["--runs_dir", str(runs), "--kmeans_baseline", "false", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def run_seed(work: Path, seed: int) -> None:
+    if not list(work.glob(f"runs/simclr_fashion_mnist/*-seed{seed}/metrics.json")):
+        log = work / f"simclr-{seed}.log"
+        if fit("experiments/simclr_fashion_mnist.yaml", seed, work / "runs", 2, [], log).wait():
+            raise SystemExit(f"the pretext of seed {seed} failed: {log}")
+    pretext = [
+        "--model.init_args.pretext_checkpoint",
+        f"{work}/runs/simclr_fashion_mnist/*-seed{{seed}}/checkpoints/last.ckpt",
+    ]
+    runs = []
+    for name, extra in VARIANTS.items():
+        log = work / f"nnm-{name}-{seed}.log"
+        runs.append(fit("experiments/nnm_fashion_mnist.yaml", seed, work / name, 1, pretext + extra, log))
+        # The second run reads the neighbours the first mined and cached: one writer of the cache file.
+        while runs[0].poll() is None and "label agreement" not in log.read_text(errors="replace"):
+            time.sleep(5)
+    if any(run.wait() for run in runs):
+        raise SystemExit(f"an NNM run of seed {seed} failed: see {work}/nnm-*-{seed}.log")
+
+
+def collect(work: Path, seeds: list[int]) -> dict:
+    def report(pattern: str) -> dict:
+        found = sorted(work.glob(pattern))
+        return json.loads(found[-1].read_text()) if found else {}
+
+    rows = []
+    for seed in seeds:
+        pretext = report(f"runs/simclr_fashion_mnist/*-seed{seed}/metrics.json")
+        row = {"seed": seed, "pretext_kmeans_acc": pretext.get("acc")}
+        for name in VARIANTS:
+            run = report(f"{name}/nnm_fashion_mnist/*-seed{seed}/metrics.json")
+            row[name] = {
+                key: run.get(key) for key in ("acc", "nmi", "ari", "selected_head", "epochs", "steps")
+            }
+            row[name]["heads_acc"] = [head["acc"] for head in run.get("heads", [])]
+        rows.append(row)
+    command = " ".join(["python", "benchmarks/nnm_head_start.py", *sys.argv[1:]])
+    return {
+        "command": command,
+        "machine": machine() + ", the two NNM runs of a seed side by side",
+        "rows": rows,
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "| seed | pretext k-means | random heads: ACC (each head) | k-means start: ACC (each head) |",
+        "|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        cells = [str(row["seed"]), f"{row['pretext_kmeans_acc'] or float('nan'):.4f}"]
+        for name in VARIANTS:
+            run = row[name]
+            heads = " / ".join(f"{acc:.4f}" for acc in run["heads_acc"])
+            cells.append(f"{run['acc']:.4f} ({heads})" if run["acc"] is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--collect", action="store_true", help="only tabulate the runs already in --work")
+    args = parser.parse_args()
+    args.work = args.work.resolve()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if not args.collect:
+        for seed in args.seeds:
+            run_seed(args.work, seed)
+    result = collect(args.work, args.seeds)
+    (args.work / "nnm_head_start.json").write_text(json.dumps(result, indent=1))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
