@@ -191,20 +191,21 @@ def kmeans_start(
 ) -> list[Tensor]:
     """Per head, the C x D matrix M = c / (T |f|_median) of a spherical k-means of `features` (N x D,
     D = `dim`, rank 0's; None on the other ranks): the centres c_k (unit length) of k-means on the
-    L2-normalised features, each head with its own seed (derive_seed(h, 7)). A head whose
-    logits are M f gives
-    cos(f, c_k) |f| / (T |f|_median): k-means' spherical assignment as its argmax, at a softmax
-    temperature T. Rank 0 clusters; every rank returns the same matrices (the scale and the centres
-    are broadcast). How CC and NNM start their cluster heads from the features they read."""
-    scale = torch.zeros((), device=device)
+    L2-normalised features, each head with its own seed (derive_seed(h, 7)). A head whose logits
+    are M f gives cos(f, c_k) |f| / (T |f|_median): k-means' spherical assignment as its argmax, at
+    a softmax temperature T. Rank 0 clusters; every rank returns the same matrices (the scale and
+    the centres are broadcast). How CC and NNM start their cluster heads from the features they
+    read."""
+    scale, directions = torch.zeros((), device=device), None
     if features is not None:
         scale = 1.0 / (temperature * features.norm(dim=1).median())
+        directions = F.normalize(features, dim=1)  # once, for every head's k-means
     scale = broadcast(scale)
     spherical = KMeansHead(num_clusters, dim).to(device)
     starts = []
     for h in range(num_heads):
         seed = derive_seed(h, _KMEANS_START_STREAM) % 2**31  # each head its own k-means run
-        spherical.fit(None if features is None else F.normalize(features, dim=1), seed=seed)
+        spherical.fit(directions, seed=seed)
         starts.append(scale * F.normalize(spherical.centroids, dim=1))
     return starts
 
