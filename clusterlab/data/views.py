@@ -10,6 +10,7 @@ family twice, NNM a weak and a strong one, DCCM the original and a geometric per
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import Literal
 
@@ -407,22 +408,28 @@ class RandAugment(nn.Module):
         ]
 
     def forward(self, images: Tensor) -> Tensor:
-        # Every op runs on the whole batch and each image keeps the result of its own op
-        # (torch.where): picking the images of an op (nonzero, boolean indexing) would make the host
-        # wait for the device once per op and step. On small images the extra arithmetic is cheap.
-        # Per step, one uniform draw and one sign per image, scaled to the range of the image's op.
-        n, device = len(images), images.device
-        choice = torch.randint(len(self.ops), (n, self.num_ops), device=device)
-        for step in range(self.num_ops):
+        # Each step deals the ops out over the batch like cards: a random permutation of the images,
+        # cut into len(ops) interleaved slices of fixed size, one op per slice (which op gets which
+        # slice turns with a host-drawn offset, so each image's op is uniform over the ops). Every
+        # op then runs on its own images only, and the slices' sizes are known to the host, so no
+        # step reads anything back from the device (a per-op `nonzero` would). Unlike independent
+        # draws, each op gets n / len(ops) images of a batch (+-1): stratified, same per-image law.
+        n, device, num = len(images), images.device, len(self.ops)
+        for _ in range(self.num_ops):
             unit = torch.rand(n, device=device)
             sign = torch.randint(0, 2, (n,), device=device) * 2 - 1
-            chosen, current = choice[:, step].view(-1, 1, 1, 1), images
+            order, offset = torch.randperm(n, device=device), random.randrange(num)
+            out = torch.empty_like(images)
             for k, (name, low, high) in enumerate(self.ops):
+                chosen = order[(k + offset) % num :: num]
+                if len(chosen) == 0:
+                    continue
                 op, _, _, symmetric = RANDAUGMENT_OPS[name]
-                magnitude = low + (high - low) * unit
+                magnitude = low + (high - low) * unit[chosen]
                 if symmetric:
-                    magnitude = magnitude * sign
-                images = torch.where(chosen == k, op(current, magnitude).clamp(0.0, 1.0), images)
+                    magnitude = magnitude * sign[chosen]
+                out.index_copy_(0, chosen, op(images[chosen], magnitude).clamp(0.0, 1.0))
+            images = out
         return images
 
 

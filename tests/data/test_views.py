@@ -1,5 +1,7 @@
 """Views: per-image random draws on the device, and the un-augmented input."""
 
+import random
+
 import pytest
 import torch
 
@@ -124,3 +126,20 @@ def test_simclr_views_without_the_flip_never_mirror():
     torch.testing.assert_close(SimCLRViews(**still, flip=False)(batch), batch.float() / 255)
     mirrored = SimCLRViews(**still)(batch)[..., 11:].sum(dim=(1, 2, 3)) > 0
     assert 0 < mirrored.sum() < 32  # the default flips about half
+
+
+def test_randaugment_deals_one_op_per_image_and_step_evenly_over_the_batch():
+    # Two ops told apart by their output: identity, or black (brightness at factor 0).
+    torch.manual_seed(0)
+    random.seed(0)
+    deal = RandAugment(1, {"identity": None, "brightness": (0.0, 0.0)})
+    images = 0.5 + 0.5 * torch.rand(7, 1, 4, 4)  # no black pixel
+    black = []
+    for _ in range(400):
+        out = deal(images)
+        black.append((out.flatten(1) == 0).all(1))
+        kept = ~black[-1]
+        assert torch.equal(out[kept], images[kept])  # the other op leaves its images untouched
+    black = torch.stack(black).float()
+    assert set(black.sum(1).tolist()) == {3.0, 4.0}  # 7 images over 2 ops: 3 and 4, either way
+    assert (black.mean(0) - 0.5).abs().max() < 0.1  # and each image's op is uniform over the ops
