@@ -69,6 +69,9 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
             heads at the pretext's k-means partition instead of a random one. No label is involved.
         head_init_temperature: the softmax temperature of that start (cosine to the centres divided
             by it; 0.1, as CC's).
+        head_init_restarts: each head's k-means keeps the best of this many runs. 10: the heads
+            start nearly alike; 1: each head starts in its own k-means optimum, so that the
+            lowest-loss head is picked among different partitions.
         optimizer: Adam, lr 1e-4, weight decay 1e-4 in the paper (100 epochs, batch 200).
     """
 
@@ -104,6 +107,7 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
         mining_metric: Literal["cosine", "l2"] = "cosine",
         head_init_epoch: int | None = None,
         head_init_temperature: float = 0.1,
+        head_init_restarts: int = 10,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -165,6 +169,7 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
             self.num_heads,
             self.hparams.head_init_temperature,
             self.device,
+            restarts=self.hparams.head_init_restarts,
         )
         for head, start in zip(self.cluster_head.heads, starts):
             head.weight.copy_(start)

@@ -159,15 +159,15 @@ class KMeansHead(ClusterHead):
         self.register_buffer("centroids", torch.zeros(num_clusters, feature_dim))
 
     @torch.no_grad()
-    def fit(self, features: Tensor | None, seed: int | None = None) -> None:
-        """k-means of `features` on rank 0 (seed: the run's by default), centres broadcast; the other
-        ranks' `features` are not read (None where they were gathered to rank 0 only)."""
+    def fit(self, features: Tensor | None, seed: int | None = None, restarts: int = 10) -> None:
+        """k-means of `features` on rank 0 (seed: the run's by default; the best of `restarts` runs),
+        centres broadcast; the other ranks' `features` are not read (None where they were gathered to
+        rank 0 only)."""
         if rank() == 0:
             seed = run_seed() if seed is None else seed
             # Fewer samples than clusters (a smoke test's data): as many clusters as samples, repeated.
-            centroids = kmeans(features, min(self.num_clusters, len(features)), seed=seed)[1].to(
-                self.centroids
-            )
+            k = min(self.num_clusters, len(features))
+            centroids = kmeans(features, k, seed=seed, n_init=restarts)[1].to(self.centroids)
             self.centroids.copy_(centroids[torch.arange(self.num_clusters) % len(centroids)])
         self.centroids.copy_(broadcast(self.centroids))
 
@@ -188,6 +188,7 @@ def kmeans_start(
     num_heads: int,
     temperature: float,
     device: torch.device | str,
+    restarts: int = 10,
 ) -> list[Tensor]:
     """Per head, the C x D matrix M = c / (T |f|_median) of a spherical k-means of `features` (N x D,
     D = `dim`, rank 0's; None on the other ranks): the centres c_k (unit length) of k-means on the
@@ -195,7 +196,8 @@ def kmeans_start(
     are M f gives cos(f, c_k) |f| / (T |f|_median): k-means' spherical assignment as its argmax, at
     a softmax temperature T. Rank 0 clusters; every rank returns the same matrices (the scale and
     the centres are broadcast). How CC and NNM start their cluster heads from the features they
-    read."""
+    read. Each head's k-means keeps the best of `restarts` runs: with many the heads start alike
+    (all near the one best partition), with 1 each starts in its own local optimum."""
     scale, directions = torch.zeros((), device=device), None
     if features is not None:
         scale = 1.0 / (temperature * features.norm(dim=1).median())
@@ -205,7 +207,7 @@ def kmeans_start(
     starts = []
     for h in range(num_heads):
         seed = derive_seed(h, _KMEANS_START_STREAM) % 2**31  # each head its own k-means run
-        spherical.fit(directions, seed=seed)
+        spherical.fit(directions, seed=seed, restarts=restarts)
         starts.append(scale * F.normalize(spherical.centroids, dim=1))
     return starts
 

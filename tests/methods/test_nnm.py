@@ -223,11 +223,21 @@ def test_the_mining_metric_option_reaches_the_mining(pretext):
     assert [path.name.endswith("-l2.pt") for path in Path(pretext).parent.glob("neighbors-*.pt")] == [True]
 
 
-def test_the_heads_start_from_spherical_kmeans_of_the_features_at_their_epoch(pretext):
+@pytest.mark.parametrize("restarts", [10, 1])
+def test_the_heads_start_from_spherical_kmeans_of_the_features_at_their_epoch(pretext, restarts):
     """head_init_epoch 0: before the first step each head's argmax over the training images is a
-    spherical k-means of the backbone features, each head its own run (no label read)."""
+    spherical k-means of the backbone features (the best of head_init_restarts runs), each head its
+    own run (no label read)."""
     pl.seed_everything(0)
-    model = NNM(10, tiny_cnn(), Views(), pretext_checkpoint=pretext, num_heads=2, head_init_epoch=0)
+    model = NNM(
+        10,
+        tiny_cnn(),
+        Views(),
+        pretext_checkpoint=pretext,
+        num_heads=2,
+        head_init_epoch=0,
+        head_init_restarts=restarts,
+    )
     seen = {}
 
     class AtFirstBatch(pl.Callback):
@@ -241,8 +251,12 @@ def test_the_heads_start_from_spherical_kmeans_of_the_features_at_their_epoch(pr
                     module.train()
 
     fit_digits(model, epochs=1, callbacks=[AtFirstBatch()], limit_train_batches=1, limit_val_batches=0)
+    directions, other = F.normalize(seen["h"], dim=1), {10: 1, 1: 10}[restarts]
     for head, assignment in enumerate(seen["heads"]):
-        expected, _ = kmeans(F.normalize(seen["h"], dim=1), 10, seed=derive_seed(head, 7) % 2**31)
+        seed = derive_seed(head, 7) % 2**31
+        expected, _ = kmeans(directions, 10, seed=seed, n_init=restarts)
         assert (assignment == expected.to(assignment)).float().mean() > 0.99
         assert len(assignment.unique()) == 10
+        # the number of restarts matters here: the other count's k-means is another partition
+        assert (assignment != kmeans(directions, 10, seed=seed, n_init=other)[0].to(assignment)).any()
     assert not torch.equal(seen["heads"][0], seen["heads"][1])  # two k-means runs, two starts
