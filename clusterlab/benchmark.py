@@ -18,7 +18,9 @@ Each finished (method, seed) is also recorded in benchmarks/results/<key>.progre
 `--resume` takes the runs found there (same seed, arguments and config files' contents, the shared
 blocks a config names included: `config_digest`) instead of running them again. Each run writes
 its directory's path into the file that the runner names in CLUSTERLAB_RUN_DIR_FILE
-(clusterlab.run_folder).
+(clusterlab.run_folder), kept in <key>.started/ beside the progress file: with `--resume` a stage
+that finished inside an unfinished method (NNM's pretext) is taken as it is, and a stage that was
+killed after a checkpoint continues from it (`--ckpt_path`, in its own directory).
 """
 
 from __future__ import annotations
@@ -56,9 +58,12 @@ def run_stage(
     runs_dir: str,
     threads: int | None = None,
     timeout: float | None = None,
+    told: Path | None = None,
 ) -> Path:
     """`clusterlab fit` of one config and seed (on `threads` CPU threads, stopped after `timeout`
-    seconds); returns its run directory."""
+    seconds); returns its run directory. `told`: the file the run writes its directory's path into
+    as it starts (a scratch file by default); one that outlives the runner lets `--resume` find a
+    stage that was killed."""
     name = Path(config).stem
     command = [
         sys.executable,
@@ -79,7 +84,8 @@ def run_stage(
     # The run writes its directory's path into this file (runs of one config and seed at the same
     # time get suffixed directories, so the name alone cannot tell them apart).
     with tempfile.TemporaryDirectory(prefix="clusterlab-benchmark-") as scratch:
-        told = Path(scratch) / "run_dir"
+        told = told or Path(scratch) / "run_dir"
+        told.unlink(missing_ok=True)  # what an earlier run wrote there is not this run's
         env = {**os.environ, "COLUMNS": "200", RUN_DIR_FILE_ENV: str(told)}
         env.update({"OMP_NUM_THREADS": str(threads)} if threads else {})
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
@@ -206,7 +212,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="reuse the finished runs recorded in <json_dir>/<key>.progress.json",
+        help="reuse the finished runs recorded in <json_dir>/<key>.progress.json; continue killed ones",
     )
     args = parser.parse_args(argv)
     if args.budget_minutes is not None and not 0 < args.budget_minutes < float("inf"):
@@ -292,7 +298,27 @@ class Plan:
     threads: int | None
     progress_file: Path
     done: dict
+    resume: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def started(self, key: str, stage: int) -> Path:
+        """Where a stage's run writes its directory as it starts: beside the progress file, so that
+        `--resume` finds the stages that finished, or were killed, before their method ended."""
+        name = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return self.progress_file.parent / f"{self.progress_file.stem}.started" / f"{name}-{stage}"
+
+
+def interrupted(told: Path) -> tuple[Path | None, list[str]]:
+    """What `--resume` does with a stage whose run started before: (its finished run directory,
+    []) when it wrote metrics.json; (None, ["--ckpt_path", its last.ckpt]) when it was stopped
+    after a checkpoint, so that it continues in its own directory; (None, []) otherwise."""
+    run_dir = Path(told.read_text().strip()) if told.is_file() else None
+    if run_dir is None:
+        return None, []
+    if (run_dir / "metrics.json").is_file():
+        return run_dir, []
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return None, (["--ckpt_path", str(last)] if last.is_file() else [])
 
 
 def run_method(plan: Plan, method: dict, seed: int) -> dict:
@@ -310,11 +336,16 @@ def run_method(plan: Plan, method: dict, seed: int) -> dict:
         print(f"  {method['name']} seed {seed}: from {plan.progress_file} ({final['run_dir']})", flush=True)
     else:
         reports = []
-        for stage in stages:
+        for index, stage in enumerate(stages):
             stage_args = budget(plan.budget_minutes, stage.get("budget_share", 1.0)) + list(
                 stage.get("args", [])
             )
-            run_dir = run_stage(stage["config"], seed, method_extra + stage_args, plan.runs_dir, plan.threads)
+            told = plan.started(key, index)
+            told.parent.mkdir(parents=True, exist_ok=True)
+            run_dir, continued = interrupted(told) if plan.resume else (None, [])
+            if run_dir is None:  # a new run, or a killed one continued from its checkpoint
+                args = method_extra + stage_args + continued
+                run_dir = run_stage(stage["config"], seed, args, plan.runs_dir, plan.threads, told=told)
             reports.append({**json.loads((run_dir / "metrics.json").read_text()), "run_dir": str(run_dir)})
         final = dict(reports[-1])
         final["wall_time_s"] = sum(r["wall_time_s"] for r in reports)  # all stages of the method
@@ -341,6 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
         threads=max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None,
         progress_file=progress_file,
         done=json.loads(progress_file.read_text()) if args.resume and progress_file.exists() else {},
+        resume=args.resume,
     )
     methods = [m for m in suite["methods"] if args.methods is None or m["name"] in args.methods]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:

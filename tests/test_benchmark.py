@@ -123,3 +123,32 @@ def test_a_table_of_runs_that_predate_ami_keeps_its_old_columns():
     text = markdown({"title": "t"}, summarize(runs), "cmd", "here")
     assert "| method | NMI | ACC | ARI | worst ACC (seed) | fit time per run | seeds |" in text
     assert "| CC | 0.9000 +- 0.0000 | 0.9550 +- 0.0071 | 0.9000 +- 0.0000 | 0.9500 (0) | 1 s | 0, 1 |" in text
+
+
+def test_resume_takes_a_finished_stage_and_continues_a_killed_one_in_its_directory(in_tmp):
+    """A method killed in its second stage: --resume keeps the first stage's run and continues the
+    second from its checkpoint, in its own directory (no new run directory)."""
+    (in_tmp / "tiny_cc.yaml").write_text(TINY_CC)
+    (in_tmp / "suite.yaml").write_text(
+        "key: killed\ntitle: Killed\nmethods:\n  - name: two stages\n"
+        "    stages: [tiny_cc.yaml, {config: tiny_cc.yaml, args: ['--figures.enabled', 'false']}]\n"
+        "args: ['--trainer.max_epochs', '1']\n"
+    )
+    argv = ["suite.yaml", "--seeds", "0", "--results", "results.md", "--json_dir", "out", "--resume"]
+    first, second = main(argv)["runs"]["two stages"][0]["stage_runs"]
+    # What a kill in the second stage leaves: the method not recorded as finished, the second stage's
+    # run without its metrics.json (written last), its checkpoint kept.
+    (in_tmp / "out" / "killed.progress.json").unlink()
+    (in_tmp / second / "metrics.json").unlink()
+    kept = (in_tmp / first / "metrics.json").stat().st_mtime_ns
+    run_dirs = sorted(p.parent for p in in_tmp.glob("runs/**/config.yaml"))
+
+    assert main(argv)["runs"]["two stages"][0]["stage_runs"] == [first, second]
+    assert (in_tmp / first / "metrics.json").stat().st_mtime_ns == kept  # taken, not run again
+    command = json.loads((in_tmp / second / "metrics.json").read_text())["command"]
+    assert f"--ckpt_path {second}/checkpoints/last.ckpt" in command
+    assert sorted(p.parent for p in in_tmp.glob("runs/**/config.yaml")) == run_dirs
+
+    # Without --resume both stages run again, in new directories.
+    again = main(argv[:-1])["runs"]["two stages"][0]["stage_runs"]
+    assert not set(again) & {first, second}
