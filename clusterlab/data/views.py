@@ -10,7 +10,6 @@ family twice, NNM a weak and a strong one, DCCM the original and a geometric per
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from typing import Literal
 
@@ -408,29 +407,28 @@ class RandAugment(nn.Module):
         ]
 
     def forward(self, images: Tensor) -> Tensor:
-        # Each step deals the ops out over the batch like cards: a random permutation of the images,
-        # cut into len(ops) interleaved slices of fixed size, one op per slice (which op gets which
-        # slice turns with a host-drawn offset, so each image's op is uniform over the ops). Every
-        # op then runs on its own images only, and the slices' sizes are known to the host, so no
-        # step reads anything back from the device (a per-op `nonzero` would). Unlike independent
-        # draws, each op gets n / len(ops) images of a batch (+-1): stratified, same per-image law.
+        # Each step deals the ops out over the batch like cards: the batch, padded to a multiple of
+        # len(ops), is put in a random order and cut into len(ops) interleaved slices of one fixed
+        # size, one op per slice. Every op then runs on its own images only, and the slices' sizes
+        # are known to the host, so no step reads anything back from the device (a per-op `nonzero`
+        # would), and every draw comes from the reseeded torch generator. An image's op is uniform
+        # over the ops; unlike independent draws, each op gets n / len(ops) images of a batch (+-1).
         n, device, num = len(images), images.device, len(self.ops)
+        padded = -(-n // num) * num  # the rows past n are blank and dropped at the end
+        images = torch.cat([images, images.new_zeros((padded - n, *images.shape[1:]))])
         for _ in range(self.num_ops):
-            unit = torch.rand(n, device=device)
-            sign = torch.randint(0, 2, (n,), device=device) * 2 - 1
-            order, offset = torch.randperm(n, device=device), random.randrange(num)
-            out = torch.empty_like(images)
+            unit = torch.rand(padded, device=device)
+            sign = torch.randint(0, 2, (padded,), device=device) * 2 - 1
+            order, out = torch.randperm(padded, device=device), torch.empty_like(images)
             for k, (name, low, high) in enumerate(self.ops):
-                chosen = order[(k + offset) % num :: num]
-                if len(chosen) == 0:
-                    continue
+                chosen = order[k::num]
                 op, _, _, symmetric = RANDAUGMENT_OPS[name]
                 magnitude = low + (high - low) * unit[chosen]
                 if symmetric:
                     magnitude = magnitude * sign[chosen]
                 out.index_copy_(0, chosen, op(images[chosen], magnitude).clamp(0.0, 1.0))
             images = out
-        return images
+        return images[:n]
 
 
 class Cutout(nn.Module):

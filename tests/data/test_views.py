@@ -131,7 +131,6 @@ def test_simclr_views_without_the_flip_never_mirror():
 def test_randaugment_deals_one_op_per_image_and_step_evenly_over_the_batch():
     # Two ops told apart by their output: identity, or black (brightness at factor 0).
     torch.manual_seed(0)
-    random.seed(0)
     deal = RandAugment(1, {"identity": None, "brightness": (0.0, 0.0)})
     images = 0.5 + 0.5 * torch.rand(7, 1, 4, 4)  # no black pixel
     black = []
@@ -143,3 +142,15 @@ def test_randaugment_deals_one_op_per_image_and_step_evenly_over_the_batch():
     black = torch.stack(black).float()
     assert set(black.sum(1).tolist()) == {3.0, 4.0}  # 7 images over 2 ops: 3 and 4, either way
     assert (black.mean(0) - 0.5).abs().max() < 0.1  # and each image's op is uniform over the ops
+
+
+def test_randaugment_draws_only_from_the_torch_generator():
+    """A resumed run reseeds torch's generator per step (clusterlab.seeding): the same seed, the
+    same views, whatever else drew random numbers before (Python's `random` included)."""
+    images = torch.rand(16, 3, 8, 8)
+    deal = RandAugment(4)
+    torch.manual_seed(1)
+    first = deal(images)
+    random.random()
+    torch.manual_seed(1)
+    assert torch.equal(deal(images), first)
