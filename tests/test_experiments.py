@@ -154,7 +154,7 @@ def test_the_runner_runs_a_config_again_after_an_edit_of_a_block_it_names(tmp_pa
     top = write_config(tmp_path)
     ran = []
 
-    def fake_stage(config, seed, extra, runs_dir, threads=None, timeout=None):
+    def fake_stage(config, seed, extra, runs_dir, threads=None, timeout=None, told=None):
         run_dir = tmp_path / "runs" / str(len(ran))
         run_dir.mkdir(parents=True)
         (run_dir / "metrics.json").write_text(
