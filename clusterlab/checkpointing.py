@@ -13,6 +13,8 @@ checkpoint that ends the epoch is written, so a kill between the two cannot lose
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -42,23 +44,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):  # a remote file system: Lightning's own transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)  # inside: a file in its place is reported too
             with open(temporary, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temporary, path)
         except (OSError, RuntimeError) as error:  # torch's writer reports a full disk as a RuntimeError
+            remedy = "free some space" if _out_of_space(error) else "mend that"
             kept = (
-                f"the previous {path.name} is kept: free some space, then continue with --ckpt_path last"
+                f"the previous {path.name} is kept: {remedy}, then continue with --ckpt_path last"
                 if path.is_file()
-                else "no checkpoint was kept: free some space (or pass another --runs_dir) and start again"
+                else f"no checkpoint was kept: {remedy} (or pass another --runs_dir) and start again"
             )
-            raise OutputError(f"cannot write the checkpoint {path}: {_reason(error)}; {kept}") from None
+            raise OutputError(f"cannot write the checkpoint {path}: {_reason(error, path)}; {kept}") from None
         finally:
-            temporary.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # not there, or its folder never was
+                temporary.unlink(missing_ok=True)
         directory = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(directory)  # the rename itself survives a power cut
@@ -66,9 +70,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.close(directory)
 
 
-def _reason(error: Exception) -> str:
+def _out_of_space(error: Exception) -> bool:
+    """A full disk, a quota or a file-size limit; torch's writer reports these as a RuntimeError
+    without an errno."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    return True
+
+
+def _reason(error: Exception, path: Path) -> str:
     if isinstance(error, OSError) and error.strerror:
-        return error.strerror  # "No space left on device", "Disk quota exceeded", "File too large"
+        # "No space left on device", "Disk quota exceeded", "File too large"; with the path where
+        # it is a folder above the checkpoint ("File exists: runs/x/checkpoints", a file in its place)
+        where = Path(error.filename) if error.filename else None
+        above = where is not None and where != path and where.parent != path.parent
+        return f"{error.strerror}: {where}" if above else error.strerror
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
 

@@ -20,7 +20,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from clusterlab.checkpointing import AtomicCheckpointIO, EpochRowFirst, timed_last_checkpoint
-from clusterlab.errors import CheckpointError
+from clusterlab.errors import CheckpointError, OutputError
 from clusterlab.loggers import CSVLogger
 
 
@@ -123,6 +123,19 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_previous_one(tmp_path):
     with pytest.raises(Exception, match="pickle"):  # not a full disk: what torch.save raised
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 2, "hook": lambda: None}, path)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def test_a_checkpoint_folder_that_cannot_be_made_is_one_clear_message(tmp_path):
+    """A file where the checkpoints folder should be: not a traceback from mkdir, and not the advice
+    for a full disk."""
+    (tmp_path / "checkpoints").write_text("not a folder")
+    with pytest.raises(OutputError) as raised:
+        AtomicCheckpointIO().save_checkpoint({"epoch": 0}, tmp_path / "checkpoints" / "last.ckpt")
+    message = str(raised.value)
+    folder = tmp_path / "checkpoints"
+    assert message.startswith(f"cannot write the checkpoint {folder}/last.ckpt: File exists: {folder};")
+    assert "no checkpoint was kept: mend that (or pass another --runs_dir)" in message
+    assert "free some space" not in message
 
 
 def test_checkpoints_are_read_weights_only_even_when_asked_otherwise(tmp_path):
