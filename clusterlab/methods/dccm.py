@@ -3,11 +3,13 @@ Wu et al., ICCV 2019, arXiv:1904.06925), Algorithm 1."""
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from clusterlab.callbacks.momentum import MomentumEncoder
 from clusterlab.data.views import Views
 from clusterlab.distributed import gather
 from clusterlab.errors import ConfigError
@@ -62,6 +64,11 @@ class DCCM(ClusteringMethod):
         num_heads: cluster heads trained side by side on the same backbone, each with its own
             pseudo-graph, pseudo labels and discriminator T; the run reports the head whose own
             unsupervised loss (its share of Eq. 15) was lowest over the last epoch. 1 in the paper.
+        target_momentum: None: the targets W, y, V of a step come from the network being trained
+            (the paper). A value m: from a moving average of its backbone and heads,
+            theta~ <- m theta~ + (1 - m) theta after every step (a mean teacher: Tarvainen and
+            Valpola, NeurIPS 2017, arXiv:1703.01780; not in the DCCM paper), so that one step
+            cannot move the targets it is trained towards.
         logit_norm: BatchNorm on the logits before the softmax, as the authors' net. It keeps
             the predictions from collapsing onto one cluster; turn it off where the loss must not
             depend on how the batch is split (the distributed tests on CPU).
@@ -99,6 +106,7 @@ class DCCM(ClusteringMethod):
         chunk_batch_repeats: int = 2,
         logit_norm: bool = True,
         num_heads: int = 1,
+        target_momentum: float | None = None,
         optimizer: OptimizerCallable = torch.optim.RMSprop,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -126,6 +134,16 @@ class DCCM(ClusteringMethod):
         self._all_labelled = False  # set in setup
         self.register_buffer("chunk_rows", torch.zeros(chunk_size or 0, dtype=torch.long))
         self.register_buffer("chunk_probs", torch.zeros(num_heads, chunk_size or 0, num_clusters))
+        if target_momentum is not None and not 0.0 <= target_momentum < 1.0:
+            raise ConfigError(f"DCCM: target_momentum must be in [0, 1), not {target_momentum}")
+        # theta~ of the targets (target_momentum set): a copy moved only by the moving average.
+        self.momentum_encoder = (
+            nn.ModuleDict(
+                {"backbone": copy.deepcopy(backbone), "cluster_head": copy.deepcopy(self.cluster_head)}
+            ).requires_grad_(False)
+            if target_momentum is not None
+            else None
+        )
         self.discriminators = (
             nn.ModuleList(
                 LocalDiscriminator(num_clusters, backbone.shallow_dim, discriminator_dim)
@@ -134,6 +152,20 @@ class DCCM(ClusteringMethod):
             if use_mutual_information_loss
             else None
         )
+
+    def configure_callbacks(self) -> list:
+        if self.momentum_encoder is None:
+            return []
+        return [MomentumEncoder(self.hparams.target_momentum)]
+
+    def target_logits(self, x: Tensor) -> list[Tensor]:
+        """Y of every head for the targets W, y, V, without gradient: the moving average's when
+        target_momentum is set, else the trained network's."""
+        with torch.no_grad():
+            if self.momentum_encoder is None:
+                return self.forward_with_shallow(x)[0]
+            features = self.momentum_encoder["backbone"](x)
+            return [head(features) for head in self.momentum_encoder["cluster_head"].heads]
 
     def forward_with_shallow(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
         """Y of every head (pre-softmax output, B x K each) and the shallow feature map M of the
@@ -159,14 +191,18 @@ class DCCM(ClusteringMethod):
             self.hparams.use_mutual_information_loss and not self.hparams.use_local_robustness
         )
         logits = transformed = None
-        if on_original or not self.hparams.chunk_size:
+        plain = self.views.plain(images)
+        online_targets = not self.hparams.chunk_size and self.momentum_encoder is None
+        if on_original or online_targets:
             with torch.set_grad_enabled(on_original):
-                logits, shallow = self.forward_with_shallow(self.views.plain(images))
+                logits, shallow = self.forward_with_shallow(plain)
             logits = [gather(y) for y in logits]
         if self.hparams.chunk_size:  # the authors' schedule: targets from the chunk's start
             probs = self.chunk_targets(batch)
-        else:
+        elif online_targets:
             probs = [y.detach().float().softmax(1) for y in logits]  # z, Eq. 1
+        else:  # z, Eq. 1, of the moving average (target_momentum)
+            probs = [gather(y).float().softmax(1) for y in self.target_logits(plain)]
         if self.hparams.use_local_robustness:  # x' = G x
             transformed, shallow = self.forward_with_shallow(self.views(images))
             transformed = [gather(y) for y in transformed]
@@ -230,8 +266,7 @@ class DCCM(ClusteringMethod):
         share): its predictions are made then, without gradient, in training mode as the authors'
         code makes them."""
         if "chunk_index" in batch:
-            with torch.no_grad():
-                logits, _ = self.forward_with_shallow(self.views.plain(batch["chunk_image"]))
+            logits = self.target_logits(self.views.plain(batch["chunk_image"]))
             index = gather(batch["chunk_index"].to(self.device))
             probs = torch.stack([gather(y.float().softmax(1)) for y in logits])
             order = index.argsort()

@@ -243,3 +243,44 @@ def test_a_checkpoint_with_the_heads_under_their_old_names_is_refused_in_one_lin
         DCCM(10, tiny_cnn(), GeometricViews(flip=False), discriminator_dim=16, chunk_size=8).load_state_dict(
             old
         )
+
+
+class RecordLosses(pl.Callback):
+    def __init__(self) -> None:
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def _fit_dccm(steps: int, **kwargs) -> tuple[DCCM, list[float]]:
+    pl.seed_everything(0)
+    model = DCCM(10, tiny_cnn(), GeometricViews(flip=False), discriminator_dim=16, **kwargs)
+    record = RecordLosses()
+    trainer(callbacks=record, max_steps=steps, limit_val_batches=0).fit(
+        model, ClusterDataModule("digits", batch_size=64)
+    )
+    return model, record.losses
+
+
+def test_targets_from_a_moving_average_follow_the_trained_net_and_m_0_is_the_paper():
+    """target_momentum: W, y, V from theta~ <- m theta~ + (1 - m) theta. With m = 0 the average is
+    the trained net after each step, so the run is the paper's (targets from the net itself) loss
+    for loss; with m = 0.9 the targets lag, so the losses part from the second step on. The average
+    is never trained (not the optimizer's, no gradient) and is in the checkpoint."""
+    paper, paper_losses = _fit_dccm(6)
+    assert paper.momentum_encoder is None
+    same, same_losses = _fit_dccm(6, target_momentum=0.0)
+    assert same_losses == paper_losses
+    lagging, lagging_losses = _fit_dccm(6, target_momentum=0.9)
+    assert lagging_losses[0] == paper_losses[0] and lagging_losses[1:] != paper_losses[1:]
+
+    average = dict(lagging.momentum_encoder["backbone"].named_parameters())
+    online = dict(lagging.backbone.named_parameters())
+    assert all(not p.requires_grad for p in lagging.momentum_encoder.parameters())
+    trained = {id(p) for group in lagging.trainer.optimizers[0].param_groups for p in group["params"]}
+    assert not trained & {id(p) for p in lagging.momentum_encoder.parameters()}
+    assert all(not torch.equal(average[name], online[name]) for name in online if name.endswith("weight"))
+    assert any(key.startswith("momentum_encoder.cluster_head.heads.0.") for key in lagging.state_dict())
+    with pytest.raises(Exception, match=r"target_momentum must be in \[0, 1\)"):
+        DCCM(10, tiny_cnn(), GeometricViews(flip=False), target_momentum=1.0)
