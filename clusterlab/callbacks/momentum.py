@@ -1,7 +1,7 @@
 """The momentum encoder's update: theta~ <- m theta~ + (1 - m) theta after every optimizer step.
 
 The one schedule of the one moving average (`clusterlab.nn.ema.ema_update_`): SCL's momentum
-encoder and SimCLR's MoCo key encoder both move through it.
+encoder, SimCLR's MoCo key encoder and DCCM's target network (`target_momentum`) all move through it.
 """
 
 from __future__ import annotations
