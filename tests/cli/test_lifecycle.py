@@ -127,6 +127,7 @@ def test_kills_at_random_moments_resume_to_the_weights_of_an_uninterrupted_run(t
     assert_logged_once_each(run_dir, the_run(tmp_path, "whole"))
 
 
+@pytest.mark.slow  # 34 s; SIGTERM's stop (below) and test_resume.py's kill and resume run every make test
 def test_ctrl_c_stops_with_a_message_and_resumes_to_the_same_weights(tmp_path):
     write_tiny(tmp_path, max_epochs="12")
     whole = clusterlab(*FIT, "--name", "whole", cwd=tmp_path)
@@ -182,6 +183,7 @@ def test_a_checkpoint_inside_an_epoch_resumes_with_the_batch_it_would_have_train
     assert_logged_once_each(the_run(tmp_path, "killed"), the_run(tmp_path, "whole"))
 
 
+@pytest.mark.slow  # 22 s; tests/test_runs.py makes one name from many threads at once every make test
 def test_runs_started_together_never_share_a_directory(tmp_path):
     write_tiny(tmp_path, max_epochs="2")
     processes = [start(tmp_path, *FIT) for _ in range(3)]

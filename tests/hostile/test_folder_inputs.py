@@ -422,6 +422,7 @@ def _mount_tmpfs(where: Path, size: str) -> bool:
     return made.returncode == 0
 
 
+@pytest.mark.slow  # 14 s; the ulimit test above fails the same writes (EFBIG) every make test
 def test_a_full_disk_while_writing_keeps_the_previous_output(tmp_path):
     """A real ENOSPC: a 4 MB tmpfs (root only; skipped where mounting is not allowed), filled to
     its last 64 KB after a first run."""
