@@ -191,7 +191,9 @@ class DCCM(ClusteringMethod):
             self.hparams.use_mutual_information_loss and not self.hparams.use_local_robustness
         )
         logits = transformed = None
-        plain = self.views.plain(images)
+        # The original images, where a forward pass needs them (not with the chunks' own targets
+        # and no original-image terms).
+        plain = self.views.plain(images) if on_original or not self.hparams.chunk_size else None
         online_targets = not self.hparams.chunk_size and self.momentum_encoder is None
         if on_original or online_targets:
             with torch.set_grad_enabled(on_original):
