@@ -148,3 +148,7 @@ def test_resume_takes_a_finished_stage_and_continues_a_killed_one_in_its_directo
     command = json.loads((in_tmp / second / "metrics.json").read_text())["command"]
     assert f"--ckpt_path {second}/checkpoints/last.ckpt" in command
     assert sorted(p.parent for p in in_tmp.glob("runs/**/config.yaml")) == run_dirs
+
+    # Without --resume both stages run again, in new directories.
+    again = main(argv[:-1])["runs"]["two stages"][0]["stage_runs"]
+    assert not set(again) & {first, second}
