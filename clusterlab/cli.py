@@ -153,6 +153,11 @@ class ClusterLabCLI(LightningCLI):
         if minutes:  # a second writer of last.ckpt, inside epochs (Lightning's triggers exclude each other)
             self.trainer.callbacks.append(timed_last_checkpoint(self.run_dir / "checkpoints", minutes))
 
+    def _instantiate_trainer(self, config, callbacks):
+        if config.get("enable_progress_bar") is False:  # Lightning refuses a progress bar beside it
+            callbacks = [c for c in callbacks if not isinstance(c, RichProgressBar)]
+        return super()._instantiate_trainer(config, callbacks)
+
     # -- fit report -------------------------------------------------------------------------
 
     def instantiate_classes(self) -> None:

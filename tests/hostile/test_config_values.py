@@ -220,3 +220,24 @@ def test_a_model_setting_that_a_checkpoint_would_override_is_refused(in_tmp, cap
     # The same config, or the run's own config.yaml, is no difference.
     main(["test", "--config", "tiny.yaml", "--ckpt_path", str(checkpoint)])
     main(["test", "--config", str(checkpoint.parent.parent / "config.yaml"), "--ckpt_path", str(checkpoint)])
+
+
+def test_a_run_without_the_progress_bar_runs(in_tmp, capsys):
+    """--trainer.enable_progress_bar false: Lightning refuses any progress-bar callback beside it, so
+    the CLI leaves its own out, rather than the run ending in Lightning's traceback."""
+    from clusterlab.cli import main
+
+    (in_tmp / "tiny.yaml").write_text(TINY_CC)
+    main(
+        [
+            "fit",
+            "--config",
+            "tiny.yaml",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    (metrics,) = (in_tmp / "runs" / "tiny").glob("*/metrics.json")
+    assert json.loads(metrics.read_text())["epochs"] == 1
