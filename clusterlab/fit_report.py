@@ -9,6 +9,7 @@ shows the same figures as a table, ending with the run directory.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shlex
@@ -59,6 +60,8 @@ def write_report(
         "wall_time_s": round(wall_time, 1),
         "devices": trainer.world_size,
         **{k: results.get(k) for k in (*METRICS, "selected_head", "heads")},
+        # What selected the head: each head's unsupervised loss over the last training epoch.
+        "head_losses": [None if math.isnan(v) else round(v, 6) for v in model.head_loss.tolist()],
         "cluster_sizes": results.get("cluster_sizes"),
         "collapsed": results.get("collapsed"),
         **({"diagnostics": model.diagnostics} if model.diagnostics else {}),

@@ -29,6 +29,15 @@ from clusterlab.seeding import derive_seed
 _PAIR_DRAW = 0xDCC  # keeps the negatives' random stream apart from the per-step reseeding's
 
 
+def reinitialised(module: nn.Module) -> nn.Module:
+    """A copy of `module` with every layer's parameters (and running statistics) drawn afresh."""
+    fresh = copy.deepcopy(module)
+    for layer in fresh.modules():
+        if hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
+    return fresh
+
+
 class DCCM(ClusteringMethod):
     """Pseudo-graph and pseudo-label supervision, on the original and on slightly transformed
     images (local robustness), plus triplet mutual information between deep and shallow
@@ -64,6 +73,11 @@ class DCCM(ClusteringMethod):
         num_heads: cluster heads trained side by side on the same backbone, each with its own
             pseudo-graph, pseudo labels and discriminator T; the run reports the head whose own
             unsupervised loss (its share of Eq. 15) was lowest over the last epoch. 1 in the paper.
+        separate_backbones: each head on its own backbone, initialised apart (not in the paper):
+            num_heads independent restarts of the whole network trained side by side, the one
+            with the lowest loss kept, as k-means keeps the best of its restarts. Heads on one
+            backbone end in one partition, so their losses cannot tell a crossed partition from
+            a good one; restarts can. Costs num_heads times the compute of one network.
         target_momentum: None: the targets W, y, V of a step come from the network being trained
             (the paper). A value m: from a moving average of its backbone and heads,
             theta~ <- m theta~ + (1 - m) theta after every step (a mean teacher: Tarvainen and
@@ -106,6 +120,7 @@ class DCCM(ClusteringMethod):
         chunk_batch_repeats: int = 2,
         logit_norm: bool = True,
         num_heads: int = 1,
+        separate_backbones: bool = False,
         target_momentum: float | None = None,
         optimizer: OptimizerCallable = torch.optim.RMSprop,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -134,6 +149,11 @@ class DCCM(ClusteringMethod):
         self._all_labelled = False  # set in setup
         self.register_buffer("chunk_rows", torch.zeros(chunk_size or 0, dtype=torch.long))
         self.register_buffer("chunk_probs", torch.zeros(num_heads, chunk_size or 0, num_clusters))
+        # Heads 1.. on their own backbones (separate_backbones), drawn afresh: restarts, not copies.
+        restarts = (reinitialised(backbone) for _ in range(num_heads - 1))
+        self.restart_backbones = nn.ModuleList(restarts) if separate_backbones else None
+        if separate_backbones and target_momentum is not None:
+            raise ConfigError("DCCM: separate_backbones and target_momentum cannot be combined yet; drop one")
         if target_momentum is not None and not 0.0 <= target_momentum < 1.0:
             raise ConfigError(f"DCCM: target_momentum must be in [0, 1), not {target_momentum}")
         # theta~ of the targets (target_momentum set): a copy moved only by the moving average.
@@ -167,11 +187,31 @@ class DCCM(ClusteringMethod):
             features = self.momentum_encoder["backbone"](x)
             return [head(features) for head in self.momentum_encoder["cluster_head"].heads]
 
-    def forward_with_shallow(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+    def head_backbone(self, h: int) -> nn.Module:
+        """The backbone head h reads: the one backbone, or with separate_backbones its own."""
+        return self.backbone if h == 0 or self.restart_backbones is None else self.restart_backbones[h - 1]
+
+    def forward_with_shallow(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Y of every head (pre-softmax output, B x K each) and the shallow feature map M of the
-        same forward pass."""
-        features, shallow = self.backbone(x, with_shallow=True)
-        return [head(features) for head in self.cluster_head.heads], shallow
+        same forward pass: one M for all heads, or with separate_backbones one per head."""
+        if self.restart_backbones is None:
+            features, shallow = self.backbone(x, with_shallow=True)
+            return [head(features) for head in self.cluster_head.heads], [shallow]
+        outputs = [self.head_backbone(h)(x, with_shallow=True) for h in range(self.num_heads)]
+        return [head(f) for head, (f, _) in zip(self.cluster_head.heads, outputs)], [m for _, m in outputs]
+
+    def cluster_features(self, x: Tensor) -> Tensor:
+        # The selected head's backbone: `assign` reads the selected head only.
+        return self.head_backbone(self.selected_head if self.restart_backbones is not None else 0)(x)
+
+    def cluster_logits(self, x: Tensor) -> Tensor:
+        if self.restart_backbones is None:
+            return super().cluster_logits(x)
+        return torch.stack(self.forward_with_shallow(x)[0])
+
+    @torch.no_grad()
+    def embed(self, images: Tensor) -> Tensor:
+        return self.cluster_features(self.plain(images))
 
     def setup(self, stage: str) -> None:
         # Whether every training sample has a label (for the logged BCubed diagnostics), read once
@@ -210,7 +250,8 @@ class DCCM(ClusteringMethod):
             transformed = [gather(y) for y in transformed]
         if self.hparams.use_mutual_information_loss:
             # The pairs' random scores: drawn once per step, the same for every head.
-            shallow, scores = gather(shallow), self.pair_scores(gather(batch["index"]), batch_idx)
+            shallow = [gather(m) for m in shallow]
+            scores = self.pair_scores(gather(batch["index"]), batch_idx)
 
         per_head, class_labels = [], gather(batch["label"])  # labels: for the logged diagnostics only
         for h in range(self.num_heads):
@@ -226,7 +267,7 @@ class DCCM(ClusteringMethod):
             if self.hparams.use_mutual_information_loss:  # beta L_MI, Eq. 14, on the images trained on
                 deep = transformed[h] if transformed is not None else logits[h]
                 terms["mutual_information"] = self.hparams.beta * self.triplet_mutual_information(
-                    self.discriminators[h], deep, shallow, graph, scores
+                    self.discriminators[h], deep, shallow[h if len(shallow) > 1 else 0], graph, scores
                 )
             per_head.append(terms)
             self.log_diagnostics(h, probs[h], graph, confident, class_labels)

@@ -284,3 +284,60 @@ def test_targets_from_a_moving_average_follow_the_trained_net_and_m_0_is_the_pap
     assert any(key.startswith("momentum_encoder.cluster_head.heads.0.") for key in lagging.state_dict())
     with pytest.raises(Exception, match=r"target_momentum must be in \[0, 1\)"):
         DCCM(10, tiny_cnn(), GeometricViews(flip=False), target_momentum=1.0)
+
+
+def test_separate_backbones_are_independent_restarts_and_the_lowest_loss_one_assigns():
+    """separate_backbones: head h reads its own backbone, drawn afresh (not a copy of head 0's), and
+    its loss moves only that backbone, its head and its discriminator: restarts trained side by
+    side. Predictions stack each restart's own; `assign` and `embed` use the selected restart's
+    backbone. The paper's run (one backbone) draws nothing more; the option is refused beside
+    target_momentum."""
+    torch.manual_seed(0)
+    shared = DCCM(10, tiny_cnn(), GeometricViews(flip=False), discriminator_dim=16, num_heads=3)
+    torch.manual_seed(0)
+    model = DCCM(
+        10, tiny_cnn(), GeometricViews(flip=False), discriminator_dim=16, num_heads=3, separate_backbones=True
+    )
+    # The same draws up to the restarts: the shared run's parameters are the first of these.
+    assert all(torch.equal(a, b) for a, b in zip(shared.backbone.parameters(), model.backbone.parameters()))
+    backbones = [model.head_backbone(h) for h in range(3)]
+    assert len({id(b) for b in backbones}) == 3
+    for a, b in [(0, 1), (0, 2), (1, 2)]:
+        weights = zip(backbones[a].parameters(), backbones[b].parameters())
+        assert not any(torch.equal(p, q) for p, q in weights if p.dim() > 1), (a, b)
+    assert any(key.startswith("restart_backbones.1.") for key in model.state_dict())
+
+    images = Digits().load("train+test").images[:64]
+    batch = {"image": images, "index": torch.arange(64), "label": torch.zeros(64, dtype=torch.long)}
+    captured = {}
+
+    def objective(terms, head_losses=None):
+        captured.update(head_losses=head_losses)
+        return sum(terms.values())
+
+    model.objective, model.log_diagnostics = objective, lambda *args: None
+    model.training_step(batch, 0)
+    captured["head_losses"][2].backward()
+    for h in range(3):
+        parts = [backbones[h], model.cluster_head.heads[h], model.discriminators[h]]
+        moved = [p.grad is not None and p.grad.abs().sum() > 0 for part in parts for p in part.parameters()]
+        assert all(moved) if h == 2 else not any(moved), h
+
+    model.eval()
+    plain = model.views.plain(images)
+    logits = model.cluster_logits(plain)
+    for h in range(3):
+        torch.testing.assert_close(logits[h], model.cluster_head.heads[h](backbones[h](plain)))
+    model.head_loss.copy_(torch.tensor([0.5, 0.7, 0.3]))  # restart 2 has the lowest loss
+    cluster, _ = model.assign(images)
+    assert torch.equal(cluster, logits[2].argmax(-1))
+    torch.testing.assert_close(model.embed(images), backbones[2](plain))
+    with pytest.raises(Exception, match="separate_backbones and target_momentum"):
+        DCCM(
+            10,
+            tiny_cnn(),
+            GeometricViews(flip=False),
+            num_heads=2,
+            separate_backbones=True,
+            target_momentum=0.9,
+        )
