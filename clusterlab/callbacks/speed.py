@@ -62,7 +62,8 @@ class Speed(pl.Callback):
         if channels_last and convolutional:
             module.to(memory_format=torch.channels_last)  # 4-d weights only; kept by the move to the device
         if self.compile:
-            module.backbone.compile()
+            for backbone in module.backbones():
+                backbone.compile()
         self.applied = {
             "device": device.type,
             "channels_last": bool(channels_last and convolutional),

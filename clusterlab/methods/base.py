@@ -142,6 +142,10 @@ class ClusteringMethod(pl.LightningModule, ABC):
         unless the method's head reads others."""
         return self.backbone(x)
 
+    def backbones(self) -> list[nn.Module]:
+        """Every backbone the method trains (what `Speed` compiles): the one, unless a method has more."""
+        return [self.backbone]
+
     def cluster_logits(self, x: Tensor) -> Tensor:
         """Cluster logits of the (float, un-augmented) input: num_heads x B x C."""
         return self.cluster_head(self.cluster_features(x))

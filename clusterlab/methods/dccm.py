@@ -191,6 +191,11 @@ class DCCM(ClusteringMethod):
         """The backbone head h reads: the one backbone, or with separate_backbones its own."""
         return self.backbone if h == 0 or self.restart_backbones is None else self.restart_backbones[h - 1]
 
+    def backbones(self) -> list[nn.Module]:
+        return [
+            self.head_backbone(h) for h in range(self.num_heads if self.restart_backbones is not None else 1)
+        ]
+
     def forward_with_shallow(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Y of every head (pre-softmax output, B x K each) and the shallow feature map M of the
         same forward pass: one M for all heads, or with separate_backbones one per head."""

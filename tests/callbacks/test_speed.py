@@ -10,10 +10,10 @@ import torch
 
 from clusterlab.callbacks.speed import Speed
 from clusterlab.cli import ClusterLabCLI
-from clusterlab.data.views import Views
-from clusterlab.methods import CC
+from clusterlab.data.views import GeometricViews, Views
+from clusterlab.methods import CC, DCCM
 from clusterlab.nn import SmallCNN
-from tests.helpers import REPO, TINY_BACKBONE_ARGS
+from tests.helpers import REPO, TINY_BACKBONE_ARGS, tiny_cnn
 
 TINY = [
     *TINY_BACKBONE_ARGS,
@@ -80,6 +80,16 @@ def test_compile_keeps_the_backbones_parameter_names_so_checkpoints_load_either_
     Speed(compile=True).apply(model, torch.device("cpu"), "32-true")
     assert list(model.state_dict()) == names
     assert isinstance(model.backbone, SmallCNN)  # compiled in place, not wrapped
+
+
+def test_compile_reaches_every_backbone_a_method_trains():
+    """DCCM's restarts (separate_backbones) each have their own backbone: each is compiled."""
+    model = DCCM(
+        10, tiny_cnn(), GeometricViews(flip=False), discriminator_dim=16, num_heads=3, separate_backbones=True
+    )
+    Speed(compile=True).apply(model, torch.device("cpu"), "32-true")
+    assert len({id(b) for b in model.backbones()}) == 3
+    assert all(b._compiled_call_impl is not None for b in model.backbones())
 
 
 @pytest.mark.slow
