@@ -295,7 +295,7 @@ class ClusteringMethod(pl.LightningModule, ABC):
         if steps > 0:
             self.head_loss.copy_(total / steps)
             if self.num_heads > 1:  # what selects the head, per epoch in metrics.csv
-                self.log_dict({f"train/head_loss{h}": loss for h, loss in enumerate(self.head_loss)})
+                self.log_dict({f"train/loss_head{h}": loss for h, loss in enumerate(self.head_loss)})
         self.epochs_trained += 1  # before the epoch's checkpoint (Lightning saves after this hook)
 
     @property
