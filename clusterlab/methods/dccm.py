@@ -150,8 +150,9 @@ class DCCM(ClusteringMethod):
         self.register_buffer("chunk_rows", torch.zeros(chunk_size or 0, dtype=torch.long))
         self.register_buffer("chunk_probs", torch.zeros(num_heads, chunk_size or 0, num_clusters))
         # Heads 1.. on their own backbones (separate_backbones), drawn afresh: restarts, not copies.
-        restarts = (reinitialised(backbone) for _ in range(num_heads - 1))
-        self.restart_backbones = nn.ModuleList(restarts) if separate_backbones else None
+        # Empty otherwise (no state-dict keys): every head reads the one backbone.
+        restarts = num_heads - 1 if separate_backbones else 0
+        self.restart_backbones = nn.ModuleList(reinitialised(backbone) for _ in range(restarts))
         if separate_backbones and target_momentum is not None:
             raise ConfigError("DCCM: separate_backbones and target_momentum cannot be combined yet; drop one")
         if target_momentum is not None and not 0.0 <= target_momentum < 1.0:
@@ -189,28 +190,26 @@ class DCCM(ClusteringMethod):
 
     def head_backbone(self, h: int) -> nn.Module:
         """The backbone head h reads: the one backbone, or with separate_backbones its own."""
-        return self.backbone if h == 0 or self.restart_backbones is None else self.restart_backbones[h - 1]
+        return self.backbone if h == 0 or not self.restart_backbones else self.restart_backbones[h - 1]
 
     def backbones(self) -> list[nn.Module]:
-        return [
-            self.head_backbone(h) for h in range(self.num_heads if self.restart_backbones is not None else 1)
-        ]
+        return [self.backbone, *self.restart_backbones]
 
     def forward_with_shallow(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Y of every head (pre-softmax output, B x K each) and the shallow feature map M of the
         same forward pass: one M for all heads, or with separate_backbones one per head."""
-        if self.restart_backbones is None:
+        if not self.restart_backbones:
             features, shallow = self.backbone(x, with_shallow=True)
             return [head(features) for head in self.cluster_head.heads], [shallow]
-        outputs = [self.head_backbone(h)(x, with_shallow=True) for h in range(self.num_heads)]
+        outputs = [backbone(x, with_shallow=True) for backbone in self.backbones()]
         return [head(f) for head, (f, _) in zip(self.cluster_head.heads, outputs)], [m for _, m in outputs]
 
     def cluster_features(self, x: Tensor) -> Tensor:
         # The selected head's backbone: `assign` reads the selected head only.
-        return self.head_backbone(self.selected_head if self.restart_backbones is not None else 0)(x)
+        return self.head_backbone(self.selected_head)(x)
 
     def cluster_logits(self, x: Tensor) -> Tensor:
-        if self.restart_backbones is None:
+        if not self.restart_backbones:
             return super().cluster_logits(x)
         return torch.stack(self.forward_with_shallow(x)[0])
 
