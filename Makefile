@@ -6,14 +6,21 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup chromium run test test-slow lint clean device-carry
+.PHONY: setup chromium emoji-font run test test-slow lint clean device-carry
 
-setup: $(STAMP) chromium
+setup: $(STAMP) chromium emoji-font
 
 # Headless Chromium for the report's browser test (tests/cluster/test_report.py): Debian's package, once.
 chromium:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -q chromium) || echo "chromium could not be installed: the browser test will be skipped"
+
+# Noto Color Emoji, the source of the held-out emoji-colour folder (benchmarks/make_heldout_folders.py):
+# Debian's package, once.
+emoji-font:
+	@test -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf || (apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q fonts-noto-color-emoji) || \
+		echo "fonts-noto-color-emoji could not be installed: the emoji-colour folder test will be skipped"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
