@@ -70,17 +70,28 @@ SWITCHES = {  # the other switches of the loss terms, beyond Table 3's rows
 }
 
 
+def capture_objective(model: DCCM) -> dict:
+    """Let the training step run as it is up to `objective`, and record what it was given: the
+    loss terms (`terms`) and the per-head losses (`head_losses`). No logging."""
+    captured = {}
+
+    def objective(terms, head_losses=None):
+        captured.update(terms=terms, head_losses=head_losses)
+        return sum(terms.values())
+
+    model.objective, model.log_diagnostics = objective, lambda *args: None
+    return captured
+
+
 @pytest.mark.parametrize("row", [*ABLATIONS, *SWITCHES])
 def test_table_3_rows_are_config_overrides(row, in_tmp):
     overrides, expected_terms = {**ABLATIONS, **SWITCHES}[row]
     model = ClusterLabCLI(args=["--config", DIGITS, *overrides], run=False).model
-    captured = {}
-    model.objective = lambda terms, head_losses=None: captured.update(terms) or sum(terms.values())
-    model.log_diagnostics = lambda *args: None
+    captured = capture_objective(model)
     images = Digits().load("train+test").images[:64]
     batch = {"image": images, "index": torch.arange(64), "label": torch.zeros(64, dtype=torch.long)}
     model.training_step(batch, 0).backward()
-    assert set(captured) == expected_terms
+    assert set(captured["terms"]) == expected_terms
     assert (model.discriminators is not None) == ("mutual_information" in expected_terms)
 
 
@@ -101,13 +112,7 @@ def test_each_head_trains_on_its_own_targets_and_the_loss_is_their_mean():
     model = DCCM(10, tiny_cnn(), GeometricViews(flip=False), discriminator_dim=16, num_heads=3)
     images = Digits().load("train+test").images[:64]
     batch = {"image": images, "index": torch.arange(64), "label": torch.zeros(64, dtype=torch.long)}
-    captured = {}
-
-    def objective(terms, head_losses=None):
-        captured.update(terms=terms, head_losses=head_losses)
-        return sum(terms.values())
-
-    model.objective, model.log_diagnostics = objective, lambda *args: None
+    captured = capture_objective(model)
     loss = model.training_step(batch, 0)
     terms, head_losses = captured["terms"], captured["head_losses"]
     assert set(terms) == set(ABLATIONS["M4"][1]) and head_losses.shape == (3,)
@@ -309,13 +314,7 @@ def test_separate_backbones_are_independent_restarts_and_the_lowest_loss_one_ass
 
     images = Digits().load("train+test").images[:64]
     batch = {"image": images, "index": torch.arange(64), "label": torch.zeros(64, dtype=torch.long)}
-    captured = {}
-
-    def objective(terms, head_losses=None):
-        captured.update(head_losses=head_losses)
-        return sum(terms.values())
-
-    model.objective, model.log_diagnostics = objective, lambda *args: None
+    captured = capture_objective(model)
     model.training_step(batch, 0)
     captured["head_losses"][2].backward()
     for h in range(3):
