@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -43,6 +41,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from record import command_line, machine_line, write_report  # noqa: E402
 from throughput import (
     PILViews,  # noqa: E402
     timed_fit,  # noqa: E402
@@ -194,16 +193,14 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "ran": ran,
     }
-    if args.out:
-        Path(args.out).write_text(markdown(args, argv, result))
-    print(markdown(args, argv, result))
+    write_report(markdown(args, argv, result), args.out)
     return result
 
 
 def markdown(args, argv, result: dict) -> str:
     from precision import cpu
 
-    command = "python benchmarks/cc_authors.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = command_line(None if argv is None else ["benchmarks/cc_authors.py", *argv])
     overrides = clusterlab_overrides(args.data_root, args.batch, "bf16-mixed")
 
     def ran(side: str) -> str:
@@ -219,10 +216,15 @@ def markdown(args, argv, result: dict) -> str:
             command,
             "```",
             "",
-            f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({cpu()}), no GPU; torch "
-            f"{torch.__version__}, torch threads {torch.get_num_threads()}; {args.workers} DataLoader "
-            f"workers on the authors' side. Medians of {args.repeats} alternating repeats of {args.steps} "
-            f"steps after {args.warmup} warm-up steps; a ratio is the median of the per-repeat ratios.",
+            machine_line(
+                cpu(),
+                "no GPU",
+                f"torch {torch.__version__}",
+                f"torch threads {torch.get_num_threads()}",
+                f"{args.workers} DataLoader workers on the authors' side",
+            )
+            + f". Medians of {args.repeats} alternating repeats of {args.steps} steps after "
+            f"{args.warmup} warm-up steps; a ratio is the median of the per-repeat ratios.",
             "",
             f"Same network (ResNet-18, CIFAR stem, 1 channel), 32 px, batch {args.batch} x 2 views, "
             "Fashion-MNIST training images, CC's heads and losses, Adam 3e-4. clusterlab is "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,9 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from record import command_line, machine_line  # noqa: E402
 
 
 def best_seconds(fn, repeats: int) -> float:
@@ -110,8 +112,8 @@ def main() -> None:
 
     _, flags = env.cpu_info()
     bf16_flags = [f for f in env.BF16_CPU_FLAGS if flags and f in flags]
-    print(f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, bf16 CPU flags: {bf16_flags}")
-    print(f"Command: python benchmarks/embedding.py {' '.join(sys.argv[1:])}\n")
+    print(machine_line(f"{torch.get_num_threads()} threads", f"bf16 CPU flags: {bf16_flags}"))
+    print(f"Command: {command_line()}\n")
     print("| network, layout, arithmetic | images/s | ratio | max abs diff | min cosine |")
     print("|---|---|---|---|---|")
     for name in args.networks:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from pretrained import folder_labels, kmeans_scores, run_cluster  # noqa: E402 - the script beside this one
+from record import command_line, machine  # noqa: E402
 
 KINDS = ("mnist-scans", "glyphs-colour", "emoji-colour")
 ROUTES = {"scratch": [], "pretrained": ["--backbone", "efficientnet_lite0"]}
@@ -93,8 +93,8 @@ def main() -> None:
     args = parser.parse_args()
     record = args.work / "heldout.json"
     results = json.loads(record.read_text()) if record.exists() else {"kinds": {}}
-    results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, no GPU"
-    results["command"] = "python benchmarks/heldout_folders.py " + " ".join(sys.argv[1:])
+    results["machine"] = machine(f"{torch.get_num_threads()} threads", "no GPU")
+    results["command"] = command_line()
     for kind in args.kinds:
         folder = args.work / "folders" / kind
         if not folder.exists():

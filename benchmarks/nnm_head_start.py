@@ -22,7 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from clusterlab.benchmark import machine
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from record import command_line, gpu, machine  # noqa: E402 - the module beside this one
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"random": [], "kmeans": ["--model.init_args.head_init_epoch", "0"]}
@@ -71,10 +73,9 @@ def collect(work: Path, seeds: list[int]) -> dict:
             }
             row[name]["heads_acc"] = [head["acc"] for head in run.get("heads", [])]
         rows.append(row)
-    command = " ".join(["python", "benchmarks/nnm_head_start.py", *sys.argv[1:]])
     return {
-        "command": command,
-        "machine": machine() + ", the two NNM runs of a seed side by side",
+        "command": command_line(),
+        "machine": machine(gpu(), "the two NNM runs of a seed side by side"),
         "rows": rows,
     }
 

@@ -13,9 +13,6 @@ instructions (avx512_bf16 / AMX); the output records the CPU's flags for that re
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from record import command_line, gpu, machine_line, write_report  # noqa: E402
 from throughput import (  # noqa: E402
     METHODS,
     clusterlab_images_per_s,
@@ -62,15 +60,17 @@ def main() -> None:
         f"# bf16 mixed precision against float32 ({device})",
         "",
         "```",
-        "python " + shlex.join(sys.argv),
+        command_line(),
         "```",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores "
-        f"({cpu()}), "
-        f"{torch.cuda.get_device_name(0) if device == 'cuda' else 'no GPU'}; torch {torch.__version__}, "
-        f"torch threads {torch.get_num_threads()}. Batch 256, {args.steps} timed steps after 5 warm-up "
-        f"steps; medians of {args.repeats} alternating repeats, the ratio the median of the per-repeat "
-        "ratios.",
+        machine_line(
+            cpu(),
+            gpu() if device == "cuda" else "no GPU",
+            f"torch {torch.__version__}",
+            f"torch threads {torch.get_num_threads()}",
+        )
+        + f". Batch 256, {args.steps} timed steps after 5 warm-up steps; medians of {args.repeats} "
+        "alternating repeats, the ratio the median of the per-repeat ratios.",
         "",
         "| method | config | float32 img/s | bf16-mixed img/s | bf16 / float32 "
         "| backbone output dtype (fp32 / bf16 side) |",
@@ -106,10 +106,7 @@ def main() -> None:
             f"| {name} | {config} | {fp32:,.0f} | {bf16:,.0f} | {ratio:.2f}x | {ran[0]} / {ran[1]} |"
         )
         print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
+    write_report("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

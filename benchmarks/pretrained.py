@@ -25,7 +25,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from record import command_line, machine  # noqa: E402 - the module beside this one
 
 FOLDERS = ("digits-colour", "digits-grey", "fashion-grey")
 
@@ -221,8 +223,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     saved = args.work / "pretrained.json"
     results = json.loads(saved.read_text()) if saved.exists() else {}
-    results["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores"
-    results["command"] = "python benchmarks/pretrained.py " + " ".join(sys.argv[1:])
+    results["machine"] = machine()
+    results["command"] = command_line()
     configs = {
         "digits": "experiments/temi_digits_lite0.yaml",
         "fashion": "experiments/temi_fashion_mnist_lite0.yaml",

@@ -19,9 +19,6 @@ noisy machine skews every config alike; the first config is the baseline of the 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -31,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from record import command_line, machine_line, write_report  # noqa: E402
 from throughput import _seconds, build, clusterlab_images_per_s, pretext_checkpoint  # noqa: E402
 
 
@@ -104,11 +102,11 @@ def main() -> None:
         "# Where a training step's time goes (Fashion-MNIST configs)",
         "",
         "```",
-        "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        command_line(),
         "```",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, no GPU. Medians of {args.repeats} alternating repeats.",
+        machine_line(f"torch {torch.__version__}", f"{torch.get_num_threads()} threads", "no GPU")
+        + f". Medians of {args.repeats} alternating repeats.",
         "",
         "| config | step, images/s | vs first | views, ms/step | backbone fwd+bwd, ms/step "
         "| the rest, ms/step | one eval pass, s |",
@@ -123,10 +121,7 @@ def main() -> None:
             f"| {config} | {rate:,.0f} | {rate / baseline:.2f} | {views:.0f} | {backbone:.0f} | "
             f"{step_ms - views - backbone:.0f} | {median(config, 'eval_pass'):.1f} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    write_report("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ comparison survives it.
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
@@ -23,8 +22,10 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from clusterlab.benchmark import machine  # noqa: E402
+from record import command_line, gpu, machine_line, write_report  # noqa: E402
+
 from clusterlab.data.views import RANDAUGMENT_OPS, RandAugment  # noqa: E402
 
 
@@ -77,11 +78,11 @@ def main() -> None:
         "# RandAugment per batch: per-op slices vs every op on the whole batch",
         "",
         "```",
-        "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        command_line(),
         "```",
         "",
-        f"Machine: {machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
-        f"Medians of {args.repeats} alternating calls.",
+        machine_line(gpu(), f"{torch.get_num_threads()} threads", f"torch {torch.__version__}")
+        + f". Medians of {args.repeats} alternating calls.",
         "",
         "| config | batch | ops x steps | whole batch (old), ms | per-op slices (new), ms | speed-up |",
         "|---|---|---|---|---|---|",
@@ -102,10 +103,7 @@ def main() -> None:
             f"| {path} | {tuple(x.shape)} | {len(new.ops)} x {new.num_ops} | {before:.1f} | {after:.1f} "
             f"| {before / after:.2f}x |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    write_report("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import resource
-import shlex
 import subprocess
 import sys
 import time
@@ -31,6 +30,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from record import command_line, machine_line, write_report  # noqa: E402
 
 from clusterlab.neighbors import MEMORY_FRACTION, free_memory, kmeans, knn, search_block  # noqa: E402
 
@@ -96,12 +98,16 @@ def main() -> None:
         f"# Scale: kNN and k-means at {n:,} vectors (cpu)",
         "",
         "```",
-        "python " + shlex.join(sys.argv),
+        command_line(),
         "```",
         "",
-        f"Machine: {platform.platform()}, {os.cpu_count()} CPU cores, no GPU; torch {torch.__version__}, "
-        f"torch threads {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}); "
-        f"{gib(free_memory(torch.device('cpu')))} MemAvailable at the start. The machine is shared with "
+        machine_line(
+            platform.platform(),
+            "no GPU",
+            f"torch {torch.__version__}",
+            f"torch threads {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})",
+        )
+        + f"; {gib(free_memory(torch.device('cpu')))} MemAvailable at the start. The machine is shared with "
         "other work: the times are upper bounds. Features: seeded random Gaussian, float32, "
         f"{n:,} x {dim} ({gib(4 * n * dim)}). Peak memory: ru_maxrss growth of a fresh process over "
         "its peak right after making the features (so the features themselves are not counted).",
@@ -140,11 +146,7 @@ def main() -> None:
         lines.append(
             f"| {clusters} | {n_init} | {r['seconds']:.1f} | {gib(r['growth'])} | {r['clusters_used']} |"
         )
-    text = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
+    write_report("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -12,17 +12,19 @@ If k-means on q is no better than the classifier, the representation is what hol
 from __future__ import annotations
 
 import argparse
-import platform
-import shlex
 import sys
 from pathlib import Path
 
 import torch
 
-from clusterlab.data.datamodule import ClusterDataModule
-from clusterlab.methods import SCL
-from clusterlab.metrics import evaluate
-from clusterlab.neighbors import kmeans
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from record import command_line, machine_line, write_report  # noqa: E402
+
+from clusterlab.data.datamodule import ClusterDataModule  # noqa: E402
+from clusterlab.methods import SCL  # noqa: E402
+from clusterlab.metrics import evaluate  # noqa: E402
+from clusterlab.neighbors import kmeans  # noqa: E402
 
 
 @torch.no_grad()
@@ -56,10 +58,10 @@ def main() -> None:
         "# SCL: classifier against k-means on its features",
         "",
         "```",
-        "python " + shlex.join(sys.argv),
+        command_line(),
         "```",
         "",
-        f"Machine: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads.",
+        machine_line(f"torch {torch.__version__}", f"{torch.get_num_threads()} threads") + ".",
         "",
         "| clusters from | ACC | NMI | ARI | cluster sizes, smallest to largest |",
         "|---|---|---|---|---|",
@@ -69,10 +71,7 @@ def main() -> None:
             f"| {name} | {scores['acc']:.4f} | {scores['nmi']:.4f} | {scores['ari']:.4f} | "
             f"{', '.join(map(str, sizes))} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    write_report("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

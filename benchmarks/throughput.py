@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -32,6 +30,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from record import command_line, gpu, machine_line, write_report  # noqa: E402
 
 from clusterlab.data.views import SimCLRViews  # noqa: E402
 from clusterlab.losses.cc import cluster_entropy, cluster_loss, instance_loss  # noqa: E402
@@ -411,13 +412,16 @@ def main() -> None:
         f"# Throughput ({device})",
         "",
         "```",
-        "python " + shlex.join(sys.argv),
+        command_line(),
         "```",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"{torch.cuda.get_device_name(0) if device == 'cuda' else 'no GPU'}; torch {torch.__version__}, "
-        f"torch threads {torch.get_num_threads()}. Medians of {args.repeats} alternating repeats; a ratio is "
-        "the median of the per-repeat ratios (both sides back to back), not the ratio of the medians.",
+        machine_line(
+            gpu() if device == "cuda" else "no GPU",
+            f"torch {torch.__version__}",
+            f"torch threads {torch.get_num_threads()}",
+        )
+        + f". Medians of {args.repeats} alternating repeats; a ratio is the median of the per-repeat "
+        "ratios (both sides back to back), not the ratio of the medians.",
         "",
     ]
 
@@ -489,11 +493,7 @@ def main() -> None:
     ]
     print("\n".join(lines[-7:]), flush=True)
 
-    text = "\n".join(lines) + "\n"
-    out = Path(args.out or f"benchmarks/results/throughput-{device}.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
+    write_report("\n".join(lines) + "\n", args.out or f"benchmarks/results/throughput-{device}.md")
 
 
 def _seconds(fn, device: str = "cpu") -> float:

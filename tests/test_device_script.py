@@ -1,7 +1,8 @@
 """benchmarks/device/measure.py, the prepared GPU script, in its --quick CPU mode: every part runs
 end to end on toy sizes (tiny Fashion-MNIST files in the real IDX format), so that the script a GPU
-session runs once cannot rot between GPU sessions. Slow (36 s: a process that imports everything and
-runs five parts): `make test-slow` runs it; run it before a GPU session spends its device time."""
+session runs once cannot rot between GPU sessions (it runs in `make test`: about 36 s, a
+process that imports everything and runs five parts). Run it before a GPU session spends its device
+time."""
 
 from __future__ import annotations
 
@@ -9,13 +10,10 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from tests.formats import write_fashion_mnist
 from tests.helpers import REPO
 
 
-@pytest.mark.slow
 def test_the_device_script_runs_every_part_in_quick_mode(tmp_path):
     write_fashion_mnist(tmp_path / "fashion", n=64)
     out = tmp_path / "out"

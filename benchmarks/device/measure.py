@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
 import cc_authors  # noqa: E402
+from record import command_line  # noqa: E402
 from throughput import timed_fit  # noqa: E402
 
 from clusterlab.syncs import HostSyncCounter  # noqa: E402
@@ -429,9 +430,8 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = Sizes(args.quick)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    argv_text = argv if argv is not None else sys.argv[1:]
     result = {
-        "command": "python benchmarks/device/measure.py " + shlex.join(argv_text),
+        "command": command_line(None if argv is None else ["benchmarks/device/measure.py", *argv]),
         "device": device,
         "quick": args.quick,
         "machine": machine(device),
