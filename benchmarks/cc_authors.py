@@ -41,7 +41,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from record import command_line, machine_line, write_report  # noqa: E402
+from record import command_line, cpu, machine_line, write_report  # noqa: E402
 from throughput import (
     PILViews,  # noqa: E402
     timed_fit,  # noqa: E402
@@ -198,8 +198,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def markdown(args, argv, result: dict) -> str:
-    from precision import cpu
-
     command = command_line(None if argv is None else ["benchmarks/cc_authors.py", *argv])
     overrides = clusterlab_overrides(args.data_root, args.batch, "bf16-mixed")
 

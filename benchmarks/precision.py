@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from record import command_line, gpu, machine_line, write_report  # noqa: E402
+from record import command_line, cpu, gpu, machine_line, write_report  # noqa: E402
 from throughput import (  # noqa: E402
     METHODS,
     clusterlab_images_per_s,
@@ -29,19 +29,6 @@ from throughput import (  # noqa: E402
     pretext_checkpoint,
     timed_fit,
 )
-
-
-def cpu() -> str:
-    """The CPU model (as every metrics.json records it) and its bfloat16-related flags."""
-    from clusterlab.fit_report import environment
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    wanted = [f for f in flags if "bf16" in f or f.startswith("amx") or f == "avx512f"]
-    return f"{environment()['cpu']}; bf16-related flags: {' '.join(wanted) or 'none'}"
 
 
 def main() -> None:

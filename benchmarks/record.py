@@ -7,12 +7,16 @@ scripts import this module the way they import each other, with benchmarks/ on s
 
 from __future__ import annotations
 
-import os
-import platform
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# The runner's machine description, so that every results file describes a machine the same way.
+from clusterlab.benchmark import describe_machine as machine  # noqa: E402
+from clusterlab.benchmark import gpu  # noqa: E402, F401 - the scripts import it from here
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:
@@ -20,21 +24,23 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     return "python " + shlex.join(sys.argv if argv is None else argv)
 
 
-def machine(*details: str) -> str:
-    """The architecture and CPU cores, then the script's own details (torch version, threads, GPU...)."""
-    return ", ".join([platform.machine(), f"{os.cpu_count()} CPU cores", *details])
-
-
 def machine_line(*details: str) -> str:
-    """One "Machine: ..." line of a markdown report (see `machine`)."""
+    """One "Machine: ..." line of a markdown report (`machine`: the architecture, the CPU cores, then
+    `details`)."""
     return "Machine: " + machine(*details)
 
 
-def gpu() -> str:
-    """The first CUDA device's name, or "no GPU"."""
-    import torch
+def cpu() -> str:
+    """The CPU model (as every metrics.json records it) and its bfloat16-related flags."""
+    from clusterlab.fit_report import environment
 
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    wanted = [f for f in flags if "bf16" in f or f.startswith("amx") or f == "avx512f"]
+    return f"{environment()['cpu']}; bf16-related flags: {' '.join(wanted) or 'none'}"
 
 
 def write_report(text: str, out: str | Path | None) -> None:

@@ -180,12 +180,21 @@ def write_block(results: Path, key: str, block: str) -> None:
     results.write_text(text)
 
 
-def machine(threads: int | None = None) -> str:
+def gpu() -> str:
+    """The first CUDA device's name, or "no GPU"."""
     import torch
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    per_run = f", {threads} thread(s) per run" if threads else ""
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores{per_run}, {gpu}"
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+
+
+def describe_machine(*details: str) -> str:
+    """The architecture and CPU cores, then `details` (threads, GPU, torch version...): the "machine"
+    of every results file, the runner's and the benchmark scripts' (benchmarks/record.py)."""
+    return ", ".join([platform.machine(), f"{os.cpu_count()} CPU cores", *details])
+
+
+def machine(threads: int | None = None) -> str:
+    return describe_machine(*([f"{threads} thread(s) per run"] if threads else []), gpu())
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
