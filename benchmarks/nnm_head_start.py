@@ -31,15 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record import command_line, gpu, machine  # noqa: E402 - the module beside this one
 
 REPO = Path(__file__).resolve().parents[1]
+# name: (its column title, its flags over experiments/nnm_fashion_mnist.yaml). Each variant states
+# every head-start flag it depends on, so that a change of the config's own values leaves it as named.
+START = ["--model.init_args.head_init_epoch", "0", "--model.init_args.head_init_restarts"]
 VARIANTS = {
-    "random": [],
-    "kmeans": ["--model.init_args.head_init_epoch", "0"],
-    "kmeans-diverse": ["--model.init_args.head_init_epoch", "0", "--model.init_args.head_init_restarts", "1"],
-}
-TITLES = {
-    "random": "random heads",
-    "kmeans": "k-means start",
-    "kmeans-diverse": "k-means start, 1 run a head",
+    "random": ("random heads", ["--model.init_args.head_init_epoch", "null"]),
+    "kmeans": ("k-means start", [*START, "10"]),
+    "kmeans-diverse": ("k-means start, 1 run a head", [*START, "1"]),
 }
 
 
@@ -64,7 +62,7 @@ def run_seed(work: Path, seed: int, variants: list[str]) -> None:
     for name in variants:
         log = work / f"nnm-{name}-{seed}.log"
         runs.append(
-            fit("experiments/nnm_fashion_mnist.yaml", seed, work / name, 1, pretext + VARIANTS[name], log)
+            fit("experiments/nnm_fashion_mnist.yaml", seed, work / name, 1, pretext + VARIANTS[name][1], log)
         )
         # The later runs read the neighbours the first mined and cached: one writer of the cache file.
         while runs[0].poll() is None and "label agreement" not in first_log.read_text(errors="replace"):
@@ -99,7 +97,7 @@ def collect(work: Path, seeds: list[int], variants: list[str]) -> dict:
 
 def markdown(result: dict) -> str:
     variants = result.get("variants", ["random", "kmeans"])
-    titles = "".join(f" {TITLES[name]}: ACC (each head) |" for name in variants)
+    titles = "".join(f" {VARIANTS[name][0]}: ACC (each head) |" for name in variants)
     lines = [f"| seed | pretext k-means |{titles}", "|---" * (2 + len(variants)) + "|"]
     for row in result["rows"]:
         cells = [str(row["seed"]), f"{row['pretext_kmeans_acc'] or float('nan'):.4f}"]

@@ -60,6 +60,8 @@ def write_report(
         "wall_time_s": round(wall_time, 1),
         "devices": trainer.world_size,
         **{k: results.get(k) for k in (*METRICS, "selected_head", "heads")},
+        # combine_heads "vote": the figures above are the heads' vote, not the selected head's.
+        **({"vote": True} if results.get("vote") else {}),
         # What selected the head: each head's unsupervised loss over the last training epoch.
         "head_losses": [None if math.isnan(v) else round(v, 6) for v in model.head_loss.tolist()],
         "cluster_sizes": results.get("cluster_sizes"),
@@ -130,6 +132,8 @@ def print_report(report: dict, run_dir: Path) -> None:
     for h, results in enumerate(heads):
         selected = " (selected)" if h == report["selected_head"] and len(heads) > 1 else ""
         row(f"{report['method']} head {h}{selected}", results)
+    if report.get("vote"):
+        row(f"{report['method']}, the {len(heads)} heads' vote", report)
     if "kmeans" in report:
         row("k-means (pixels)", report["kmeans"])
     console.print(table)

@@ -11,7 +11,9 @@ base class does the rest, the same way for every method:
   gathered to rank 0 (`clusterlab.passes.SampleOutputs`), labels used only to report them; a
   fitted head (k-means) is fitted there, on the whole set;
   cluster sizes and a collapse check (no label involved), broadcast to every rank;
-- label-free head selection: the head with the lowest unsupervised training loss (SCAN's rule);
+- label-free head selection: the head with the lowest unsupervised training loss (SCAN's rule),
+  or (`combine_heads="vote"`) the heads' vote, each head's clusters renamed after the selected
+  head's by their co-assignments over the last training epoch;
 - online prediction: cluster and confidence of any batch, a single image included (`assign`);
 - renumbering the clusters in place (`permute_clusters_`: the folder command orders them by size);
 - optimizer and schedule from the config (`optimizer`, `lr_scheduler` callables);
@@ -33,11 +35,12 @@ from typing import ClassVar
 
 import pytorch_lightning as pl
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from clusterlab import __version__
 from clusterlab.distributed import all_reduce_sum, broadcast_object
-from clusterlab.errors import CheckpointMismatchError, DivergenceError
+from clusterlab.errors import CheckpointMismatchError, ConfigError, DivergenceError
 from clusterlab.loggers import logs_this_step
 from clusterlab.metrics import evaluate
 from clusterlab.nn.heads import ClusterHead
@@ -103,6 +106,11 @@ class ClusteringMethod(pl.LightningModule, ABC):
         num_heads: number of cluster heads the method trains.
         optimizer: builds the optimizer from the parameters (a class path with init_args in YAML).
         lr_scheduler: builds a learning-rate scheduler from the optimizer; None: constant rate.
+        combine_heads: how the heads make the run's one partition. "select": the selected head's
+            (the lowest loss). "vote": every head's probabilities averaged, once each head's
+            clusters are renamed after the selected head's (relabelling and voting, as bagged
+            clustering: Dudoit and Fridlyand, Bioinformatics 2003). A method that offers "vote"
+            calls `record_head_assignments` in its training step.
     """
 
     folder_recipe: ClassVar[FolderRecipe | None] = None
@@ -115,9 +123,13 @@ class ClusteringMethod(pl.LightningModule, ABC):
         num_heads: int = 1,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
+        combine_heads: str = "select",
     ) -> None:
         super().__init__()
+        if combine_heads not in ("select", "vote"):
+            raise ConfigError(f'combine_heads must be "select" or "vote", not {combine_heads!r}')
         self.num_clusters, self.num_heads = num_clusters, num_heads
+        self.combine_heads = combine_heads
         self.backbone = backbone
         self.build_optimizer, self.build_lr_scheduler = optimizer, lr_scheduler
         # Mean unsupervised loss of each head over the last training epoch: selects the head. The
@@ -127,6 +139,13 @@ class ClusteringMethod(pl.LightningModule, ABC):
         self.register_buffer("head_loss_sum", torch.zeros(num_heads))
         self.register_buffer("head_loss_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("epochs_trained", torch.zeros((), dtype=torch.long))
+        if combine_heads == "vote":
+            # How often head h put a sample in its cluster i while head g put it in its cluster j,
+            # over the epoch in progress (heads x heads x C x C); from the last epoch's, each head's
+            # cluster matched to each of the selected head's (heads x C). Buffers, as the losses.
+            pairs = torch.zeros(num_heads, num_heads, num_clusters, num_clusters)
+            self.register_buffer("head_agreement", pairs)
+            self.register_buffer("head_alignment", torch.arange(num_clusters).repeat(num_heads, 1))
         self._batch_size: int | None = None
         self._evaluation = SampleOutputs()
         self.eval_results: dict = {}
@@ -187,6 +206,17 @@ class ClusteringMethod(pl.LightningModule, ABC):
         self.head_loss_sum += per_head.detach().float()  # stays on the device: no sync per step
         self.head_loss_steps += 1
         return loss
+
+    def record_head_assignments(self, probabilities: Tensor) -> None:
+        """Counts each pair of heads' clusters of the global batch (num_heads x B x C probabilities,
+        the same on every process, so that no count needs a reduction), for the vote's alignment.
+        Nothing unless combine_heads is "vote"."""
+        if self.combine_heads != "vote":
+            return
+        clusters = probabilities.detach().argmax(-1, keepdim=True)
+        # scatter_, not F.one_hot: one_hot checks its input's range, a read of the device
+        onehot = torch.zeros_like(probabilities, dtype=torch.float).scatter_(-1, clusters, 1.0)
+        self.head_agreement += torch.einsum("hbi,gbj->hgij", onehot, onehot)  # on the device: no sync
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # A step can leave the loss finite and the weights or running statistics not (a huge
@@ -288,6 +318,8 @@ class ClusteringMethod(pl.LightningModule, ABC):
     def on_train_epoch_start(self) -> None:
         self.head_loss_sum.zero_()
         self.head_loss_steps.zero_()
+        if self.combine_heads == "vote":
+            self.head_agreement.zero_()
 
     def on_train_epoch_end(self) -> None:
         steps = all_reduce_sum(self.head_loss_steps.float())
@@ -296,6 +328,8 @@ class ClusteringMethod(pl.LightningModule, ABC):
             self.head_loss.copy_(total / steps)
             if self.num_heads > 1:  # what selects the head, per epoch in metrics.csv
                 self.log_dict({f"train/loss_head{h}": loss for h, loss in enumerate(self.head_loss)})
+        if self.combine_heads == "vote" and self.head_agreement.sum() > 0:  # one read per epoch
+            self.head_alignment.copy_(match_clusters(self.head_agreement[:, self.selected_head]))
         self.epochs_trained += 1  # before the epoch's checkpoint (Lightning saves after this hook)
 
     @property
@@ -319,17 +353,30 @@ class ClusteringMethod(pl.LightningModule, ABC):
         """Soft assignments of a batch of uint8 images (a single image too): num_heads x B x C."""
         return self.cluster_logits(self.plain(images)).float().softmax(-1)
 
+    def combined_proba(self, probabilities: Tensor) -> Tensor:
+        """The run's one assignment (B x C) of every head's (num_heads x B x C): the selected head's,
+        or with combine_heads "vote" the mean over the heads, each head's cluster
+        head_alignment[h, k] read as the selected head's cluster k."""
+        if self.combine_heads == "select":
+            return probabilities[self.selected_head]
+        index = self.head_alignment.to(probabilities.device)[:, None, :].expand_as(probabilities)
+        return probabilities.gather(-1, index).mean(0)
+
     @torch.no_grad()
     def assign(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Online prediction of uint8 images: the selected head's cluster and its probability (B, B)."""
+        """Online prediction of uint8 images: the run's cluster (`combined_proba`) and its
+        probability (B, B)."""
+        if self.combine_heads == "vote":  # every head, each on the input it reads (DCCM's restarts)
+            confidence, cluster = self.combined_proba(self.predict_proba(images)).max(-1)
+            return cluster, confidence
         return self.assign_features(self.cluster_features(self.plain(images)))
 
     @torch.no_grad()
     def assign_features(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """`assign` of the features the cluster head reads (`cluster_features`), for a caller that
-        holds them already (features embedded once by a frozen backbone)."""
+        holds them already (features embedded once by a frozen backbone, which every head reads)."""
         probabilities = self.cluster_head(features).float().softmax(-1)
-        confidence, cluster = probabilities[self.selected_head].max(-1)
+        confidence, cluster = self.combined_proba(probabilities).max(-1)
         return cluster, confidence
 
     def evaluation_outputs(self, images: Tensor) -> dict[str, Tensor]:
@@ -337,7 +384,11 @@ class ClusteringMethod(pl.LightningModule, ABC):
         for a fitted head, the features it is fitted to."""
         if self.cluster_head.fitted:
             return {"features": self.cluster_features(self.plain(images))}
-        return {"cluster": self.predict_proba(images).argmax(-1).T}
+        probabilities = self.predict_proba(images)
+        clusters = probabilities.argmax(-1).T
+        if self.combine_heads == "vote":  # the vote's cluster: a last column
+            clusters = torch.cat([clusters, self.combined_proba(probabilities).argmax(-1)[:, None]], 1)
+        return {"cluster": clusters}
 
     def evaluation_clusters(self, outputs: dict[str, Tensor], stage: str) -> Tensor | None:
         """Every head's cluster of every evaluation sample (N x heads), from the outputs gathered to
@@ -357,6 +408,9 @@ class ClusteringMethod(pl.LightningModule, ABC):
         if sorted(index.tolist()) != list(range(self.num_clusters)):
             raise ValueError(f"{index.tolist()} is not a permutation of the {self.num_clusters} clusters")
         self.cluster_head.permute_(index)
+        if self.combine_heads == "vote":  # the selected head's cluster k is now its old order[k]
+            inverse = index.argsort().to(self.head_alignment.device)
+            self.head_alignment.copy_(inverse[self.head_alignment[:, index.to(inverse.device)]])
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         with torch.no_grad():
@@ -384,21 +438,23 @@ class ClusteringMethod(pl.LightningModule, ABC):
         results = None
         if outputs:
             clusters, labels = clusters.cpu(), outputs["label"].cpu()
-            heads = [evaluate(clusters[:, h], labels) for h in range(clusters.shape[1])]
+            voted = self.combine_heads == "vote" and not self.cluster_head.fitted
+            heads = [evaluate(clusters[:, h], labels) for h in range(clusters.shape[1] - voted)]
             selected = self.selected_head
-            sizes = torch.bincount(clusters[:, selected], minlength=self.num_clusters)[
-                : self.num_clusters
-            ].tolist()
+            final = clusters[:, -1] if voted else clusters[:, selected]  # the run's partition
+            sizes = torch.bincount(final, minlength=self.num_clusters)[: self.num_clusters].tolist()
             results = {
                 "heads": heads,
                 "selected_head": selected,
-                **heads[selected],
+                **(evaluate(final, labels) if voted else heads[selected]),
+                **({"vote": True} if voted else {}),
                 "cluster_sizes": sizes,
                 "collapsed": collapsed(sizes),
             }
         self.eval_results = broadcast_object(results)
         heads, selected = self.eval_results["heads"], self.eval_results["selected_head"]
-        for name, value in heads[selected].items():
+        for name in heads[selected]:
+            value = self.eval_results[name]
             self.log(
                 f"{stage}/{name}", value, prog_bar=name == "acc", sync_dist=True
             )  # the same on every rank
@@ -409,7 +465,7 @@ class ClusteringMethod(pl.LightningModule, ABC):
                 )
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Online prediction: cluster (argmax of the selected head) and its probability."""
+        """Online prediction: the run's cluster (`assign`) and its probability."""
         cluster, confidence = self.assign(batch["image"])
         return {"index": batch["index"], "cluster": cluster, "confidence": confidence}
 
@@ -476,3 +532,14 @@ def collapsed(sizes: list[int], largest_share: float = 0.9) -> bool:
     if total == 0:
         return False
     return max(sizes) > largest_share * total or sum(s > 0 for s in sizes) < len(sizes) / 2
+
+
+def match_clusters(agreement: Tensor) -> Tensor:
+    """Each head's cluster matched to each reference cluster, from their co-assignment counts
+    (heads x C x C: head's cluster, reference's), by the Hungarian method: heads x C, row h's
+    entry k being head h's cluster matched to reference cluster k. No label involved."""
+    alignment = torch.empty(agreement.shape[:2], dtype=torch.long)
+    for h, counts in enumerate(agreement.cpu().double().numpy()):
+        rows, cols = linear_sum_assignment(counts, maximize=True)
+        alignment[h, torch.as_tensor(cols)] = torch.as_tensor(rows)
+    return alignment

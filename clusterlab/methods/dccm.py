@@ -78,6 +78,11 @@ class DCCM(ClusteringMethod):
             with the lowest loss kept, as k-means keeps the best of its restarts. Heads on one
             backbone end in one partition, so their losses cannot tell a crossed partition from
             a good one; restarts can. Costs num_heads times the compute of one network.
+        combine_heads: "select": the run is its selected head's (restart's) partition. "vote":
+            the heads' vote (`ClusteringMethod`), each restart's clusters renamed after the
+            selected one's by the targets z of the last epoch: among restarts that all found the
+            digits, the lowest loss is no better than a coin toss, and the vote outvotes a
+            restart's own mistakes. Not in the paper.
         target_momentum: None: the targets W, y, V of a step come from the network being trained
             (the paper). A value m: from a moving average of its backbone and heads,
             theta~ <- m theta~ + (1 - m) theta after every step (a mean teacher: Tarvainen and
@@ -121,12 +126,18 @@ class DCCM(ClusteringMethod):
         logit_norm: bool = True,
         num_heads: int = 1,
         separate_backbones: bool = False,
+        combine_heads: str = "select",
         target_momentum: float | None = None,
         optimizer: OptimizerCallable = torch.optim.RMSprop,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__(
-            num_clusters, backbone, num_heads=num_heads, optimizer=optimizer, lr_scheduler=lr_scheduler
+            num_clusters,
+            backbone,
+            num_heads=num_heads,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            combine_heads=combine_heads,
         )
         self.save_hyperparameters()
         if not (use_pseudo_graph_loss or use_pseudo_label_loss or use_mutual_information_loss):
@@ -257,6 +268,7 @@ class DCCM(ClusteringMethod):
             shallow = [gather(m) for m in shallow]
             scores = self.pair_scores(gather(batch["index"]), batch_idx)
 
+        self.record_head_assignments(torch.stack(probs))  # the vote's alignment (combine_heads "vote")
         per_head, class_labels = [], gather(batch["label"])  # labels: for the logged diagnostics only
         for h in range(self.num_heads):
             graph = pseudo_graph(probs[h], self.hparams.graph_threshold)

@@ -13,6 +13,7 @@ from clusterlab.data.datamodule import ClusterDataModule
 from clusterlab.data.sources import Digits
 from clusterlab.data.views import GeometricViews, Views
 from clusterlab.methods import DCCM
+from clusterlab.methods.base import match_clusters
 from clusterlab.nn import SmallCNN
 from tests.ddp_workers import RecordFirstStep
 from tests.helpers import REPO, tiny_cnn, trainer
@@ -340,3 +341,104 @@ def test_separate_backbones_are_independent_restarts_and_the_lowest_loss_one_ass
             separate_backbones=True,
             target_momentum=0.9,
         )
+
+
+def test_the_restarts_vote_renames_each_restarts_clusters_after_the_selected_ones():
+    """combine_heads "vote": the co-assignments of a training epoch match every head's clusters to
+    the selected head's (Hungarian method, no label), and the run's assignment is the mean of the
+    renamed probabilities: heads that are one partition under other names vote as that partition,
+    and two heads outvote the selected one where it alone errs."""
+    torch.manual_seed(0)
+    model = DCCM(
+        10,
+        tiny_cnn(),
+        GeometricViews(flip=False),
+        discriminator_dim=16,
+        num_heads=3,
+        separate_backbones=True,
+        combine_heads="vote",
+    )
+    reference = torch.randn(200, 10).mul(3).softmax(-1)
+    names = [torch.arange(10), torch.randperm(10), torch.randperm(10)]  # head h's cluster names[h][k] is k
+    probabilities = torch.stack([reference[:, torch.argsort(order)] for order in names])
+    assert torch.equal(probabilities[1].argmax(-1), names[1][reference.argmax(-1)])
+    model.on_train_epoch_start()
+    model.record_head_assignments(probabilities)
+    model.head_loss.copy_(torch.tensor([0.2, 0.5, 0.7]))  # head 0 selected
+    model.head_alignment.copy_(match_clusters(model.head_agreement[:, model.selected_head]))
+    assert torch.equal(model.head_alignment, torch.stack(names))
+    torch.testing.assert_close(model.combined_proba(probabilities), reference)
+
+    # The selected head errs on the first 20 samples; the other two outvote it.
+    wrong = probabilities.clone()
+    wrong[0, :20] = probabilities[0, :20].roll(1, -1)
+    voted = model.combined_proba(wrong).argmax(-1)
+    assert not torch.equal(wrong[0].argmax(-1)[:20], reference.argmax(-1)[:20])
+    assert torch.equal(voted, reference.argmax(-1))
+
+    # Renumbering the clusters (the folder command) renames the vote's clusters the same way.
+    images = Digits().load("train+test").images[:64]
+    model.eval()
+    before, _ = model.assign(images)
+    order = torch.randperm(10)
+    model.permute_clusters_(order)
+    after, _ = model.assign(images)
+    assert torch.equal(after, torch.argsort(order)[before])
+    with pytest.raises(Exception, match='combine_heads must be "select" or "vote"'):
+        DCCM(10, tiny_cnn(), GeometricViews(flip=False), combine_heads="mean")
+
+
+def test_a_voting_run_reports_the_vote_and_its_checkpoint_predicts_it(tmp_path):
+    """A training run with combine_heads "vote": each epoch's alignment comes from that epoch's
+    co-assignments; the evaluation reports the vote (every head's figures beside it); `assign`
+    of the run and of its checkpoint give the vote's clusters."""
+    torch.manual_seed(0)
+    model = DCCM(
+        10,
+        tiny_cnn(),
+        GeometricViews(flip=False),
+        discriminator_dim=16,
+        num_heads=3,
+        separate_backbones=True,
+        combine_heads="vote",
+    )
+    data = ClusterDataModule("digits", batch_size=128)
+    run = trainer(1, max_epochs=2, limit_train_batches=4)
+    run.fit(model, data)
+    run.validate(model, data, verbose=False)  # the final evaluation, as `clusterlab fit` ends
+    selected = model.selected_head
+    alignment = model.head_alignment.clone()
+    assert torch.equal(alignment, match_clusters(model.head_agreement[:, selected]))
+    assert torch.equal(alignment[selected], torch.arange(10))
+    assert all(sorted(row.tolist()) == list(range(10)) for row in alignment)
+    assert model.head_agreement.sum() == 3 * 3 * 4 * 128  # every pair of heads, every sample of the epoch
+
+    results = model.eval_results
+    assert results["vote"] and len(results["heads"]) == 3
+    images = data.eval_set.images
+    model.eval()
+    probabilities = model.predict_proba(images)
+    renamed = torch.stack([probabilities[h][:, alignment[h]] for h in range(3)]).mean(0)
+    cluster, confidence = model.assign(images)
+    assert torch.equal(cluster, renamed.argmax(-1))
+    torch.testing.assert_close(confidence, renamed.max(-1).values)
+    from clusterlab.metrics import evaluate
+
+    assert results["acc"] == evaluate(cluster, data.eval_set.labels)["acc"]
+    assert results["cluster_sizes"] == torch.bincount(cluster, minlength=10).tolist()
+
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    torch.manual_seed(1)
+    restored = DCCM(
+        10,
+        tiny_cnn(),
+        GeometricViews(flip=False),
+        discriminator_dim=16,
+        num_heads=3,
+        separate_backbones=True,
+        combine_heads="vote",
+    )
+    restored.load_state_dict(checkpoint["state_dict"])
+    restored.eval()
+    assert torch.equal(restored.assign(images)[0], cluster)
