@@ -54,7 +54,8 @@ def rank0_gather_worker(rank: int, world: int, store: str, out: str) -> None:
 
 
 class RecordFirstStep(pl.Callback):
-    """Saves the loss and the (DDP-averaged) parameter gradients of the first training step."""
+    """Saves the loss, the (DDP-averaged) parameter gradients and the vote's co-assignment counts of
+    the first training step."""
 
     def __init__(self, out: str) -> None:
         self.out = out
@@ -68,7 +69,13 @@ class RecordFirstStep(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == 0:
             torch.save(
-                {"loss": outputs["loss"].detach(), "grads": self.grads, "batch": batch["index"]},
+                {
+                    "loss": outputs["loss"].detach(),
+                    "grads": self.grads,
+                    "batch": batch["index"],
+                    # what a step counts for the heads' vote (combine_heads "vote"), where it does
+                    "head_agreement": getattr(pl_module, "head_agreement", torch.zeros(0)).clone(),
+                },
                 Path(self.out) / f"rank{trainer.global_rank}.pt",
             )
 

@@ -157,13 +157,15 @@ def _dccm_model(**kwargs) -> DCCM:
         pytest.param(True, 1, marks=pytest.mark.slow),
         pytest.param(False, 2, marks=pytest.mark.slow),
     ],
-    ids=["paper", "authors-chunks", "two-heads"],
+    ids=["paper", "authors-chunks", "two-heads-voting"],
 )
 def test_dccm_training_step_on_two_processes_equals_one_process_with_the_whole_batch(
     tmp_path, chunked, num_heads
 ):
     pl.seed_everything(0)
-    model = _dccm_model(num_heads=num_heads, **({"chunk_size": 128, "chunk_repeats": 2} if chunked else {}))
+    options = {"chunk_size": 128, "chunk_repeats": 2} if chunked else {}
+    options.update({"combine_heads": "vote"} if num_heads > 1 else {})
+    model = _dccm_model(num_heads=num_heads, **options)
     single_out, ddp_out = tmp_path / "single", tmp_path / "ddp"
     single_out.mkdir(), ddp_out.mkdir()
 
@@ -188,7 +190,10 @@ def test_dccm_training_step_on_two_processes_equals_one_process_with_the_whole_b
     single = torch.load(single_out / "rank0.pt")
     ranks = [torch.load(ddp_out / f"rank{r}.pt") for r in range(2)]
     assert sorted(torch.cat([r["batch"] for r in ranks]).tolist()) == sorted(single["batch"].tolist())
+    if num_heads > 1:  # the vote's counts: of the global batch, the same on every process as on one
+        assert single["head_agreement"].sum() == num_heads**2 * 64
     for result in ranks:
+        assert torch.equal(result["head_agreement"], single["head_agreement"])
         assert float(result["loss"]) == pytest.approx(float(single["loss"]), rel=1e-5)
         assert result["grads"].keys() == single["grads"].keys()
         assert any(name.startswith("discriminators") for name in single["grads"])
