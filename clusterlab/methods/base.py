@@ -380,8 +380,9 @@ class ClusteringMethod(pl.LightningModule, ABC):
         return cluster, confidence
 
     def evaluation_outputs(self, images: Tensor) -> dict[str, Tensor]:
-        """What the evaluation keeps of each sample, rows first: every head's cluster (B x heads);
-        for a fitted head, the features it is fitted to."""
+        """What the evaluation keeps of each sample, rows first: every head's cluster (B x heads; with
+        combine_heads "vote", the vote's cluster as a last column); for a fitted head, the features
+        it is fitted to."""
         if self.cluster_head.fitted:
             return {"features": self.cluster_features(self.plain(images))}
         probabilities = self.predict_proba(images)
