@@ -246,7 +246,7 @@ class ClusteringMethod(pl.LightningModule, ABC):
         return [
             (n, t.detach())
             for n, t in (*parameters, *self.named_buffers())
-            if t.is_floating_point() and t.numel() and not n.startswith("head_loss")
+            if t.is_floating_point() and t.numel() and not n.startswith(("head_loss", "head_agreement"))
         ]
 
     def _divergence_state(self, device: torch.device) -> dict:
