@@ -131,14 +131,7 @@ class DCCM(ClusteringMethod):
         optimizer: OptimizerCallable = torch.optim.RMSprop,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(
-            num_clusters,
-            backbone,
-            num_heads=num_heads,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            combine_heads=combine_heads,
-        )
+        super().__init__(num_clusters, backbone, num_heads, optimizer, lr_scheduler, combine_heads)
         self.save_hyperparameters()
         if not (use_pseudo_graph_loss or use_pseudo_label_loss or use_mutual_information_loss):
             raise ConfigError(
