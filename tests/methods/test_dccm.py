@@ -14,6 +14,7 @@ from clusterlab.data.sources import Digits
 from clusterlab.data.views import GeometricViews, Views
 from clusterlab.methods import DCCM
 from clusterlab.methods.base import match_clusters
+from clusterlab.metrics import evaluate
 from clusterlab.nn import SmallCNN
 from tests.ddp_workers import RecordFirstStep
 from tests.helpers import REPO, tiny_cnn, trainer
@@ -348,13 +349,10 @@ def test_separate_backbones_are_independent_restarts_and_the_lowest_loss_one_ass
         )
 
 
-def test_the_restarts_vote_renames_each_restarts_clusters_after_the_selected_ones():
-    """combine_heads "vote": the co-assignments of a training epoch match every head's clusters to
-    the selected head's (Hungarian method, no label), and the run's assignment is the mean of the
-    renamed probabilities: heads that are one partition under other names vote as that partition,
-    and two heads outvote the selected one where it alone errs."""
-    torch.manual_seed(0)
-    model = DCCM(
+def voting_restarts(seed: int) -> DCCM:
+    """Three restarts on separate tiny backbones that vote (combine_heads "vote"), drawn from `seed`."""
+    torch.manual_seed(seed)
+    return DCCM(
         10,
         tiny_cnn(),
         GeometricViews(flip=False),
@@ -363,6 +361,14 @@ def test_the_restarts_vote_renames_each_restarts_clusters_after_the_selected_one
         separate_backbones=True,
         combine_heads="vote",
     )
+
+
+def test_the_restarts_vote_renames_each_restarts_clusters_after_the_selected_ones():
+    """combine_heads "vote": the co-assignments of a training epoch match every head's clusters to
+    the selected head's (Hungarian method, no label), and the run's assignment is the mean of the
+    renamed probabilities: heads that are one partition under other names vote as that partition,
+    and two heads outvote the selected one where it alone errs."""
+    model = voting_restarts(seed=0)
     reference = torch.randn(200, 10).mul(3).softmax(-1)
     names = [torch.arange(10), torch.randperm(10), torch.randperm(10)]  # head h's cluster names[h][k] is k
     probabilities = torch.stack([reference[:, torch.argsort(order)] for order in names])
@@ -397,16 +403,7 @@ def test_a_voting_run_reports_the_vote_and_its_checkpoint_predicts_it(tmp_path):
     """A training run with combine_heads "vote": each epoch's alignment comes from that epoch's
     co-assignments; the evaluation reports the vote (every head's figures beside it); `assign`
     of the run and of its checkpoint give the vote's clusters."""
-    torch.manual_seed(0)
-    model = DCCM(
-        10,
-        tiny_cnn(),
-        GeometricViews(flip=False),
-        discriminator_dim=16,
-        num_heads=3,
-        separate_backbones=True,
-        combine_heads="vote",
-    )
+    model = voting_restarts(seed=0)
     data = ClusterDataModule("digits", batch_size=128)
     run = trainer(1, max_epochs=2, limit_train_batches=4)
     run.fit(model, data)
@@ -427,23 +424,12 @@ def test_a_voting_run_reports_the_vote_and_its_checkpoint_predicts_it(tmp_path):
     cluster, confidence = model.assign(images)
     assert torch.equal(cluster, renamed.argmax(-1))
     torch.testing.assert_close(confidence, renamed.max(-1).values)
-    from clusterlab.metrics import evaluate
-
     assert results["acc"] == evaluate(cluster, data.eval_set.labels)["acc"]
     assert results["cluster_sizes"] == torch.bincount(cluster, minlength=10).tolist()
 
     checkpoint = {"state_dict": model.state_dict()}
     model.on_save_checkpoint(checkpoint)
-    torch.manual_seed(1)
-    restored = DCCM(
-        10,
-        tiny_cnn(),
-        GeometricViews(flip=False),
-        discriminator_dim=16,
-        num_heads=3,
-        separate_backbones=True,
-        combine_heads="vote",
-    )
+    restored = voting_restarts(seed=1)  # other weights, until the checkpoint's load
     restored.load_state_dict(checkpoint["state_dict"])
     restored.eval()
     assert torch.equal(restored.assign(images)[0], cluster)
