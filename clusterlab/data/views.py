@@ -94,6 +94,8 @@ class SimCLRViews(Views):
         standardize: per-image standardisation last (see `Views`; `clusterlab cluster` on photos).
         hue: the hue jitter, a fraction of the colour circle up to 0.5 (None: 0.2 x strength).
         flip: the horizontal flip (SimCLR's; wrong where a mirror image is another kind, as digits).
+        shear: degrees, +-, parallel to the x axis, after the crop (0: none, SimCLR's): the slant
+            of handwriting and of italic type (`clusterlab cluster` on a folder without flips).
     """
 
     def __init__(
@@ -109,9 +111,12 @@ class SimCLRViews(Views):
         standardize: bool = False,
         hue: float | None = None,
         flip: bool = True,
+        shear: float = 0.0,
     ) -> None:
         s = strength
         augmentations: list[nn.Module] = [K.RandomResizedCrop((size, size), scale=crop_scale)]
+        if shear:
+            augmentations.append(_PixelAffine(0.0, 0.0, (1.0, 1.0), shear))
         if flip:
             augmentations.append(K.RandomHorizontalFlip())
         augmentations += [

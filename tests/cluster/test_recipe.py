@@ -80,6 +80,17 @@ def test_every_method_s_views_flip_only_when_the_recipe_says_so(method):
     assert not [m for m in model.views.modules() if isinstance(m, RandomHorizontalFlip)]
 
 
+@pytest.mark.parametrize("method", ["cc", "scl", "dccm", "clusterlab.methods.SimCLR"])
+def test_views_without_flips_slant_instead(method):
+    """A folder with a side (digits, text) varies by slant where a folder of objects varies by
+    mirroring: its views shear by up to SLANT degrees; a folder that flips keeps SimCLR's views."""
+    from clusterlab.cluster import recipe
+
+    for flip in (True, False):  # the views' shear itself: tests/data/test_views.py
+        _, resolved = recipe.build(recipe.clustering(method, 16, 5, 100, 10, "unused.ckpt", flip=flip))
+        assert resolved["init_args"]["views"]["init_args"]["shear"] == (0.0 if flip else recipe.SLANT)
+
+
 def test_the_recipe_config_is_the_model_trained():
     from clusterlab.cluster import recipe
 

@@ -103,8 +103,11 @@ def _slant(images: torch.Tensor) -> torch.Tensor:
         lambda shear: GeometricViews(
             rotation=0, shift=0, zoom=(1.0, 1.0), shear=shear, flip=False, channel_shift=0
         ),
+        lambda shear: SimCLRViews(
+            size=32, crop_scale=(1.0, 1.0), jitter_p=0.0, grayscale_p=0.0, flip=False, shear=shear
+        ),
     ],
-    ids=["small_image_views", "geometric_views"],
+    ids=["small_image_views", "geometric_views", "simclr_views"],
 )
 def test_shear_slants_an_upright_stroke_both_ways_and_zero_keeps_it_upright(family):
     """Handwriting slant: a vertical bar comes out leaning left or right, per image."""
