@@ -87,6 +87,11 @@ def _slant(images: torch.Tensor) -> torch.Tensor:
     return centre(images[:, :, 4:10]) - centre(images[:, :, -10:-4])
 
 
+def _on_rgb(views):
+    """SimCLR's views take RGB (colour jitter): the grey bar, three times."""
+    return lambda images: views(images.expand(-1, 3, -1, -1))
+
+
 @pytest.mark.parametrize(
     "family",
     [
@@ -103,8 +108,10 @@ def _slant(images: torch.Tensor) -> torch.Tensor:
         lambda shear: GeometricViews(
             rotation=0, shift=0, zoom=(1.0, 1.0), shear=shear, flip=False, channel_shift=0
         ),
-        lambda shear: SimCLRViews(
-            size=32, crop_scale=(1.0, 1.0), jitter_p=0.0, grayscale_p=0.0, flip=False, shear=shear
+        lambda shear: _on_rgb(
+            SimCLRViews(
+                size=32, crop_scale=(1.0, 1.0), jitter_p=0.0, grayscale_p=0.0, flip=False, shear=shear
+            )
         ),
     ],
     ids=["small_image_views", "geometric_views", "simclr_views"],
