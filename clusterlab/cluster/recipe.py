@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import copy
 import importlib
-import inspect
 import math
 
 import torch
 
+from clusterlab.config_checks import class_signature
 from clusterlab.errors import ConfigError
 from clusterlab.methods import FOLDER_METHODS
 from clusterlab.methods.base import ClusteringMethod, FolderRecipe
@@ -99,22 +99,18 @@ def pretrained(name: str, weights: str | None = None, precision: str = "32") -> 
 def views(recipe: FolderRecipe, size: int, flip: bool = True, pretrained: bool = False) -> dict:
     """The recipe's views at `size`, each image standardised, with the horizontal flip or, for a
     folder whose mirror images are not of its kinds (`mirror_ratio`), without it and slanted
-    (`SLANT`, where the views take a shear). A method on frozen
-    features sees the images as they are (no augmentation): standardised at `size` as the folder's
-    SimCLR pretext sees them, or, for a `pretrained` network, as they are decoded (the network
-    resizes and normalises its input as its weights expect)."""
+    (`SLANT`, where the views take a shear). A method on frozen features sees the images as they
+    are (no augmentation): standardised at `size` as the folder's SimCLR pretext sees them, or, for
+    a `pretrained` network, as they are decoded (the network resizes and normalises its input as its
+    weights expect)."""
     if recipe.frozen_features:
         plain = {} if pretrained else {"size": size, "standardize": True}
         return {"class_path": recipe.views, "init_args": {**plain, **copy.deepcopy(recipe.view_args)}}
     args = {"size": size, **copy.deepcopy(recipe.view_args), "flip": flip, "standardize": True}
-    if not flip and "shear" in inspect.signature(_class(recipe.views)).parameters:
+    signature = class_signature(recipe.views)
+    if not flip and signature is not None and "shear" in signature.parameters:
         args["shear"] = SLANT
     return {"class_path": recipe.views, "init_args": args}
-
-
-def _class(path: str) -> type:
-    module_name, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module_name), name)
 
 
 # The slant of the views of a folder without flips, in degrees (+-, a shear parallel to the x axis,
