@@ -28,7 +28,10 @@ CONCEPT = "train/clustering/concept"
 
 def signals(run: Path, last: int = 10) -> dict:
     """The target task's cluster sizes and concept loss at the end of one SCL run, and its ACC."""
-    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    if not checkpoint.is_file() or not (run / "metrics.json").is_file():
+        raise SystemExit(f"{run}: not a finished run folder (needs checkpoints/last.ckpt and metrics.json)")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     labels = state["state_dict"]["sample_table.labels"][0]  # row 0: the target task (scl_tasks' order)
     clusters = state["hyper_parameters"]["num_clusters"]
     sizes = torch.bincount(labels, minlength=clusters).sort().values.tolist()
