@@ -29,8 +29,10 @@ CONCEPT = "train/clustering/concept"
 def signals(run: Path, last: int = 10) -> dict:
     """The target task's cluster sizes and concept loss at the end of one SCL run, and its ACC."""
     checkpoint = run / "checkpoints" / "last.ckpt"
-    if not checkpoint.is_file() or not (run / "metrics.json").is_file():
-        raise SystemExit(f"{run}: not a finished run folder (needs checkpoints/last.ckpt and metrics.json)")
+    if not all(path.is_file() for path in (checkpoint, run / "metrics.csv", run / "metrics.json")):
+        raise SystemExit(
+            f"{run}: not a finished run folder (needs checkpoints/last.ckpt, metrics.csv and metrics.json)"
+        )
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     labels = state["state_dict"]["sample_table.labels"][0]  # row 0: the target task (scl_tasks' order)
     clusters = state["hyper_parameters"]["num_clusters"]
@@ -59,14 +61,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     rows = sorted((signals(run, args.last) for run in args.runs), key=lambda row: row["seed"])
+    command, machine = command_line(), machine_line(cpu())
     lines = [
         "# SCL at the end of a run: cluster sizes and concept loss beside ACC",
         "",
         "```",
-        command_line(),
+        command,
         "```",
         "",
-        machine_line(cpu()),
+        machine,
         "",
         f"| seed | ACC | smallest / largest cluster (x N / C) | sizes | concept loss, last {args.last} epochs"
         " |",
@@ -80,7 +83,7 @@ def main() -> None:
         )
     write_report("\n".join(lines) + "\n", args.out)
     if args.out:
-        record = {"command": command_line(), "machine": machine_line(cpu())[len("Machine: ") :], "runs": rows}
+        record = {"command": command, "machine": machine[len("Machine: ") :], "runs": rows}
         args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
 
 
