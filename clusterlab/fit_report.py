@@ -64,6 +64,8 @@ def write_report(
         **({"vote": True} if results.get("vote") else {}),
         # What selected the head: each head's unsupervised loss over the last training epoch.
         "head_losses": [None if math.isnan(v) else round(v, 6) for v in model.head_loss.tolist()],
+        # restarts > 1: each restart's criterion (mean over its last epochs) and the one kept.
+        **(restart_report(model) if getattr(model, "restarts", 1) > 1 else {}),
         "cluster_sizes": results.get("cluster_sizes"),
         "collapsed": results.get("collapsed"),
         **({"diagnostics": model.diagnostics} if model.diagnostics else {}),
@@ -107,6 +109,17 @@ def kmeans_baseline(images: torch.Tensor, labels: torch.Tensor, num_clusters: in
     return evaluate(assignments, labels)
 
 
+def restart_report(model) -> dict:
+    scores = [None if math.isnan(v) else round(v, 6) for v in model.restart_scores.tolist()]
+    return {
+        "restarts": {
+            "criterion": model.restart_criterion,
+            "scores": scores,
+            "selected": model.selected_restart,
+        }
+    }
+
+
 def print_report(report: dict, run_dir: Path) -> None:
     """The report as a table of ACC / NMI / ARI / AMI / many-to-one ACC per head (and k-means), a
     collapse warning where the clusters collapsed, and the run directory."""
@@ -137,6 +150,14 @@ def print_report(report: dict, run_dir: Path) -> None:
     if "kmeans" in report:
         row("k-means (pixels)", report["kmeans"])
     console.print(table)
+    restarts = report.get("restarts")
+    if restarts:
+        scores = " / ".join("-" if v is None else f"{v:.4f}" for v in restarts["scores"])
+        console.print(
+            f"restarts ({restarts['criterion']}, the lowest kept): {scores}; kept: restart "
+            f"{restarts['selected']}",
+            highlight=False,
+        )
     for name, value in (report.get("diagnostics") or {}).items():
         console.print(f"{name}: {value:.4f}", highlight=False)
     if report.get("collapsed"):

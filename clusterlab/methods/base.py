@@ -19,7 +19,10 @@ base class does the rest, the same way for every method:
 - optimizer and schedule from the config (`optimizer`, `lr_scheduler` callables);
 - per-step reseeding, so that a resumed run repeats the same random draws (clusterlab.seeding);
 - a divergence guard that names the loss term, step and learning rate, or the parameter;
-- checkpoints that say which method wrote them, and refuse to load into another.
+- checkpoints that say which method wrote them, and refuse to load into another;
+- restarts (`restarts` R > 1, for a method that names a label-free `restart_criterion`): the run's
+  epochs are R runs of equal length one after another, each from weights and state drawn afresh,
+  and the one whose criterion ends lowest is kept, as k-means keeps the best of its restarts.
 
 A method without a trained cluster head makes its `cluster_head` a `clusterlab.nn.KMeansHead`
 (SimCLR; CC's "ICH only"; SCL without its target task): nothing more.
@@ -44,8 +47,9 @@ from clusterlab.errors import CheckpointMismatchError, ConfigError, DivergenceEr
 from clusterlab.loggers import logs_this_step
 from clusterlab.metrics import evaluate
 from clusterlab.nn.heads import ClusterHead
+from clusterlab.nn.init import redraw_
 from clusterlab.passes import SampleOutputs
-from clusterlab.seeding import reseed
+from clusterlab.seeding import derive_seed, reseed
 
 OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
 LRSchedulerCallable = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -106,6 +110,11 @@ class ClusteringMethod(pl.LightningModule, ABC):
         num_heads: number of cluster heads the method trains.
         optimizer: builds the optimizer from the parameters (a class path with init_args in YAML).
         lr_scheduler: builds a learning-rate scheduler from the optimizer; None: constant rate.
+        restarts: R: the run's max_epochs are R restarts of max_epochs / R epochs each, one after
+            another, each from freshly drawn weights and state (`reinitialise_`), a fresh optimizer
+            state and a fresh learning-rate schedule; the restart whose `restart_criterion` (mean
+            over its last 10 epochs) is lowest is the run's model. 1: one run, no restart. Costs R
+            times the compute of one run. Needs a method with a `restart_criterion`.
         combine_heads: how the heads make the run's one partition. "select": the selected head's
             (the lowest loss). "vote": every head's probabilities averaged, once each head's
             clusters are renamed after the selected head's (relabelling and voting, as bagged
@@ -115,6 +124,10 @@ class ClusteringMethod(pl.LightningModule, ABC):
 
     folder_recipe: ClassVar[FolderRecipe | None] = None
     cluster_head: ClusterHead
+    # The loss term (a key of the terms given to `objective`) whose mean over a restart's last
+    # RESTART_WINDOW epochs ranks restarts (`restarts`); None: the method offers no restarts.
+    restart_criterion: ClassVar[str | None] = None
+    RESTART_WINDOW: ClassVar[int] = 10
 
     def __init__(
         self,
@@ -124,10 +137,16 @@ class ClusteringMethod(pl.LightningModule, ABC):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         combine_heads: str = "select",
+        restarts: int = 1,
     ) -> None:
         super().__init__()
         if combine_heads not in ("select", "vote"):
             raise ConfigError(f'combine_heads must be "select" or "vote", not {combine_heads!r}')
+        if restarts < 1:
+            raise ConfigError(f"restarts must be at least 1, not {restarts}")
+        if restarts > 1 and self.restart_criterion is None:
+            raise ConfigError(f"{type(self).__name__} has no restart criterion: restarts must be 1")
+        self.restarts = restarts
         self.num_clusters, self.num_heads = num_clusters, num_heads
         self.combine_heads = combine_heads
         self.backbone = backbone
@@ -146,6 +165,16 @@ class ClusteringMethod(pl.LightningModule, ABC):
             pairs = torch.zeros(num_heads, num_heads, num_clusters, num_clusters)
             self.register_buffer("head_agreement", pairs)
             self.register_buffer("head_alignment", torch.arange(num_clusters).repeat(num_heads, 1))
+        if restarts > 1:
+            # Each restart's score, once it ended; the criterion's mean of each of the last
+            # RESTART_WINDOW epochs of the restart in progress; its running sum in the epoch in
+            # progress. Buffers: a resumed run continues the restart it was in.
+            self.register_buffer("restart_scores", torch.full((restarts,), float("nan")))
+            self.register_buffer("criterion_epochs", torch.full((self.RESTART_WINDOW,), float("nan")))
+            self.register_buffer("criterion_sum", torch.zeros(()))
+            self.register_buffer("criterion_steps", torch.zeros((), dtype=torch.long))
+        # The state of the best restart so far (CPU copies; in the checkpoint, beside the weights).
+        self._best_restart: dict[str, Tensor] | None = None
         self._batch_size: int | None = None
         self._evaluation = SampleOutputs()
         self.eval_results: dict = {}
@@ -205,6 +234,9 @@ class ClusteringMethod(pl.LightningModule, ABC):
         per_head = head_losses if head_losses is not None else loss.expand(self.num_heads)
         self.head_loss_sum += per_head.detach().float()  # stays on the device: no sync per step
         self.head_loss_steps += 1
+        if self.restarts > 1 and self.restart_criterion in terms:  # on the device, as the head losses
+            self.criterion_sum += terms[self.restart_criterion].detach().float()
+            self.criterion_steps += 1
         return loss
 
     def record_head_assignments(self, probabilities: Tensor) -> None:
@@ -228,6 +260,13 @@ class ClusteringMethod(pl.LightningModule, ABC):
         if getattr(self, "_read_divergence", True):
             self.check_divergence()
 
+    def on_fit_start(self) -> None:
+        if self.restarts > 1:
+            self.restart_length()  # a max_epochs the restarts cannot share: one line, before training
+        train_set = getattr(self.trainer.datamodule, "train_set", None) if self.trainer.datamodule else None
+        if train_set is not None:
+            self.input_shape = list(train_set.images.shape[1:])
+
     def on_train_end(self) -> None:
         self.check_divergence()  # a run stopped by max_steps between two reads
 
@@ -246,7 +285,9 @@ class ClusteringMethod(pl.LightningModule, ABC):
         return [
             (n, t.detach())
             for n, t in (*parameters, *self.named_buffers())
-            if t.is_floating_point() and t.numel() and not n.startswith(("head_loss", "head_agreement"))
+            if t.is_floating_point()
+            and t.numel()
+            and not n.startswith(("head_loss", "head_agreement", "restart_scores", "criterion_"))
         ]
 
     def _divergence_state(self, device: torch.device) -> dict:
@@ -320,6 +361,9 @@ class ClusteringMethod(pl.LightningModule, ABC):
         self.head_loss_steps.zero_()
         if self.combine_heads == "vote":
             self.head_agreement.zero_()
+        if self.restarts > 1:
+            self.criterion_sum.zero_()
+            self.criterion_steps.zero_()
 
     def on_train_epoch_end(self) -> None:
         steps = all_reduce_sum(self.head_loss_steps.float())
@@ -331,6 +375,8 @@ class ClusteringMethod(pl.LightningModule, ABC):
         if self.combine_heads == "vote" and self.head_agreement.sum() > 0:  # one read per epoch
             self.head_alignment.copy_(match_clusters(self.head_agreement[:, self.selected_head]))
         self.epochs_trained += 1  # before the epoch's checkpoint (Lightning saves after this hook)
+        if self.restarts > 1:  # before the checkpoint too: it holds the next restart's start, or the kept one
+            self._restart_epoch_end()
 
     @property
     def selected_head(self) -> int:
@@ -338,6 +384,75 @@ class ClusteringMethod(pl.LightningModule, ABC):
         if torch.isnan(self.head_loss).all():
             return 0
         return int(torch.nan_to_num(self.head_loss, nan=math.inf).argmin())
+
+    # -- restarts -------------------------------------------------------------------------------
+    # With `restarts` R > 1, epoch e belongs to restart e // (max_epochs / R). At the end of a
+    # restart's last epoch (before that epoch's checkpoint is written) its score is recorded, its
+    # state kept if the score is the lowest so far, and the next restart begins: weights and state
+    # drawn afresh, the optimizer's state emptied, the schedule built again. At the end of the run
+    # the kept state is loaded, so the checkpoint and the report hold the best restart.
+
+    def reinitialise_(self, restart: int) -> None:
+        """Draw the method's weights and state afresh (torch's generator is seeded for `restart`):
+        every layer by default; a method with more state (memories, tables, moving averages)
+        resets that too."""
+        redraw_(self)
+
+    def restart_length(self) -> int:
+        epochs = self.trainer.max_epochs
+        if epochs is None or epochs < self.restarts or epochs % self.restarts:
+            raise ConfigError(
+                f"restarts {self.restarts}: trainer.max_epochs must be a multiple of it (each restart "
+                f"trains max_epochs / restarts epochs), not {epochs}"
+            )
+        return epochs // self.restarts
+
+    def _restart_epoch_end(self) -> None:
+        steps = all_reduce_sum(self.criterion_steps.float())
+        mean = all_reduce_sum(self.criterion_sum) / steps.clamp(min=1)
+        epoch_mean = torch.where(steps > 0, mean, torch.nan)
+        self.criterion_epochs.copy_(torch.cat([self.criterion_epochs[1:], epoch_mean[None]]))
+        length, epoch = self.restart_length(), self.current_epoch
+        last = epoch + 1 >= self.trainer.max_epochs or self.trainer.should_stop
+        if (epoch + 1) % length and not last:
+            return
+        restart = epoch // length
+        score = self.criterion_epochs.nanmean()
+        self.restart_scores[restart] = score
+        self.log(f"train/restart{restart}/{self.restart_criterion}", score)
+        best = torch.nan_to_num(self.restart_scores, nan=math.inf).argmin()
+        if int(best) == restart:  # one read per restart
+            self._best_restart = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
+        if last:
+            self._keep_best_restart()
+        else:
+            self._begin_restart(restart + 1)
+
+    def _begin_restart(self, restart: int) -> None:
+        torch.manual_seed(derive_seed(_RESTART_STREAM, restart))  # the same draws on every rank
+        self.reinitialise_(restart)
+        self.criterion_epochs.fill_(float("nan"))
+        for optimizer in self.trainer.optimizers:
+            optimizer.state.clear()  # momentum buffers, Adam's moments: as a new optimizer has them
+            for group in optimizer.param_groups:
+                group["lr"] = group.get("initial_lr", group["lr"])
+        if self.build_lr_scheduler is not None:
+            for config in self.trainer.lr_scheduler_configs:
+                config.scheduler = self.build_lr_scheduler(config.scheduler.optimizer)
+
+    def _keep_best_restart(self) -> None:
+        """Loads the kept restart's state, the bookkeeping of the whole run excepted."""
+        if self._best_restart is None:
+            return
+        run = {k: v.clone() for k, v in self.state_dict().items() if k in _RUN_BUFFERS}
+        self.load_state_dict({**self._best_restart, **run})
+
+    @property
+    def selected_restart(self) -> int | None:
+        """The restart kept (the lowest score so far); None without restarts or before one ended."""
+        if self.restarts == 1 or torch.isnan(self.restart_scores).all():
+            return None
+        return int(torch.nan_to_num(self.restart_scores, nan=math.inf).argmin())
 
     def configure_optimizers(self):
         # Frozen parameters (a momentum encoder's) are not the optimizer's: no weight decay on them.
@@ -472,11 +587,6 @@ class ClusteringMethod(pl.LightningModule, ABC):
 
     # -- checkpoints ------------------------------------------------------------------------
 
-    def on_fit_start(self) -> None:
-        train_set = getattr(self.trainer.datamodule, "train_set", None) if self.trainer.datamodule else None
-        if train_set is not None:
-            self.input_shape = list(train_set.images.shape[1:])
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["clusterlab"] = {
             "method": type(self).__name__,
@@ -485,6 +595,8 @@ class ClusteringMethod(pl.LightningModule, ABC):
             "epochs_trained": int(self.epochs_trained),
             "version": __version__,
         }
+        if self._best_restart is not None:  # the best restart so far: a resumed run can still keep it
+            checkpoint["best_restart"] = self._best_restart
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """torch's load, with weights that do not fit this model (another backbone, another number
@@ -519,11 +631,17 @@ class ClusteringMethod(pl.LightningModule, ABC):
                 f"Use the config the checkpoint was trained with (its run directory has config.yaml)."
             )
         self.input_shape = meta.get("input_shape")
+        self._best_restart = checkpoint.get("best_restart")
         if meta["num_clusters"] != self.num_clusters:
             raise CheckpointMismatchError(
                 f"checkpoint{where} has {meta['num_clusters']} clusters; this run configures "
                 f"{self.num_clusters}"
             )
+
+
+_RESTART_STREAM = 0x2E57A27  # derive_seed stream of the restarts' initial weights
+# Buffers of the whole run, not of one restart: kept when the best restart's state is loaded.
+_RUN_BUFFERS = ("epochs_trained", "restart_scores", "criterion_epochs", "criterion_sum", "criterion_steps")
 
 
 def collapsed(sizes: list[int], largest_share: float = 0.9) -> bool:

@@ -24,6 +24,7 @@ from clusterlab.losses.dccm import (
 from clusterlab.methods.base import ClusteringMethod, FolderRecipe, LRSchedulerCallable, OptimizerCallable
 from clusterlab.metrics import graph_bcubed
 from clusterlab.nn.heads import ClusterHeads, LocalDiscriminator
+from clusterlab.nn.init import redraw_
 from clusterlab.seeding import derive_seed
 
 _PAIR_DRAW = 0xDCC  # keeps the negatives' random stream apart from the per-step reseeding's
@@ -31,11 +32,7 @@ _PAIR_DRAW = 0xDCC  # keeps the negatives' random stream apart from the per-step
 
 def reinitialised(module: nn.Module) -> nn.Module:
     """A copy of `module` with every layer's parameters (and running statistics) drawn afresh."""
-    fresh = copy.deepcopy(module)
-    for layer in fresh.modules():
-        if hasattr(layer, "reset_parameters"):
-            layer.reset_parameters()
-    return fresh
+    return redraw_(copy.deepcopy(module))
 
 
 class DCCM(ClusteringMethod):

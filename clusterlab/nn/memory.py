@@ -38,6 +38,13 @@ class KeyQueues(nn.Module):
         self.register_buffer("index", torch.full((num_queues, queue_size), -1, dtype=torch.long))
         self.register_buffer("pointer", torch.zeros(num_queues, dtype=torch.long))
 
+    @torch.no_grad()
+    def reset_(self) -> None:
+        """Empty again: random unit keys, no owners, every queue writing its first slot next."""
+        self.keys.copy_(F.normalize(torch.randn(self.keys.shape, device=self.keys.device), dim=-1))
+        self.index.fill_(-1)
+        self.pointer.zero_()
+
     @property
     def num_queues(self) -> int:
         return self.keys.shape[0]
@@ -134,6 +141,7 @@ class SampleTable(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # The table has the training set's length; a model built for `test` or `predict` has not
         # seen that set, so it takes the length from the checkpoint.
+        self._sizes.clear()  # counts of the labels being replaced
         for name in ("labels", "changes"):
             saved = state_dict.get(prefix + name)
             if saved is not None and saved.shape != getattr(self, name).shape:
