@@ -40,10 +40,12 @@ class RecordSCL(pl.Callback):
             for n, t in pl_module.state_dict().items()
             if n.startswith(("semantic_memory", "sample_table", "momentum_encoder"))
         }
+        self.result["backbone"] = {n: t.clone() for n, t in pl_module.backbone.state_dict().items()}
+        self.result["restart_scores"] = getattr(pl_module, "restart_scores", None)
         torch.save(self.result, Path(self.out) / f"rank{trainer.global_rank}.pt")
 
 
-def _model(imbalance_guard: bool) -> SCL:
+def _model(imbalance_guard: bool, restarts: int = 1) -> SCL:
     torch.manual_seed(0)
     # GroupNorm: per-sample outputs do not depend on the batch, as with SyncBatchNorm on GPUs.
     backbone = SmallCNN(1, widths=(8, 16), downsample=(False, True), norm="group")
@@ -55,13 +57,15 @@ def _model(imbalance_guard: bool) -> SCL:
         memory_size=2304,
         optimizer=functools.partial(torch.optim.SGD, lr=0.1),
         imbalance_guard=imbalance_guard,
+        restarts=restarts,
     )
 
 
-def _fit(devices: int, batch_size: int, out: Path, imbalance_guard: bool = False) -> None:
+def _fit(devices: int, batch_size: int, out: Path, imbalance_guard: bool = False, restarts: int = 1) -> None:
     out.mkdir()
     run = trainer(devices, RecordSCL(str(out)), max_epochs=2, limit_train_batches=1, limit_val_batches=0)
-    run.fit(_model(imbalance_guard), ClusterDataModule("digits", batch_size=batch_size, eval_batch_size=500))
+    data = ClusterDataModule("digits", batch_size=batch_size, eval_batch_size=500)
+    run.fit(_model(imbalance_guard, restarts), data)
 
 
 def _queue_contents(keys: torch.Tensor, index: torch.Tensor) -> list[np.ndarray]:
@@ -132,3 +136,21 @@ def test_scl_ranks_hold_the_same_table_with_the_imbalance_guard_on(tmp_path):
     # After one step most digits share a few clusters: the guard has refilled every emptied one.
     assert torch.bincount(labels, minlength=10).min() >= 0.15 * len(labels) / 10
     assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in ranks[0])
+
+
+def test_scl_restarts_on_two_processes_keep_what_one_process_keeps(tmp_path):
+    """Two restarts of one epoch each: every rank draws restart 1 alike, scores both restarts as one
+    process does, and keeps the same one."""
+    pl.seed_everything(0)
+    _fit(2, 32, tmp_path / "ddp", restarts=2)
+    _fit(1, 64, tmp_path / "single", restarts=2)
+    single = torch.load(tmp_path / "single" / "rank0.pt")
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in range(2)]
+    assert torch.isfinite(single["restart_scores"]).all()
+    for result in ranks:
+        torch.testing.assert_close(result["restart_scores"], single["restart_scores"], rtol=1e-4, atol=1e-6)
+        for name, value in single["backbone"].items():
+            torch.testing.assert_close(result["backbone"][name].float(), value.float(), rtol=1e-4, atol=1e-5)
+    for name in ranks[0]["backbone"]:  # the ranks agree exactly
+        assert torch.equal(ranks[0]["backbone"][name], ranks[1]["backbone"][name]), name
+    assert all(torch.equal(ranks[0]["state"][n], ranks[1]["state"][n]) for n in ranks[0]["state"])
