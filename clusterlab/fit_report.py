@@ -65,7 +65,7 @@ def write_report(
         # What selected the head: each head's unsupervised loss over the last training epoch.
         "head_losses": [None if math.isnan(v) else round(v, 6) for v in model.head_loss.tolist()],
         # restarts > 1: each restart's criterion (mean over its last epochs) and the one kept.
-        **(restart_report(model) if getattr(model, "restarts", 1) > 1 else {}),
+        **(restart_report(model) if model.restarts > 1 else {}),
         "cluster_sizes": results.get("cluster_sizes"),
         "collapsed": results.get("collapsed"),
         **({"diagnostics": model.diagnostics} if model.diagnostics else {}),

@@ -287,7 +287,7 @@ class ClusteringMethod(pl.LightningModule, ABC):
             for n, t in (*parameters, *self.named_buffers())
             if t.is_floating_point()
             and t.numel()
-            and not n.startswith(("head_loss", "head_agreement", "restart_scores", "criterion_"))
+            and not n.startswith(("head_loss", "head_agreement", *_RESTART_BUFFERS))
         ]
 
     def _divergence_state(self, device: torch.device) -> dict:
@@ -420,8 +420,7 @@ class ClusteringMethod(pl.LightningModule, ABC):
         score = self.criterion_epochs.nanmean()
         self.restart_scores[restart] = score
         self.log(f"train/restart{restart}/{self.restart_criterion}", score)
-        best = torch.nan_to_num(self.restart_scores, nan=math.inf).argmin()
-        if int(best) == restart:  # one read per restart
+        if self.selected_restart == restart:  # one read per restart
             self._best_restart = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
         if last:
             self._keep_best_restart()
@@ -640,8 +639,10 @@ class ClusteringMethod(pl.LightningModule, ABC):
 
 
 _RESTART_STREAM = 0x2E57A27  # derive_seed stream of the restarts' initial weights
+# The restarts' bookkeeping: not watched by the divergence guard (NaN until a restart is scored).
+_RESTART_BUFFERS = ("restart_scores", "criterion_epochs", "criterion_sum", "criterion_steps")
 # Buffers of the whole run, not of one restart: kept when the best restart's state is loaded.
-_RUN_BUFFERS = ("epochs_trained", "restart_scores", "criterion_epochs", "criterion_sum", "criterion_steps")
+_RUN_BUFFERS = ("epochs_trained", *_RESTART_BUFFERS)
 
 
 def collapsed(sizes: list[int], largest_share: float = 0.9) -> bool:

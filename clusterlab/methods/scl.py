@@ -65,6 +65,7 @@ from clusterlab.nn.memory import KeyQueues, SampleTable
 from clusterlab.seeding import derive_seed
 
 CLUSTERING, UNDER, OVER = "clustering", "under_clustering", "over_clustering"
+_PARTITION_STREAM = 0x5C1  # derive_seed stream of the initial random partition (and each restart's)
 
 
 class MemoryHead(ClusterHead):
@@ -285,7 +286,7 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
             )
         num_samples = len(data.train_set)
         if len(self.sample_table) != num_samples:  # a resumed run then loads the saved table over it
-            generator = torch.Generator().manual_seed(derive_seed(0x5C1))
+            generator = torch.Generator().manual_seed(derive_seed(_PARTITION_STREAM))
             self.sample_table.reset(num_samples, self.task_clusters, generator)
 
     def reinitialise_(self, restart: int) -> None:
@@ -293,12 +294,11 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
         and a new random balanced partition, trained on in the restart's first epoch as in the run's
         first (no refresh before it)."""
         redraw_(self)
-        with torch.no_grad():
-            self.momentum_encoder["backbone"].load_state_dict(self.backbone.state_dict())
-            self.momentum_encoder["projections"].load_state_dict(self.projections.state_dict())
+        self.momentum_encoder["backbone"].load_state_dict(self.backbone.state_dict())
+        self.momentum_encoder["projections"].load_state_dict(self.projections.state_dict())
         for memory in self.semantic_memory.values():
             memory.reset_()
-        generator = torch.Generator().manual_seed(derive_seed(0x5C1, restart))
+        generator = torch.Generator().manual_seed(derive_seed(_PARTITION_STREAM, restart))
         self.sample_table.reset(len(self.sample_table), self.task_clusters, generator)
         self.sample_table.epoch.fill_(self.current_epoch + 1)
 
