@@ -400,6 +400,8 @@ class ClusteringMethod(pl.LightningModule, ABC):
 
     def restart_length(self) -> int:
         epochs = self.trainer.max_epochs
+        if self.trainer.fast_dev_run:  # a smoke test of a batch or a few (max_epochs 1): one restart
+            return max(epochs or 1, 1)
         if epochs is None or epochs < self.restarts or epochs % self.restarts:
             raise ConfigError(
                 f"restarts {self.restarts}: trainer.max_epochs must be a multiple of it (each restart "

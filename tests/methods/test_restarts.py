@@ -119,6 +119,15 @@ def test_restarts_are_refused_where_they_cannot_run():
         fit_with_restarts(tiny_scl(restarts=2), epochs=3)
 
 
+def test_a_smoke_run_of_a_config_with_restarts_runs_as_one_restart():
+    # `--trainer.fast_dev_run` sets max_epochs to 1 whatever the config's: one batch, one restart.
+    model = tiny_scl(restarts=3)
+    run = trainer(fast_dev_run=2)
+    run.fit(model, ClusterDataModule("digits", batch_size=32))
+    assert run.global_step == 2
+    assert model.selected_restart == 0 and torch.isnan(model.restart_scores[1:]).all()
+
+
 class NoCriterion(SCL):
     restart_criterion = None
 
