@@ -13,14 +13,17 @@ from tests.helpers import tiny_cnn, tiny_scl
 
 
 def test_protocols_list_their_members():
-    assert members(PseudoLabelled) == ["sample_table", "task_clusters", "task_outputs"]
+    assert members(PseudoLabelled) == ["prepare_refresh", "sample_table", "task_clusters", "task_outputs"]
 
 
 @pytest.mark.parametrize(
     "callback,missing",
     [
         (MomentumEncoder(), "HasMomentumEncoder: missing momentum_encoder"),
-        (PseudoLabelRefresh(), "PseudoLabelled: missing sample_table, task_clusters, task_outputs"),
+        (
+            PseudoLabelRefresh(),
+            "PseudoLabelled: missing prepare_refresh, sample_table, task_clusters, task_outputs",
+        ),
         (GlobalNeighbors(), "HasFeaturesAndLogits: missing features_and_logits"),
     ],
 )
@@ -43,5 +46,5 @@ def test_a_method_that_inherits_a_protocol_without_implementing_it_is_refused():
     class Forgetful(CC, PseudoLabelled):  # says it is PseudoLabelled, implements nothing of it
         pass
 
-    with pytest.raises(TypeError, match="missing sample_table, task_clusters, task_outputs"):
+    with pytest.raises(TypeError, match="missing prepare_refresh, sample_table, task_clusters, task_outputs"):
         PseudoLabelRefresh().setup(pl.Trainer(logger=False), Forgetful(10, tiny_cnn(), Views()), "fit")

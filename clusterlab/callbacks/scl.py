@@ -34,6 +34,11 @@ class PseudoLabelled(Protocol):
         come from (B x D), for a batch of uint8 images."""
         ...
 
+    def prepare_refresh(self) -> None:
+        """Called before each refresh predicts the training set (SCL: a k-means start of its
+        classifiers at one epoch); nothing to do for most methods."""
+        ...
+
 
 class PseudoLabelRefresh(pl.Callback):
     """ "Updating assignments (Eq. 5) and weights (Eq. 6)" after every epoch, over the whole training set.
@@ -62,6 +67,7 @@ class PseudoLabelRefresh(pl.Callback):
         table = pl_module.sample_table
         if trainer.current_epoch <= int(table.epoch) or len(table) == 0 or not pl_module.task_clusters:
             return
+        pl_module.prepare_refresh()
         new_labels, features = self.predict_training_set(trainer, pl_module, features=self.imbalance_guard)
         for task, (labels, clusters) in enumerate(zip(new_labels, pl_module.task_clusters)):
             if self.imbalance_guard:

@@ -449,6 +449,11 @@ class ClusteringMethod(pl.LightningModule, ABC):
         self.load_state_dict({**self._best_restart, **run})
 
     @property
+    def epoch_in_restart(self) -> int:
+        """The epoch in progress, counted from its restart's first (the run's epoch without restarts)."""
+        return self.current_epoch % self.restart_length() if self.restarts > 1 else self.current_epoch
+
+    @property
     def selected_restart(self) -> int | None:
         """The restart kept (the lowest score so far); None without restarts or before one ended."""
         if self.restarts == 1 or torch.isnan(self.restart_scores).all():

@@ -41,7 +41,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from clusterlab.callbacks.momentum import HasMomentumEncoder, MomentumEncoder
@@ -59,9 +59,10 @@ from clusterlab.losses.scl import (
 )
 from clusterlab.methods.base import ClusteringMethod, FolderRecipe, LRSchedulerCallable, OptimizerCallable
 from clusterlab.methods.simclr import PHOTO_VIEWS
-from clusterlab.nn.heads import ClusterHead, ClusterHeads, KMeansHead
+from clusterlab.nn.heads import ClusterHead, ClusterHeads, KMeansHead, kmeans_start
 from clusterlab.nn.init import redraw_
 from clusterlab.nn.memory import KeyQueues, SampleTable
+from clusterlab.passes import pass_over
 from clusterlab.seeding import derive_seed
 
 CLUSTERING, UNDER, OVER = "clustering", "under_clustering", "over_clustering"
@@ -115,6 +116,25 @@ def scl_tasks(
     return task_clusters, tasks
 
 
+def refuse_unsupported(
+    restarts: int,
+    final_momentum: float | None,
+    clustering_task: bool,
+    use_concept_loss: bool,
+    partition_init_epoch: int | None,
+) -> None:
+    """ConfigErrors for clusterlab's additions to SCL (restarts, the k-means start) where they cannot run."""
+    if restarts > 1 and final_momentum is not None:
+        raise ConfigError("SCL: restarts with a final_momentum are not supported (one momentum schedule)")
+    if restarts > 1 and not (clustering_task and use_concept_loss):
+        raise ConfigError("SCL: restarts are ranked by the clustering task's concept loss; keep both on")
+    if partition_init_epoch is not None and not (partition_init_epoch >= 1 and use_concept_loss):
+        raise ConfigError(
+            f"SCL: partition_init_epoch {partition_init_epoch}: it starts the classifiers from k-means "
+            "at a refresh, so it needs use_concept_loss and an epoch >= 1 (the first refresh)"
+        )
+
+
 class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
     """Cross-cluster instance discrimination with a semantic memory, plus concept discrimination
     by a linear classifier that learns the memory's cluster structure; clusters are the argmax of
@@ -149,6 +169,12 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
             of its two guards; ODC uses both. False: the plain mean of Eq. 4.
         query_view: "augmented" (MoCo v2) or "plain": q from the un-augmented image (Sec. 3.1 read
             literally).
+        partition_init_epoch: None (the paper): the partition starts random (Fig. 2a) and follows
+            the classifiers. E >= 1: at the refresh before epoch E (of each restart), each clustering
+            task's classifier is set to a spherical k-means of its q over the training set
+            (`clusterlab.nn.heads.kmeans_start`, as CC's head_init_epoch), so the refresh's labels
+            (Eq. 5) are k-means' partition. Not in the paper: ODC, whose guards SCL follows, starts
+            its labels from k-means of the network's features.
         restarts: R runs of max_epochs / R epochs one after another, each from new random weights,
             memories and partition; the one whose clustering task's concept loss (Eq. 4) is
             lowest over its last 10 epochs is kept (`ClusteringMethod`). Not in the paper: k-means'
@@ -198,15 +224,13 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
         min_cluster_fraction: float = 0.15,
         size_reweighting: bool = True,
         query_view: Literal["augmented", "plain"] = "augmented",
+        partition_init_epoch: int | None = None,
         restarts: int = 1,
         optimizer: OptimizerCallable = torch.optim.SGD,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__(num_clusters, backbone, 1, optimizer, lr_scheduler, restarts=restarts)
-        if restarts > 1 and final_momentum is not None:
-            raise ConfigError("SCL: restarts with a final_momentum are not supported (one momentum schedule)")
-        if restarts > 1 and not (clustering_task and use_concept_loss):
-            raise ConfigError("SCL: restarts are ranked by the clustering task's concept loss; keep both on")
+        refuse_unsupported(restarts, final_momentum, clustering_task, use_concept_loss, partition_init_epoch)
         self.save_hyperparameters()
         self.task_clusters_by_name, self.tasks = scl_tasks(
             num_clusters,
@@ -301,6 +325,34 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
         generator = torch.Generator().manual_seed(derive_seed(_PARTITION_STREAM, restart))
         self.sample_table.reset(len(self.sample_table), self.task_clusters, generator)
         self.sample_table.epoch.fill_(self.current_epoch + 1)
+
+    @torch.no_grad()
+    def prepare_refresh(self) -> None:
+        """At `partition_init_epoch` (of each restart), before the refresh predicts: every clustering
+        task's classifier := the spherical k-means of its q over the training set, a logit per
+        centre, cos(q, c_k) |q| / (tau |q|_median); its argmax, the refresh's labels, is k-means'.
+        Rank 0 clusters, every rank sets the same weights (kmeans_start broadcasts them)."""
+        if self.epoch_in_restart != self.hparams.partition_init_epoch:
+            return
+
+        def representations(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+            h = self.backbone(self.plain(batch["image"]))
+            return {task: self.projections[task](h).float() for task in self.task_clusters_by_name}
+
+        passed = pass_over(
+            self,
+            self.trainer.datamodule.train_eval_dataloader(),
+            representations,
+            precision=self.trainer.precision_plugin,
+            rank0_only=True,
+        )
+        for task, clusters in self.task_clusters_by_name.items():
+            q, tau = passed.get(task), self.hparams.temperature  # q on rank 0 only
+            (start,) = kmeans_start(q, self.hparams.projection_dim, clusters, 1, tau, self.device)
+            classifier = self.cluster_head.heads[0] if task == CLUSTERING else self.classifiers[task]
+            classifier.weight.copy_(start)
+            classifier.bias.zero_()
+        rank_zero_info(f"SCL: epoch {self.current_epoch}: classifiers set to k-means of q (the partition)")
 
     # -- training: Algorithm 1 ----------------------------------------------------------------
 

@@ -127,6 +127,63 @@ def test_every_ablation_trains_and_evaluates(switches):
     assert model.predict_proba(ClusterDataModule("digits").split("train+test").images[:3]).shape == (1, 3, 10)
 
 
+class RecordClassifiers(pl.Callback):
+    """At each epoch's first batch (after the refresh): the classifiers, the labels and q."""
+
+    def __init__(self):
+        self.starts = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx:
+            return
+        images = trainer.datamodule.train_set.images
+        pl_module.eval()  # as the refresh reads q (batch norm's running statistics, left unchanged)
+        with torch.no_grad():
+            h = pl_module.backbone(pl_module.plain(images))
+            q = {t: pl_module.projections[t](h) for t in pl_module.task_clusters_by_name}
+        pl_module.train()
+        self.starts[trainer.current_epoch] = {
+            "classifiers": {
+                task: {k: v.clone() for k, v in classifier.state_dict().items()}
+                for task, classifier in (
+                    (CLUSTERING, pl_module.cluster_head.heads[0]),
+                    (UNDER, pl_module.classifiers[UNDER]),
+                )
+            },
+            "labels": pl_module.sample_table.labels.clone(),
+            "q": q,
+        }
+
+
+def test_partition_init_epoch_starts_each_restarts_partition_at_k_means_of_q():
+    record = RecordClassifiers()
+    model = tiny_scl(partition_init_epoch=1, restarts=2, imbalance_guard=False)
+    run = trainer(callbacks=[record], max_epochs=4, limit_train_batches=2, limit_val_batches=0)
+    run.fit(model, ClusterDataModule("digits", batch_size=32))
+    for epoch in (1, 3):  # epoch 1 of each restart (restarts of 2 epochs)
+        start = record.starts[epoch]
+        for row, task in enumerate((CLUSTERING, UNDER)):
+            weight, bias = start["classifiers"][task]["weight"], start["classifiers"][task]["bias"]
+            # A logit per k-means centre, all at one scale, no bias; the refresh's labels are its argmax:
+            assert (bias == 0).all() and torch.allclose(weight.norm(dim=1), weight.norm(dim=1)[0])
+            q = torch.nn.functional.normalize(start["q"][task], dim=1)
+            labels = start["labels"][row]
+            assert torch.equal(labels, (q @ weight.T).argmax(1))
+            # ... and the centres are k-means': each is the direction of its cluster's mean q.
+            clusters = model.task_clusters[row]
+            means = torch.zeros(clusters, q.shape[1]).index_add_(0, labels, q)
+            cosine = torch.nn.functional.cosine_similarity(means, weight, dim=1)
+            assert cosine.min() > 0.99, (epoch, task, cosine)
+    # The epochs between are the paper's: the refresh follows the trained classifier.
+    assert (record.starts[2]["classifiers"][CLUSTERING]["bias"] != 0).any()
+
+
+def test_partition_init_epoch_needs_a_refresh_and_a_classifier():
+    for switches in ({"partition_init_epoch": 0}, {"partition_init_epoch": 1, "use_concept_loss": False}):
+        with pytest.raises(ValueError, match="partition_init_epoch"):
+            tiny_scl(**switches)
+
+
 def test_an_scl_config_without_any_loss_or_task_is_refused():
     with pytest.raises(ValueError, match="use_instance_loss, use_concept_loss or both"):
         tiny_scl(use_instance_loss=False, use_concept_loss=False)

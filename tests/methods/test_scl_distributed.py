@@ -23,6 +23,9 @@ class RecordSCL(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.result["batches"].append(batch["index"].clone())
+        if batch_idx == 0:  # after the epoch's refresh: the classifier it predicted with
+            head = pl_module.cluster_head.heads[0]
+            self.result.setdefault("classifier", []).append((head.weight.clone(), head.bias.clone()))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.global_step == 0:
@@ -45,7 +48,7 @@ class RecordSCL(pl.Callback):
         torch.save(self.result, Path(self.out) / f"rank{trainer.global_rank}.pt")
 
 
-def _model(imbalance_guard: bool, restarts: int = 1) -> SCL:
+def _model(imbalance_guard: bool, restarts: int = 1, **switches) -> SCL:
     torch.manual_seed(0)
     # GroupNorm: per-sample outputs do not depend on the batch, as with SyncBatchNorm on GPUs.
     backbone = SmallCNN(1, widths=(8, 16), downsample=(False, True), norm="group")
@@ -58,14 +61,17 @@ def _model(imbalance_guard: bool, restarts: int = 1) -> SCL:
         optimizer=functools.partial(torch.optim.SGD, lr=0.1),
         imbalance_guard=imbalance_guard,
         restarts=restarts,
+        **switches,
     )
 
 
-def _fit(devices: int, batch_size: int, out: Path, imbalance_guard: bool = False, restarts: int = 1) -> None:
+def _fit(
+    devices: int, batch_size: int, out: Path, imbalance_guard: bool = False, restarts: int = 1, **switches
+) -> None:
     out.mkdir()
     run = trainer(devices, RecordSCL(str(out)), max_epochs=2, limit_train_batches=1, limit_val_batches=0)
     data = ClusterDataModule("digits", batch_size=batch_size, eval_batch_size=500)
-    run.fit(_model(imbalance_guard, restarts), data)
+    run.fit(_model(imbalance_guard, restarts, **switches), data)
 
 
 def _queue_contents(keys: torch.Tensor, index: torch.Tensor) -> list[np.ndarray]:
@@ -154,3 +160,19 @@ def test_scl_restarts_on_two_processes_keep_what_one_process_keeps(tmp_path):
     for name in ranks[0]["backbone"]:  # the ranks agree exactly
         assert torch.equal(ranks[0]["backbone"][name], ranks[1]["backbone"][name]), name
     assert all(torch.equal(ranks[0]["state"][n], ranks[1]["state"][n]) for n in ranks[0]["state"])
+
+
+def test_scl_ranks_start_the_same_partition_from_k_means(tmp_path):
+    """partition_init_epoch: rank 0 clusters the gathered q, every rank sets the same classifiers and
+    so writes the same table at the refresh; a partition of the data, not the random start."""
+    pl.seed_everything(0)
+    _fit(2, 32, tmp_path / "ddp", partition_init_epoch=1)
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt")["state"] for r in range(2)]
+    assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in ranks[0])
+    labels = ranks[0]["sample_table.labels"][0]
+    assert int(ranks[0]["sample_table.epoch"]) == 1 and len(labels.unique()) > 1
+    # The refresh predicted with k-means' centres: one scale, no bias (the ranks' alike).
+    classifiers = [torch.load(tmp_path / "ddp" / f"rank{r}.pt")["classifier"][1] for r in range(2)]
+    (weight, bias), (weight1, bias1) = classifiers
+    assert (bias == 0).all() and torch.allclose(weight.norm(dim=1), weight.norm(dim=1)[0])
+    assert torch.equal(weight, weight1) and torch.equal(bias, bias1)
