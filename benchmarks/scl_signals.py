@@ -5,7 +5,8 @@
 Each RUN_DIR is a finished `clusterlab fit` of an SCL config. Read from the run folder, without
 labels: the sizes of the target ("clustering") task's pseudo labels after the last refresh
 (`sample_table.labels` in `checkpoints/last.ckpt`), as fractions of the mean size N / C, and that
-task's concept loss (Eq. 4), the mean of the last `--last` epochs in metrics.csv. The run's ACC
+task's concept loss (Eq. 4), the mean of the last `--last` epochs in metrics.csv (a run with
+restarts: the kept restart's score, the same mean over its own last 10 epochs). The run's ACC
 (metrics.json) only names which runs ended in a trap.
 """
 
@@ -43,6 +44,9 @@ def signals(run: Path, last: int = 10) -> dict:
     if not concept:
         raise SystemExit(f"{run}/metrics.csv has no {CONCEPT} column: not an SCL run with its target task")
     metrics = json.loads((run / "metrics.json").read_text())
+    restarts = metrics.get("restarts")
+    if restarts and last == 10:  # the kept restart's own score (its last 10 epochs), not the last restart's
+        concept = [restarts["scores"][restarts["selected"]]]
     return {
         "run": str(run),
         "seed": metrics["seed"],
