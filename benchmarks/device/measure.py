@@ -252,6 +252,7 @@ def part_e(sizes: Sizes, device: str, scratch: Path) -> dict:
                 "--runs_dir",
                 str(scratch / "e"),
                 *extra,
+                *(["--model.init_args.restarts=1"] if method == "scl" else []),  # a 2-epoch count
             ],
             run=False,
         )
