@@ -20,14 +20,17 @@ from pathlib import Path
 
 import torch
 
+from clusterlab.methods.base import ClusteringMethod
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from record import command_line, cpu, machine_line, write_report  # noqa: E402
 
 CONCEPT = "train/clustering/concept"
+WINDOW = ClusteringMethod.RESTART_WINDOW  # the epochs a restart's score is the mean of
 
 
-def signals(run: Path, last: int = 10) -> dict:
+def signals(run: Path, last: int = WINDOW) -> dict:
     """The target task's cluster sizes and concept loss at the end of one SCL run, and its ACC."""
     checkpoint = run / "checkpoints" / "last.ckpt"
     if not all(path.is_file() for path in (checkpoint, run / "metrics.csv", run / "metrics.json")):
@@ -45,7 +48,7 @@ def signals(run: Path, last: int = 10) -> dict:
         raise SystemExit(f"{run}/metrics.csv has no {CONCEPT} column: not an SCL run with its target task")
     metrics = json.loads((run / "metrics.json").read_text())
     restarts = metrics.get("restarts")
-    if restarts and last == 10:  # the kept restart's own score (its last 10 epochs), not the last restart's
+    if restarts and last == WINDOW:  # the kept restart's own score (its last epochs), not the last restart's
         concept = [restarts["scores"][restarts["selected"]]]
     return {
         "run": str(run),
@@ -61,7 +64,7 @@ def signals(run: Path, last: int = 10) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, nargs="+")
-    parser.add_argument("--last", type=int, default=10, help="epochs of the concept loss's mean")
+    parser.add_argument("--last", type=int, default=WINDOW, help="epochs of the concept loss's mean")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     rows = sorted((signals(run, args.last) for run in args.runs), key=lambda row: row["seed"])
