@@ -15,6 +15,8 @@ It sees every op that goes through the dispatcher, clusterlab's own and those of
 calls (kornia, torch.nn.functional), but not what a kernel does inside (`masked_select` is counted
 once, not its inner `nonzero`). Not seen on the CPU: copies between devices (`.cpu()` of a CPU
 tensor dispatches nothing); on a GPU they are counted as `copy to host` / `copy from host`.
+Not counted on the CPU: the reads that are host tensors or device asserts on a GPU (torch.optim's
+step counters, kornia's `_check_async`).
 """
 
 from __future__ import annotations
@@ -120,14 +122,15 @@ def _location() -> str:
     return "?"
 
 
-def _called_from(part: str) -> bool:
+def _called_from(part: str, function: str | None = None) -> bool:
     """Whether the innermost Python frame that asked for the op (past this module and torch's
-    private wrappers, torch/_dynamo, torch/_compile.py) is in a path containing `part`."""
+    private wrappers, torch/_dynamo, torch/_compile.py) is in a path containing `part` (and in
+    the function named `function`, if given)."""
     frame = sys._getframe(1)
     while frame is not None:
         path = frame.f_code.co_filename.replace("\\", "/")
         if not (path.endswith("clusterlab/syncs.py") or "/torch/_" in path):
-            return part in path
+            return part in path and function in (None, frame.f_code.co_name)
         frame = frame.f_back
     return False
 
@@ -169,7 +172,11 @@ class HostSyncCounter(TorchDispatchMode):
             return all(t.device.type == "cpu" for t in tensors)
         # torch.optim keeps each parameter's step counter on the host (unless capturable or fused)
         # and reads it every step (Adam's bias correction): a host tensor on a GPU too.
-        return func is aten._local_scalar_dense.default and _called_from("torch/optim/")
+        if func is not aten._local_scalar_dense.default:
+            return False
+        # kornia (0.9.2 on) checks its arguments with `_check_async`: `torch._assert_async` on a GPU
+        # (no wait; a false condition raises at the next synchronisation), a host read on the CPU.
+        return _called_from("torch/optim/") or _called_from("kornia/core/check.py", "_check_async")
 
     @staticmethod
     def _sync_name(func, args, kwargs) -> str | None:
