@@ -64,7 +64,7 @@ def collect() -> dict[str, Any]:
         }
     )
     rows.update(faiss_rows())
-    rows.update({name: _installed(name) for name in PACKAGES})
+    rows.update({name: installed_version(name) for name in PACKAGES})
     rows.update(
         {
             "CPU": cpu_model or platform.processor() or platform.machine(),
@@ -175,7 +175,7 @@ def _gpu_bf16() -> bool:
         return torch.cuda.is_bf16_supported()
 
 
-def _installed(name: str) -> str | None:
+def installed_version(name: str) -> str | None:
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:

@@ -13,11 +13,14 @@ import math
 import os
 import platform
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+from clusterlab.env import faiss_wheels, installed_version
 
 # Every labelling's figures, in the order the report prints them (clusterlab.metrics.ClusteringMetrics)
 METRICS = ("acc", "nmi", "ari", "ami", "many_to_one_acc")
@@ -97,7 +100,38 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
+        # The libraries that draw the views (kornia), run the loop (Lightning) and compute neighbours
+        # and k-means (faiss, scikit-learn): a new release can move a seed's figures.
+        "packages": {name: installed_version(name) for name in RECORDED_PACKAGES},
+        "faiss": faiss_wheels(),
+        "clusterlab_source": source_revision(),
     }
+
+
+# Installed versions recorded beside torch's (`environment`).
+RECORDED_PACKAGES = ("torchvision", "pytorch-lightning", "torchmetrics", "kornia", "numpy", "scikit-learn")
+
+
+def source_revision() -> str | None:
+    """The git commit of the clusterlab source that runs, with "+uncommitted changes" when tracked
+    files differ from it; None outside a git checkout (an installed wheel) or without git."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():  # a directory, or a file in a git worktree
+        return None
+    try:
+        git = ["git", "-C", str(root)]
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        changes = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + (" +uncommitted changes" if changes.stdout.strip() else "")
 
 
 def kmeans_baseline(images: torch.Tensor, labels: torch.Tensor, num_clusters: int, seed: int = 0) -> dict:

@@ -258,3 +258,27 @@ def test_env_with_a_broken_faiss_still_prints(monkeypatch, capsys):
     rows = json.loads(env_output(capsys, "--json"))
     assert rows["faiss build"].startswith("not importable") and rows["faiss GPU support"] is False
     assert rows["torch"] == torch.__version__
+
+
+def test_every_metrics_json_records_the_library_versions_and_the_source_commit(tmp_path):
+    """What a seed's figures depend on besides torch: kornia draws the views, faiss and scikit-learn
+    compute neighbours and k-means (a kornia release changed the host reads of a step)."""
+    import subprocess
+
+    from clusterlab.fit_report import environment, source_revision
+
+    recorded = environment()
+    assert recorded["packages"]["kornia"] == kornia.__version__
+    assert recorded["packages"]["pytorch-lightning"] == pytorch_lightning.__version__
+    assert recorded["faiss"] == env.faiss_wheels() and recorded["faiss"]
+    repo = os.path.dirname(os.path.dirname(clusterlab.__file__))
+    if not os.path.exists(os.path.join(repo, ".git")):
+        assert recorded["clusterlab_source"] is None
+        return
+    head = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert recorded["clusterlab_source"].split()[0] == head.strip()
+    clean = not subprocess.run(
+        ["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout.strip()
+    assert recorded["clusterlab_source"].endswith("+uncommitted changes") != clean
+    assert source_revision() == recorded["clusterlab_source"]
