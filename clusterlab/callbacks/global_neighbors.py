@@ -26,7 +26,6 @@ from torch import Tensor
 from clusterlab.contracts import require
 from clusterlab.distributed import broadcast
 from clusterlab.neighbors import knn
-from clusterlab.passes import pass_over
 from clusterlab.seeding import derive_seed
 
 _GLOBAL_NEIGHBOR_STREAM = 2
@@ -80,13 +79,7 @@ class GlobalNeighbors(pl.Callback):
             f, logits = pl_module.features_and_logits(pl_module.plain(batch["image"]))
             return {"g": F.normalize(f.float(), dim=1), "h": logits.float().softmax(-1).transpose(0, 1)}
 
-        out = pass_over(
-            pl_module,
-            data.train_eval_dataloader(),
-            step,
-            precision=trainer.precision_plugin,
-            rank0_only=("g",),  # only rank 0 searches
-        )
+        out = pl_module.pass_over_training_set(step, rank0_only=("g",))  # only rank 0 searches
         h = out["h"].transpose(0, 1)  # heads x N x C, dataset order
         neighbor = torch.zeros(h.shape[1], dtype=torch.long, device=h.device)
         if trainer.global_rank == 0:

@@ -18,7 +18,6 @@ from clusterlab.contracts import require
 from clusterlab.distributed import broadcast
 from clusterlab.neighbors import kmeans
 from clusterlab.nn.memory import SampleTable
-from clusterlab.passes import pass_over
 from clusterlab.seeding import derive_seed
 
 
@@ -101,13 +100,10 @@ class PseudoLabelRefresh(pl.Callback):
                 **({f"features{t}": h.float() for t, (_, h) in enumerate(outputs)} if features else {}),
             }
 
-        out = pass_over(
-            pl_module,
-            trainer.datamodule.train_eval_dataloader(),
+        out = pl_module.pass_over_training_set(
             step,
-            precision=trainer.precision_plugin,
-            description="Refreshing pseudo labels",
             rank0_only=[f"features{t}" for t in tasks],  # the labels go to every rank
+            description="Refreshing pseudo labels",
         )
         found = [out.get(f"features{t}") for t in tasks]
         return [out[f"label{t}"].cpu() for t in tasks], [h.cpu() if h is not None else None for h in found]

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -48,7 +48,7 @@ from clusterlab.loggers import logs_this_step
 from clusterlab.metrics import evaluate
 from clusterlab.nn.heads import ClusterHead
 from clusterlab.nn.init import redraw_
-from clusterlab.passes import SampleOutputs
+from clusterlab.passes import SampleOutputs, Step, pass_over
 from clusterlab.seeding import derive_seed, reseed
 
 OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
@@ -206,6 +206,21 @@ class ClusteringMethod(pl.LightningModule, ABC):
     def embed(self, images: Tensor) -> Tensor:
         """Features of uint8 images for embedding plots: the backbone's, unless a method knows better."""
         return self.backbone(self.plain(images))
+
+    def pass_over_training_set(
+        self, step: Step, rank0_only: bool | Collection[str] = True, description: str | None = None
+    ) -> dict[str, Tensor]:
+        """`step(batch)` over the whole training set in dataset order, in eval mode, in the run's
+        precision (`clusterlab.passes.pass_over`): the pass behind every head start, NNM's global
+        neighbours and SCL's refresh. `rank0_only` outputs reach rank 0 only (what it clusters)."""
+        return pass_over(
+            self,
+            self.trainer.datamodule.train_eval_dataloader(),
+            step,
+            precision=self.trainer.precision_plugin,
+            description=description,
+            rank0_only=rank0_only,
+        )
 
     # -- training ---------------------------------------------------------------------------
 

@@ -13,7 +13,6 @@ from clusterlab.losses.cc import cluster_entropy, cluster_loss, instance_loss
 from clusterlab.methods.base import ClusteringMethod, FolderRecipe, LRSchedulerCallable, OptimizerCallable
 from clusterlab.methods.simclr import PHOTO_VIEWS
 from clusterlab.nn.heads import ClusterHeads, KMeansHead, kmeans_start, mlp
-from clusterlab.passes import pass_over
 
 
 class CC(ClusteringMethod):
@@ -142,19 +141,11 @@ class CC(ClusteringMethod):
         The argmax is exactly k-means' (|z| does not change it). Every rank sets the same weights:
         the features are gathered to rank 0, which broadcasts the scale and (KMeansHead.fit) the
         centres."""
-        data = self.trainer.datamodule
 
         def instance(batch: dict[str, Tensor]) -> dict[str, Tensor]:
             return {"z": self.instance_features(self.plain(batch["image"])).float()}
 
-        passed = pass_over(
-            self,
-            data.train_eval_dataloader(),
-            instance,
-            precision=self.trainer.precision_plugin,
-            rank0_only=True,
-        )
-        z = passed.get("z")  # rank 0 only
+        z = self.pass_over_training_set(instance).get("z")  # rank 0 only
         hidden, output = self.instance_projector[0], self.instance_projector[2]  # z = output(relu(hidden(h)))
         starts = kmeans_start(
             z,

@@ -31,7 +31,6 @@ from clusterlab.methods.base import (
 )
 from clusterlab.neighbors import knn
 from clusterlab.nn.heads import ClusterHeads, kmeans_start
-from clusterlab.passes import pass_over
 from clusterlab.pretext import load_pretext_backbone, mine_for_training, resolve_pretext_checkpoint
 
 
@@ -154,14 +153,7 @@ class NNM(ClusteringMethod, HasFeaturesAndLogits):
         def features(batch: dict[str, Tensor]) -> dict[str, Tensor]:
             return {"h": self.backbone(self.plain(batch["image"])).float()}
 
-        passed = pass_over(
-            self,
-            self.trainer.datamodule.train_eval_dataloader(),
-            features,
-            precision=self.trainer.precision_plugin,
-            rank0_only=True,
-        )
-        h = passed.get("h")  # rank 0 only
+        h = self.pass_over_training_set(features).get("h")  # rank 0 only
         starts = kmeans_start(
             h,
             self.backbone.out_dim,

@@ -62,7 +62,6 @@ from clusterlab.methods.simclr import PHOTO_VIEWS
 from clusterlab.nn.heads import ClusterHead, ClusterHeads, KMeansHead, kmeans_start
 from clusterlab.nn.init import redraw_
 from clusterlab.nn.memory import KeyQueues, SampleTable
-from clusterlab.passes import pass_over
 from clusterlab.seeding import derive_seed
 
 CLUSTERING, UNDER, OVER = "clustering", "under_clustering", "over_clustering"
@@ -339,13 +338,7 @@ class SCL(ClusteringMethod, PseudoLabelled, HasMomentumEncoder):
             h = self.backbone(self.plain(batch["image"]))
             return {task: self.projections[task](h).float() for task in self.task_clusters_by_name}
 
-        passed = pass_over(
-            self,
-            self.trainer.datamodule.train_eval_dataloader(),
-            representations,
-            precision=self.trainer.precision_plugin,
-            rank0_only=True,
-        )
+        passed = self.pass_over_training_set(representations)
         for task, clusters in self.task_clusters_by_name.items():
             q, tau = passed.get(task), self.hparams.temperature  # q on rank 0 only
             (start,) = kmeans_start(q, self.hparams.projection_dim, clusters, 1, tau, self.device)
