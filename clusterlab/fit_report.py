@@ -150,6 +150,8 @@ def restart_report(model) -> dict:
             "criterion": model.restart_criterion,
             "scores": scores,
             "selected": model.selected_restart,
+            # stopped inside this restart (max_time): not compared with the finished ones
+            **({"cut_short": model.restart_cut_short} if model.restart_cut_short is not None else {}),
         }
     }
 

@@ -114,7 +114,9 @@ class ClusteringMethod(pl.LightningModule, ABC):
             another, each from freshly drawn weights and state (`reinitialise_`), a fresh optimizer
             state and a fresh learning-rate schedule; the restart whose `restart_criterion` (mean
             over its last 10 epochs) is lowest is the run's model. 1: one run, no restart. Costs R
-            times the compute of one run. Needs a method with a `restart_criterion`.
+            times the compute of one run. Needs a method with a `restart_criterion`. A run stopped
+            inside a restart (trainer.max_time) keeps the best finished one: the restart cut short
+            is not compared.
         combine_heads: how the heads make the run's one partition. "select": the selected head's
             (the lowest loss). "vote": every head's probabilities averaged, once each head's
             clusters are renamed after the selected head's (relabelling and voting, as bagged
@@ -175,6 +177,7 @@ class ClusteringMethod(pl.LightningModule, ABC):
             self.register_buffer("criterion_steps", torch.zeros((), dtype=torch.long))
         # The state of the best restart so far (CPU copies; in the checkpoint, beside the weights).
         self._best_restart: dict[str, Tensor] | None = None
+        self.restart_cut_short: int | None = None  # the restart a stop inside it left uncompared
         self._batch_size: int | None = None
         self._evaluation = SampleOutputs()
         self.eval_results: dict = {}
@@ -435,6 +438,13 @@ class ClusteringMethod(pl.LightningModule, ABC):
             return
         restart = epoch // length
         score = self.criterion_epochs.nanmean()
+        if (epoch + 1) % length and restart > 0:
+            # Stopped inside this restart (trainer.max_time, early stopping) after one finished: a
+            # restart cut short, its schedule unfinished, is not compared with the finished ones.
+            self.log(f"train/restart{restart}/{self.restart_criterion}_cut_short", score)
+            self.restart_cut_short = restart
+            self._keep_best_restart()
+            return
         self.restart_scores[restart] = score
         self.log(f"train/restart{restart}/{self.restart_criterion}", score)
         if self.selected_restart == restart:  # one read per restart

@@ -108,6 +108,44 @@ def test_an_earlier_restart_is_kept_when_its_criterion_is_lower():
     assert not torch.equal(model.backbone.net[0].weight, record.ends[2]["backbone.net.0.weight"])
 
 
+class LastRestartBest(FirstRestartBest):
+    def objective(self, terms, head_losses=None):
+        restart = self.current_epoch // self.restart_length()
+        return SCL.objective(self, {**terms, "rank": torch.tensor(-float(restart))})
+
+
+class StopAfterEpoch(pl.Callback):
+    """Stops the fit at the end of `epoch`, as trainer.max_time does (the callback's hook runs
+    before the method's)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = trainer.current_epoch >= self.epoch
+
+
+def test_a_restart_cut_short_by_a_stop_is_not_compared_with_finished_ones():
+    """Restarts of 2 epochs (0-1, 2-3, 4-5); stopped after epoch 4, the first of restart 2, whose
+    criterion (-2) is the lowest: restart 1 (-1), the best finished one, is the run's model."""
+    record = RecordRestarts()
+    torch.manual_seed(0)
+    model = LastRestartBest(
+        10,
+        tiny_cnn(),
+        views=tiny_scl().views,
+        memory_size=90,
+        restarts=3,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.03, momentum=0.9),
+    )
+    fit_with_restarts(model, epochs=6, callbacks=[record, StopAfterEpoch(4)])
+    assert int(model.epochs_trained) == 5
+    assert model.restart_scores[:2].tolist() == [0.0, -1.0] and torch.isnan(model.restart_scores[2])
+    assert model.selected_restart == 1 and model.restart_cut_short == 2
+    assert torch.equal(model.backbone.net[0].weight, record.ends[3]["backbone.net.0.weight"])
+    assert not torch.equal(model.backbone.net[0].weight, record.ends[4]["backbone.net.0.weight"])
+
+
 def test_restarts_are_refused_where_they_cannot_run():
     with pytest.raises(ConfigError, match="restarts must be at least 1"):
         tiny_scl(restarts=0)
