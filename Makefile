@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
 .PHONY: setup chromium emoji-font run test test-slow lint clean device-carry
 
@@ -22,10 +22,11 @@ emoji-font:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q fonts-noto-color-emoji) || \
 		echo "fonts-noto-color-emoji could not be installed: the emoji-colour folder test will be skipped"
 
-$(STAMP): pyproject.toml
+# The versions of constraints.txt: what CI and the recorded results ran on (pyproject.toml keeps ranges).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 run: $(STAMP)

@@ -7,11 +7,13 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 python="${PYTHON:-python3}"
+# The versions `make setup` installs (constraints.txt), so that the GPU runs what CI tested.
+pin() { grep -i "^$1==" "$here/../../constraints.txt" || { echo "$1 is not in constraints.txt" >&2; exit 1; }; }
 mkdir -p "$here/carry/wheels"
 "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$here/carry/wheels" \
-    kornia==0.9.0 kornia_rs==0.2.0 faiss-cpu==1.15.1 jsonargparse==4.53.0 docstring_parser==0.18.0 \
-    typeshed_client==2.15.0 importlib_resources
+    "$(pin kornia)" "$(pin kornia_rs)" "$(pin faiss-cpu)" "$(pin jsonargparse)" "$(pin docstring_parser)" \
+    "$(pin typeshed_client)" importlib_resources
 (cd "$here/carry" && apt-get download dataset-fashion-mnist)
 ls -l "$here/carry" "$here/carry/wheels"
