@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from clusterlab.env import faiss_wheels, installed_version
+from clusterlab.env import PACKAGES, faiss_wheels, installed_version
 
 # Every labelling's figures, in the order the report prints them (clusterlab.metrics.ClusteringMetrics)
 METRICS = ("acc", "nmi", "ari", "ami", "many_to_one_acc")
@@ -108,8 +108,8 @@ def environment() -> dict:
     }
 
 
-# Installed versions recorded beside torch's (`environment`).
-RECORDED_PACKAGES = ("torchvision", "pytorch-lightning", "torchmetrics", "kornia", "numpy", "scikit-learn")
+# Installed versions recorded beside torch's (`environment`): `clusterlab env`'s, and scikit-learn's.
+RECORDED_PACKAGES = (*PACKAGES, "scikit-learn")
 
 
 def source_revision() -> str | None:

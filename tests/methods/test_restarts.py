@@ -80,20 +80,25 @@ def test_each_restart_starts_afresh_and_the_lowest_criterion_is_kept():
 
 
 class FirstRestartBest(SCL):
-    """SCL whose criterion is a term that ranks restart 0 first: the kept state is then not the
-    last restart's."""
+    """SCL whose criterion is a term that ranks restart 0 first (`order` 1; -1: the last first):
+    the kept state is then not the last restart's."""
 
     restart_criterion = "rank"
+    order = 1.0
 
     def objective(self, terms, head_losses=None):
         restart = self.current_epoch // self.restart_length()
-        return super().objective({**terms, "rank": torch.tensor(float(restart))})
+        return super().objective({**terms, "rank": torch.tensor(self.order * restart)})
 
 
-def test_an_earlier_restart_is_kept_when_its_criterion_is_lower():
-    record = RecordRestarts()
+class LastRestartBest(FirstRestartBest):
+    order = -1.0
+
+
+def ranked_restarts(method: type[FirstRestartBest]) -> FirstRestartBest:
+    """Three restarts of a tiny SCL ranked by `method`'s criterion."""
     torch.manual_seed(0)
-    model = FirstRestartBest(
+    return method(
         10,
         tiny_cnn(),
         views=tiny_scl().views,
@@ -101,17 +106,16 @@ def test_an_earlier_restart_is_kept_when_its_criterion_is_lower():
         restarts=3,
         optimizer=lambda p: torch.optim.SGD(p, lr=0.03, momentum=0.9),
     )
+
+
+def test_an_earlier_restart_is_kept_when_its_criterion_is_lower():
+    record = RecordRestarts()
+    model = ranked_restarts(FirstRestartBest)
     fit_with_restarts(model, epochs=3, callbacks=[record])
     assert model.restart_scores.tolist() == [0.0, 1.0, 2.0]
     assert model.selected_restart == 0
     assert torch.equal(model.backbone.net[0].weight, record.ends[0]["backbone.net.0.weight"])
     assert not torch.equal(model.backbone.net[0].weight, record.ends[2]["backbone.net.0.weight"])
-
-
-class LastRestartBest(FirstRestartBest):
-    def objective(self, terms, head_losses=None):
-        restart = self.current_epoch // self.restart_length()
-        return SCL.objective(self, {**terms, "rank": torch.tensor(-float(restart))})
 
 
 class StopAfterEpoch(pl.Callback):
@@ -129,15 +133,7 @@ def test_a_restart_cut_short_by_a_stop_is_not_compared_with_finished_ones():
     """Restarts of 2 epochs (0-1, 2-3, 4-5); stopped after epoch 4, the first of restart 2, whose
     criterion (-2) is the lowest: restart 1 (-1), the best finished one, is the run's model."""
     record = RecordRestarts()
-    torch.manual_seed(0)
-    model = LastRestartBest(
-        10,
-        tiny_cnn(),
-        views=tiny_scl().views,
-        memory_size=90,
-        restarts=3,
-        optimizer=lambda p: torch.optim.SGD(p, lr=0.03, momentum=0.9),
-    )
+    model = ranked_restarts(LastRestartBest)
     fit_with_restarts(model, epochs=6, callbacks=[record, StopAfterEpoch(4)])
     assert int(model.epochs_trained) == 5
     assert model.restart_scores[:2].tolist() == [0.0, -1.0] and torch.isnan(model.restart_scores[2])
