@@ -26,10 +26,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_config(method: str = "CC", *, model: dict | None = None, trainer: dict | None = None, **top) -> str:
     """The one tiny test config, as YAML text: `method` (a name in clusterlab.methods) on digits, an
     8/16-channel CNN, batches of 64, 4 epochs of 3 batches with an evaluation after each, a CSV log,
-    no k-means baseline, figures of 300 points, and the method's own views and optimiser (SCL also
-    its cosine schedule, NNM the pretext pattern of TINY_SIMCLR's runs). `model` (init_args),
-    `trainer` and the top-level keyword arguments (`data`, `figures`, `seed_everything`, ...) are
-    merged over it; a value of None removes the key."""
+    no k-means baseline, no figures (`figures=FIGURES` draws them), and the method's own views and
+    optimiser (SCL also its cosine schedule, NNM the pretext pattern of TINY_SIMCLR's runs).
+    `model` (init_args), `trainer` and the top-level keyword arguments (`data`, `figures`,
+    `seed_everything`, ...) are merged over it; a value of None removes the key."""
     config = {
         "seed_everything": 3,
         "trainer": {
@@ -52,12 +52,17 @@ def tiny_config(method: str = "CC", *, model: dict | None = None, trainer: dict 
         },
         "data": {"dataset": "digits", "batch_size": 64},
         "kmeans_baseline": False,
-        "figures": {"embedding_points": 300},
+        "figures": {"enabled": False, "embedding_points": 300},
     }
     _merge(config["model"]["init_args"], model or {})
     _merge(config["trainer"], trainer or {})
     _merge(config, top)
     return yaml.safe_dump(config, sort_keys=False)
+
+
+# The figures (a t-SNE and three PNGs) take 2.6 of a tiny run's 6 s after its imports: off in the
+# tiny configs, on (figures=FIGURES) in the tests that read them or kill a run while it draws them.
+FIGURES = {"enabled": True, "embedding_points": 300}
 
 
 def _adam(lr: float) -> dict:

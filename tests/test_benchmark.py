@@ -16,7 +16,7 @@ def test_runner_writes_the_table_from_the_runs_metrics(in_tmp):
     (in_tmp / "tiny_cc.yaml").write_text(TINY_CC)
     (in_tmp / "suite.yaml").write_text(
         "key: tiny\ntitle: Tiny suite\nmethods:\n  - name: CC\n"
-        "    stages: [{config: tiny_cc.yaml, args: ['--figures.enabled', 'false']}]\n"
+        "    stages: [{config: tiny_cc.yaml, args: ['--figures.enabled', 'true']}]\n"
         "  - name: CC again\n    stages: [tiny_cc.yaml]\n"  # the same config and seeds, at the same time
         "  - name: unused\n    stages: [missing.yaml]\n"
         "args: ['--trainer.max_epochs', '1', '--kmeans_baseline', 'true']\n"
@@ -34,7 +34,9 @@ def test_runner_writes_the_table_from_the_runs_metrics(in_tmp):
     # Runs of one config and seed at the same time land in their own directories, each found.
     again = [r["run_dir"] for r in record["runs"]["CC again"]]
     assert len({r["run_dir"] for r in runs} | set(again)) == 4
-    assert not any((in_tmp / r["run_dir"] / "figures").exists() for r in runs)  # the stage's own args
+    # The stage's own args (the tiny config draws no figures)
+    assert all((in_tmp / r["run_dir"] / "figures").is_dir() for r in runs)
+    assert not any((in_tmp / run_dir / "figures").exists() for run_dir in again)
     # Four runs at a time (CC and "CC again" of a seed start together), each on its share of the cores.
     assert {m["environment"]["threads"] for m in metrics} == {max(1, (os.cpu_count() or 1) // 4)}
     text = (in_tmp / "results.md").read_text()
@@ -65,9 +67,10 @@ def test_runner_writes_the_table_from_the_runs_metrics(in_tmp):
     assert [r["run_dir"] for r in resumed["runs"]["CC"]] == [r["run_dir"] for r in runs]
     assert sorted(p.parent for p in in_tmp.glob("runs/**/metrics.json")) == run_dirs
 
-    main(
+    main(  # replaces its block (seed 0's run taken from the progress file, not run again)
         ["suite.yaml", "--seeds", "0", "--results", "results.md", "--json_dir", "out", "--methods", "CC"]
-    )  # replaces its block
+        + ["--resume"]
+    )
     assert (in_tmp / "results.md").read_text().count("<!-- benchmark:tiny -->") == 1
     assert json.loads((in_tmp / "out" / "tiny.json").read_text())["rows"][1]["seeds"] == [0]
 

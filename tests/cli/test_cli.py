@@ -10,7 +10,7 @@ import torch
 from clusterlab.cli import ClusterLabCLI, main
 from clusterlab.methods import CC
 from clusterlab.methods.base import CheckpointMismatchError
-from tests.helpers import REPO, TINY_CC, save_pretext, tiny_config, user_error
+from tests.helpers import FIGURES, REPO, TINY_CC, save_pretext, tiny_config, user_error
 
 # Every paper config: the top-level files only. experiments/base/*.yaml are the blocks they name
 # (a backbone, views, an optimizer...), not configs to run (tests/test_experiments.py).
@@ -59,6 +59,9 @@ def setup_args(config: Path, tmp: Path) -> list[str]:
     text = config.read_text()
     pretrained = "base/backbone_efficientnet_lite0.yaml" in text or "base/backbone_vit_b16.yaml" in text
     small = ["--model.init_args.backbone.init_args.image_size", "32"] if pretrained else []
+    if "num_clusters: 200" in text:  # its 200 images (one per cluster) through a 64-px ResNet-34 for
+        # small inputs take 20 s an evaluation on a CPU: at 32 px for a test
+        small += ["--data.image_size", "32", "--model.init_args.views.init_args.size", "32"]
     if "base/backbone_vit_b16.yaml" in text:  # its weights are a user's file: a random ResNet-18's here
         small += ["--model.init_args.backbone.init_args.name", "resnet18"]
         small += ["--model.init_args.backbone.init_args.weights", random_resnet18(tmp)]
@@ -163,15 +166,15 @@ def test_an_unknown_key_in_a_yaml_file_is_named_with_its_full_path(in_tmp, capsy
     )
 
 
-def fit_tiny(tmp, *args):
-    (tmp / "tiny.yaml").write_text(TINY_CC)
+def fit_tiny(tmp, *args, figures: dict | None = None):
+    (tmp / "tiny.yaml").write_text(tiny_config("CC", figures=figures) if figures else TINY_CC)
     main(["fit", "--config", "tiny.yaml", "--trainer.max_epochs", "2", *args])
     return next((tmp / "runs" / "tiny").iterdir())
 
 
 def test_fit_writes_config_metrics_and_checkpoint_and_prints_the_report(in_tmp, capsys, monkeypatch):
     monkeypatch.setenv("CLUSTERLAB_RUN_DIR_FILE", str(in_tmp / "told.txt"))
-    run_dir = fit_tiny(in_tmp, "--kmeans_baseline", "true")
+    run_dir = fit_tiny(in_tmp, "--kmeans_baseline", "true", figures=FIGURES)
     # The run tells a program that started it where it wrote, in the file that program named.
     assert (in_tmp / "told.txt").read_text() == f"{Path('runs', 'tiny', run_dir.name)}\n"
     report = json.loads((run_dir / "metrics.json").read_text())

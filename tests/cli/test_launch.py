@@ -20,7 +20,7 @@ DDP_CC = tiny_config(
         "backbone": {"init_args": {"in_channels": None, "norm": "group"}},
         "views": {"class_path": "clusterlab.data.views.Views"},
     },
-    figures={"embedding_points": 200},
+    figures={"enabled": True, "embedding_points": 200},
 )
 
 TWO = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]

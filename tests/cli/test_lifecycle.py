@@ -18,14 +18,14 @@ import pytest
 import torch
 
 from clusterlab.cli import main
-from tests.helpers import TINY_CC, state, user_error
+from tests.helpers import FIGURES, TINY_CC, state, tiny_config, user_error
 from tests.launch import clusterlab, environment
 
 FIT = ["fit", "--config", "tiny.yaml"]
 
 
-def write_tiny(folder: Path, **overrides: str) -> None:
-    text = TINY_CC
+def write_tiny(folder: Path, figures: bool = False, **overrides: str) -> None:
+    text = tiny_config("CC", figures=FIGURES) if figures else TINY_CC
     for key, value in overrides.items():
         text = text.replace(f"  {key}: ", f"  {key}: {value}  # ", 1)
     (folder / "tiny.yaml").write_text(text)
@@ -95,7 +95,7 @@ def assert_logged_once_each(run_dir: Path, whole_dir: Path) -> None:
 def test_kills_at_random_moments_resume_to_the_weights_of_an_uninterrupted_run(tmp_path):
     """SIGKILL at random times (start-up, training, checkpoint writes, evaluation, figures), then
     `fit --ckpt_path last` each time, until a run ends: the same weights and log as one whole run."""
-    write_tiny(tmp_path, max_epochs="8", limit_train_batches="6")
+    write_tiny(tmp_path, figures=True, max_epochs="8", limit_train_batches="6")
     started = time.monotonic()
     whole = clusterlab(*FIT, "--name", "whole", cwd=tmp_path)
     assert whole.returncode == 0, whole.tail()
@@ -225,7 +225,7 @@ def test_stages_never_touch_the_fits_files_and_every_saved_config_loads_everywhe
 
 
 def test_a_diverging_run_stops_at_that_step_with_one_line_and_no_report(in_tmp, capsys):
-    write_tiny(in_tmp)
+    write_tiny(in_tmp, figures=True)
     line = user_error(
         capsys,
         *FIT,
