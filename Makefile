@@ -25,6 +25,9 @@ emoji-font:
 # The versions of constraints.txt: what CI and the recorded results ran on (pyproject.toml keeps ranges).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "make setup: Python 3.11 or \
+	newer is needed (constraints.txt pins numpy, scipy, scikit-learn and kornia releases that require it); \
+	$(VENV) has $$($(BIN)/python --version). Remove $(VENV) and run: make setup PYTHON=python3.11"; exit 1; }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
