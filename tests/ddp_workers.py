@@ -1,4 +1,5 @@
-"""Code that runs inside spawned processes (importable by name, as spawn requires)."""
+"""Code that runs inside the processes of tests/test_distributed.py (forked; importable by name, so
+that a spawned start would work too)."""
 
 from __future__ import annotations
 

@@ -178,12 +178,14 @@ def tiny_scl(**kwargs) -> SCL:
 
 
 def trainer(devices: int = 1, callbacks=(), **kwargs) -> pl.Trainer:
-    """A quiet CPU Trainer for methods built in Python; devices > 1: real gloo processes (ddp_spawn)."""
+    """A quiet CPU Trainer for methods built in Python; devices > 1: real gloo processes, forked
+    (ddp_fork): a spawned one imports torch and Lightning again, 14 of a 15-s test. The launchers a
+    user types (torchrun, srun, Lightning's own) start fresh interpreters in tests/cli/test_launch.py."""
     callbacks = [callbacks] if isinstance(callbacks, pl.Callback) else list(callbacks)
     return pl.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
+        strategy="ddp_fork" if devices > 1 else "auto",
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -1,5 +1,5 @@
 """The gather helpers: N processes compute the loss and gradients of one with the whole batch; what only
-rank 0 reads reaches rank 0 alone."""
+rank 0 reads reaches rank 0 alone. The processes are forked (tests/helpers.py's `trainer` says why)."""
 
 import pytest
 import torch
@@ -16,7 +16,8 @@ def test_gathered_cc_loss_on_two_processes_equals_one_process(tmp_path):
         torch.randn(8, 5).softmax(1),
         torch.randn(8, 5).softmax(1),
     ]
-    mp.spawn(loss_worker, args=(2, str(tmp_path / "store"), inputs, str(tmp_path)), nprocs=2, join=True)
+    args = (2, str(tmp_path / "store"), inputs, str(tmp_path))
+    mp.start_processes(loss_worker, args=args, nprocs=2, join=True, start_method="fork")
 
     whole = [x.clone().requires_grad_(True) for x in inputs]
     loss = cc_loss(*whole)
@@ -31,7 +32,8 @@ def test_gathered_cc_loss_on_two_processes_equals_one_process(tmp_path):
 
 
 def test_gather_to_rank0_on_two_processes_reaches_rank0_alone(tmp_path):
-    mp.spawn(rank0_gather_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    args = (2, str(tmp_path / "store"), str(tmp_path))
+    mp.start_processes(rank0_gather_worker, args=args, nprocs=2, join=True, start_method="fork")
     zero, one = (torch.load(tmp_path / f"gather_rank{r}.pt") for r in range(2))
     rows = torch.tensor([0.0, 2, 4, 1, 3])[:, None].expand(-1, 3) * 10  # rank order, uneven shards
     assert torch.equal(zero["rows"], rows) and one["rows"] is None

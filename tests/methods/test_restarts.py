@@ -171,7 +171,6 @@ def test_a_method_without_a_criterion_refuses_restarts():
         NoCriterion(10, tiny_cnn(), views=tiny_scl().views, restarts=2)
 
 
-@pytest.mark.slow  # 34 s; a method's resume: tests/cli/test_resume.py kills and resumes every make test
 @pytest.mark.timeout(600)
 def test_a_run_killed_in_its_second_restart_resumes_to_the_same_end(tmp_path):
     """4 epochs as 2 restarts of 2; killed in epoch 2 (restart 1), continued from epoch 1's

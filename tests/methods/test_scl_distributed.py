@@ -162,7 +162,6 @@ def test_scl_restarts_on_two_processes_keep_what_one_process_keeps(tmp_path):
     assert all(torch.equal(ranks[0]["state"][n], ranks[1]["state"][n]) for n in ranks[0]["state"])
 
 
-@pytest.mark.slow  # 30 s; partition_init_epoch is off in every config (the DDP step and refresh run above)
 def test_scl_ranks_start_the_same_partition_from_k_means(tmp_path):
     """partition_init_epoch: rank 0 clusters the gathered q, every rank sets the same classifiers and
     so writes the same table at the refresh; a partition of the data, not the random start."""
