@@ -139,6 +139,7 @@ TINY_BACKBONE_ARGS = [
 # The tiny configs the CLI tests write (tiny_config: one builder). SimCLR then NNM on digits: the
 # NNM config names the SimCLR run's checkpoint.
 TINY_CC = tiny_config("CC")
+TINY_CC_FIGURES = tiny_config("CC", figures=FIGURES)  # tests that read figures, or kill a run drawing them
 TINY_SIMCLR = tiny_config(
     "SimCLR",
     trainer={"max_epochs": 1, "limit_train_batches": 2, "check_val_every_n_epoch": None, "logger": False},

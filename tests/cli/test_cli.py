@@ -10,7 +10,7 @@ import torch
 from clusterlab.cli import ClusterLabCLI, main
 from clusterlab.methods import CC
 from clusterlab.methods.base import CheckpointMismatchError
-from tests.helpers import FIGURES, REPO, TINY_CC, save_pretext, tiny_config, user_error
+from tests.helpers import REPO, TINY_CC, TINY_CC_FIGURES, save_pretext, tiny_config, user_error
 
 # Every paper config: the top-level files only. experiments/base/*.yaml are the blocks they name
 # (a backbone, views, an optimizer...), not configs to run (tests/test_experiments.py).
@@ -166,15 +166,15 @@ def test_an_unknown_key_in_a_yaml_file_is_named_with_its_full_path(in_tmp, capsy
     )
 
 
-def fit_tiny(tmp, *args, figures: dict | None = None):
-    (tmp / "tiny.yaml").write_text(tiny_config("CC", figures=figures) if figures else TINY_CC)
+def fit_tiny(tmp, *args, figures: bool = False):
+    (tmp / "tiny.yaml").write_text(TINY_CC_FIGURES if figures else TINY_CC)
     main(["fit", "--config", "tiny.yaml", "--trainer.max_epochs", "2", *args])
     return next((tmp / "runs" / "tiny").iterdir())
 
 
 def test_fit_writes_config_metrics_and_checkpoint_and_prints_the_report(in_tmp, capsys, monkeypatch):
     monkeypatch.setenv("CLUSTERLAB_RUN_DIR_FILE", str(in_tmp / "told.txt"))
-    run_dir = fit_tiny(in_tmp, "--kmeans_baseline", "true", figures=FIGURES)
+    run_dir = fit_tiny(in_tmp, "--kmeans_baseline", "true", figures=True)
     # The run tells a program that started it where it wrote, in the file that program named.
     assert (in_tmp / "told.txt").read_text() == f"{Path('runs', 'tiny', run_dir.name)}\n"
     report = json.loads((run_dir / "metrics.json").read_text())

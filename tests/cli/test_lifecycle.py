@@ -18,14 +18,14 @@ import pytest
 import torch
 
 from clusterlab.cli import main
-from tests.helpers import FIGURES, TINY_CC, state, tiny_config, user_error
+from tests.helpers import TINY_CC, TINY_CC_FIGURES, state, user_error
 from tests.launch import clusterlab, environment
 
 FIT = ["fit", "--config", "tiny.yaml"]
 
 
 def write_tiny(folder: Path, figures: bool = False, **overrides: str) -> None:
-    text = tiny_config("CC", figures=FIGURES) if figures else TINY_CC
+    text = TINY_CC_FIGURES if figures else TINY_CC
     for key, value in overrides.items():
         text = text.replace(f"  {key}: ", f"  {key}: {value}  # ", 1)
     (folder / "tiny.yaml").write_text(text)

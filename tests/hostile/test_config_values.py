@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from clusterlab.cli import ClusterLabCLI
-from tests.helpers import FIGURES, TINY_CC, tiny_config, user_error
+from tests.helpers import TINY_CC, TINY_CC_FIGURES, user_error
 from tests.launch import REPO, clusterlab, environment, run
 
 BAD_VALUES = [
@@ -128,7 +128,7 @@ def test_a_full_disk_under_runs_dir_names_the_path_and_what_was_kept(tmp_path, m
 
 
 def test_a_normal_run_shows_no_library_deprecations_or_advertisements(tmp_path):
-    (tmp_path / "tiny.yaml").write_text(tiny_config("CC", figures=FIGURES))  # matplotlib's and t-SNE's too
+    (tmp_path / "tiny.yaml").write_text(TINY_CC_FIGURES)  # matplotlib's and t-SNE's too
     done = clusterlab(
         "fit",
         "--config",
